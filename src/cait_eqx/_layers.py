@@ -1,0 +1,372 @@
+"""The building blocks of CaiT: patch embedding, LayerScale, DropPath, MLP and the two attentions.
+
+Every layer here acts on the tokens of *one* image (Equinox's convention); batches go through `jax.vmap`.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._misc import check_rate, split_optional, trunc_normal
+
+__all__ = [
+    "Linear",
+    "LayerNorm",
+    "PatchEmbed",
+    "LayerScale",
+    "DropPath",
+    "Mlp",
+    "TalkingHeadAttention",
+    "ClassAttention",
+]
+
+
+class Linear(eqx.Module):
+    """An affine map `x @ weight.T + bias` over the last axis of a token array.
+
+    The weight is stored `(out_features, in_features)` like `torch.nn.Linear`, so timm weights map by name
+    and need no transpose. Initialised as in CaiT: truncated normal (std 0.02) weight, zero bias.
+    """
+
+    weight: Float[Array, "out_features in_features"]
+    bias: Float[Array, " out_features"] | None
+    in_features: int = eqx.field(static=True)
+    out_features: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        use_bias: bool = True,
+        std: float = 0.02,
+        dtype=None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `in_features`, `out_features`: sizes of the input and output feature axes.
+        - `use_bias`: whether to add a bias (initialised to zero).
+        - `std`: standard deviation of the truncated-normal weight initialisation.
+        - `dtype`: parameter dtype (default float32).
+        - `key`: a `jax.random.key` for the weight. (Keyword only argument.)
+        """
+        dtype = jnp.float32 if dtype is None else dtype
+        self.weight = trunc_normal(key, (out_features, in_features), std, dtype)
+        self.bias = jnp.zeros((out_features,), dtype) if use_bias else None
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def __call__(self, x: Float[Array, "*tokens in_features"]) -> Float[Array, "*tokens out_features"]:
+        y = jnp.matmul(x, self.weight.astype(x.dtype).T)
+        if self.bias is not None:
+            y = y + self.bias.astype(x.dtype)
+        return y
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm over the last axis with learnable scale and shift (eps 1e-6, as in CaiT).
+
+    Statistics are computed in float32 whatever the activation dtype, then cast back.
+    """
+
+    weight: Float[Array, " dim"]
+    bias: Float[Array, " dim"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype=None):
+        dtype = jnp.float32 if dtype is None else dtype
+        self.weight = jnp.ones((dim,), dtype)
+        self.bias = jnp.zeros((dim,), dtype)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*tokens dim"]) -> Float[Array, "*tokens dim"]:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight.astype(jnp.float32) + self.bias.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class PatchEmbed(eqx.Module):
+    """Cuts an image into non-overlapping `patch_size` patches and embeds each linearly.
+
+    Equal to a convolution with kernel = stride = patch size (timm's `patch_embed.proj`), computed as one
+    matrix product over the flattened patches.
+    """
+
+    proj: eqx.nn.Conv2d
+    image_size: tuple[int, int] = eqx.field(static=True)
+    patch_size: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        image_size: tuple[int, int],
+        patch_size: int,
+        channels: int,
+        dim: int,
+        dtype=None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        self.proj = eqx.nn.Conv2d(
+            channels, dim, kernel_size=patch_size, stride=patch_size, use_bias=True, dtype=dtype, key=key
+        )
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.channels = channels
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The patch grid `(rows, columns)`."""
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols
+
+    def __call__(self, x: Float[Array, "channels height width"]) -> Float[Array, "patches dim"]:
+        channels, height, width = x.shape
+        p = self.patch_size
+        rows, cols = height // p, width // p
+        # (C, rows, p, cols, p) -> (rows, cols, C, p, p): the same order as the conv kernel (dim, C, p, p).
+        patches = x.reshape(channels, rows, p, cols, p).transpose(1, 3, 0, 2, 4).reshape(rows * cols, -1)
+        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1).astype(x.dtype)
+        y = patches @ weight.T
+        assert self.proj.bias is not None
+        return y + self.proj.bias.reshape(-1).astype(x.dtype)
+
+
+class LayerScale(eqx.Module):
+    """Per-channel learnable scaling of a residual branch: `gamma * x` (CaiT §3).
+
+    `gamma` starts at a small `init_values` so every block begins close to the identity.
+    """
+
+    gamma: Float[Array, " dim"]
+
+    def __init__(self, dim: int, init_values: float, dtype=None):
+        dtype = jnp.float32 if dtype is None else dtype
+        self.gamma = jnp.full((dim,), init_values, dtype)
+
+    def __call__(self, x: Float[Array, "*tokens dim"]) -> Float[Array, "*tokens dim"]:
+        return x * self.gamma.astype(x.dtype)
+
+
+class DropPath(eqx.Module):
+    """Stochastic depth for one sample: drops the whole residual branch with probability `p`.
+
+    In training the branch is zeroed with probability `p` and otherwise scaled by `1 / (1 - p)`; one
+    Bernoulli draw per call. With `p == 0` or in inference mode it is the identity. Because the model acts on
+    one example, `jax.vmap` over a batch gives the usual per-sample DropPath.
+    """
+
+    p: float
+    inference: bool
+
+    def __init__(self, p: float = 0.0, inference: bool = False):
+        check_rate("p", p)
+        self.p = p
+        self.inference = inference
+
+    def __call__(
+        self, x: Float[Array, "*shape"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
+    ) -> Float[Array, "*shape"]:
+        if inference is None:
+            inference = self.inference
+        if self.p == 0 or inference:
+            return x
+        if key is None:
+            raise RuntimeError(
+                "DropPath needs a `key` in training mode: pass `key=...`, or switch to inference with "
+                "`eqx.nn.inference_mode(model)` (or `inference=True`)."
+            )
+        keep = 1.0 - self.p
+        survive = jr.bernoulli(key, keep)
+        return jnp.where(survive, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+class Mlp(eqx.Module):
+    """`fc1 -> GELU (exact) -> dropout -> fc2 -> dropout`."""
+
+    fc1: Linear
+    fc2: Linear
+    drop: eqx.nn.Dropout
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, dtype=None, *, key: PRNGKeyArray):
+        k1, k2 = jr.split(key)
+        self.fc1 = Linear(dim, hidden_dim, dtype=dtype, key=k1)
+        self.fc2 = Linear(hidden_dim, dim, dtype=dtype, key=k2)
+        self.drop = eqx.nn.Dropout(dropout)
+
+    def __call__(
+        self, x: Float[Array, "*tokens dim"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
+    ) -> Float[Array, "*tokens dim"]:
+        k1, k2 = split_optional(key, 2)
+        x = jax.nn.gelu(self.fc1(x), approximate=False)
+        x = self.drop(x, key=k1, inference=inference)
+        x = self.fc2(x)
+        return self.drop(x, key=k2, inference=inference)
+
+
+def _softmax32(logits: Array) -> Array:
+    """Softmax over the last axis, computed in float32 and cast back."""
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+
+
+def _mix_heads(mix: Linear, attn: Float[Array, "heads q k"]) -> Float[Array, "heads q k"]:
+    """Apply a `Linear(heads, heads)` over the head axis of `(heads, q, k)` maps without transposing them."""
+    w = mix.weight.astype(attn.dtype)
+    out = jnp.einsum("gh,hqk->gqk", w, attn)
+    if mix.bias is not None:
+        out = out + mix.bias.astype(attn.dtype)[:, None, None]
+    return out
+
+
+class TalkingHeadAttention(eqx.Module):
+    """Multi-head self-attention with talking heads (Shazeer et al. 2020), as in CaiT's SA blocks.
+
+    Heads are mixed by `proj_l` (before the softmax) and `proj_w` (after it). With `talking_heads=False`
+    both are absent and this is plain multi-head attention.
+    """
+
+    qkv: Linear
+    proj_l: Linear | None
+    proj_w: Linear | None
+    proj: Linear
+    attn_drop: eqx.nn.Dropout
+    proj_drop: eqx.nn.Dropout
+    heads: int = eqx.field(static=True)
+    dim_head: int = eqx.field(static=True)
+    scale: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        qkv_bias: bool = True,
+        talking_heads: bool = True,
+        attn_dropout: float = 0.0,
+        dropout: float = 0.0,
+        dtype=None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        qkv_key, l_key, w_key, proj_key = jr.split(key, 4)
+        inner = heads * dim_head
+        self.qkv = Linear(dim, 3 * inner, use_bias=qkv_bias, dtype=dtype, key=qkv_key)
+        if talking_heads:
+            self.proj_l = Linear(heads, heads, dtype=dtype, key=l_key)
+            self.proj_w = Linear(heads, heads, dtype=dtype, key=w_key)
+        else:
+            self.proj_l = self.proj_w = None
+        self.proj = Linear(inner, dim, dtype=dtype, key=proj_key)
+        self.attn_drop = eqx.nn.Dropout(attn_dropout)
+        self.proj_drop = eqx.nn.Dropout(dropout)
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head**-0.5
+
+    def attention_weights(self, x: Float[Array, "tokens dim"]) -> tuple[Array, Array]:
+        """The attention maps `(heads, tokens, tokens)` after `proj_w` (before dropout), and the values."""
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, 3, self.heads, self.dim_head)
+        q, k, v = qkv[:, 0] * jnp.asarray(self.scale, x.dtype), qkv[:, 1], qkv[:, 2]
+        logits = jnp.einsum("qhd,khd->hqk", q, k)
+        if self.proj_l is not None:
+            logits = _mix_heads(self.proj_l, logits)
+        attn = _softmax32(logits)
+        if self.proj_w is not None:
+            attn = _mix_heads(self.proj_w, attn)
+        return attn, v
+
+    def __call__(
+        self, x: Float[Array, "tokens dim"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
+    ) -> Float[Array, "tokens dim"]:
+        attn_key, proj_key = split_optional(key, 2)
+        attn, v = self.attention_weights(x)
+        attn = self.attn_drop(attn, key=attn_key, inference=inference)
+        out = jnp.einsum("hqk,khd->qhd", attn, v).reshape(x.shape[0], self.heads * self.dim_head)
+        return self.proj_drop(self.proj(out), key=proj_key, inference=inference)
+
+
+class ClassAttention(eqx.Module):
+    """Class attention (CaiT §3.2): only the class token queries; keys and values come from all tokens.
+
+    Input `u = concat(class_token, patches)`; output is the update for the class token alone.
+    """
+
+    q: Linear
+    k: Linear
+    v: Linear
+    proj: Linear
+    attn_drop: eqx.nn.Dropout
+    proj_drop: eqx.nn.Dropout
+    heads: int = eqx.field(static=True)
+    dim_head: int = eqx.field(static=True)
+    scale: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        qkv_bias: bool = True,
+        attn_dropout: float = 0.0,
+        dropout: float = 0.0,
+        dtype=None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        q_key, k_key, v_key, proj_key = jr.split(key, 4)
+        inner = heads * dim_head
+        self.q = Linear(dim, inner, use_bias=qkv_bias, dtype=dtype, key=q_key)
+        self.k = Linear(dim, inner, use_bias=qkv_bias, dtype=dtype, key=k_key)
+        self.v = Linear(dim, inner, use_bias=qkv_bias, dtype=dtype, key=v_key)
+        self.proj = Linear(inner, dim, dtype=dtype, key=proj_key)
+        self.attn_drop = eqx.nn.Dropout(attn_dropout)
+        self.proj_drop = eqx.nn.Dropout(dropout)
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head**-0.5
+
+    def attention_weights(self, u: Float[Array, "tokens dim"]) -> Float[Array, "heads tokens"]:
+        """How much the class token attends to each token (class token first), per head; rows sum to 1."""
+        n = u.shape[0]
+        q = self.q(u[0]).reshape(self.heads, self.dim_head) * jnp.asarray(self.scale, u.dtype)
+        k = self.k(u).reshape(n, self.heads, self.dim_head)
+        logits = jnp.einsum("hd,khd->hk", q, k)
+        return _softmax32(logits)
+
+    def __call__(
+        self, u: Float[Array, "tokens dim"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
+    ) -> Float[Array, " dim"]:
+        attn_key, proj_key = split_optional(key, 2)
+        n = u.shape[0]
+        attn = self.attention_weights(u)
+        attn = self.attn_drop(attn, key=attn_key, inference=inference)
+        v = self.v(u).reshape(n, self.heads, self.dim_head)
+        out = jnp.einsum("hk,khd->hd", attn, v).reshape(self.heads * self.dim_head)
+        return self.proj_drop(self.proj(out), key=proj_key, inference=inference)
+
+
+def default_init_values(depth: int) -> float:
+    """The paper's LayerScale initialisation ε, chosen once for the whole network by its SA depth.
+
+    ε = 0.1 up to depth 18, 1e-5 up to depth 24, 1e-6 beyond (Touvron et al. 2021, §3.1).
+    """
+    if depth <= 18:
+        return 0.1
+    if depth <= 24:
+        return 1e-5
+    return 1e-6
+

@@ -1,0 +1,38 @@
+"""Small helpers shared by the modules: key splitting, initialisation, argument checks."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, PRNGKeyArray
+
+
+def split_optional(key: PRNGKeyArray | None, num: int) -> tuple[PRNGKeyArray | None, ...]:
+    """Split `key` into `num` keys, or give `num` Nones when there is no key (deterministic path)."""
+    if key is None:
+        return (None,) * num
+    return tuple(jr.split(key, num))
+
+
+def trunc_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float, dtype) -> Array:
+    """Normal(0, std²) truncated at ±2 std, the initialisation CaiT uses for weights and embeddings."""
+    return (jr.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
+
+
+def check_rate(name: str, value: float) -> None:
+    """Raise a `ValueError` unless `0 <= value < 1` (a dropout / drop-path probability)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r} of type {type(value).__name__}.")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(
+            f"`{name}` must be in [0, 1) (a probability of dropping), got {value}. "
+            f"Use 0.0 to switch it off."
+        )
+
+
+def check_positive_int(name: str, value: int, *, minimum: int = 1) -> None:
+    """Raise a `ValueError` unless `value` is an int >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r} of type {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
