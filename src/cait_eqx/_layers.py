@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._misc import check_rate, split_optional, trunc_normal
+from ._misc import check_rate, expand_to, split_optional, trunc_normal
 
 __all__ = [
     "Linear",
@@ -64,7 +64,7 @@ class Linear(eqx.Module):
     def __call__(self, x: Float[Array, "*tokens in_features"]) -> Float[Array, "*tokens out_features"]:
         y = jnp.matmul(x, self.weight.astype(x.dtype).T)
         if self.bias is not None:
-            y = y + self.bias.astype(x.dtype)
+            y = y + expand_to(self.bias.astype(x.dtype), y.ndim)
         return y
 
 
@@ -90,7 +90,7 @@ class LayerNorm(eqx.Module):
         centred = x32 - mean
         var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
         y = centred * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight.astype(jnp.float32) + self.bias.astype(jnp.float32)
+        y = y * expand_to(self.weight.astype(jnp.float32), y.ndim) + expand_to(self.bias.astype(jnp.float32), y.ndim)
         return y.astype(x.dtype)
 
 
@@ -142,7 +142,7 @@ class PatchEmbed(eqx.Module):
         weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1).astype(x.dtype)
         y = patches @ weight.T
         assert self.proj.bias is not None
-        return y + self.proj.bias.reshape(-1).astype(x.dtype)
+        return y + self.proj.bias.reshape(1, -1).astype(x.dtype)
 
 
 class LayerScale(eqx.Module):
@@ -158,7 +158,7 @@ class LayerScale(eqx.Module):
         self.gamma = jnp.full((dim,), init_values, dtype)
 
     def __call__(self, x: Float[Array, "*tokens dim"]) -> Float[Array, "*tokens dim"]:
-        return x * self.gamma.astype(x.dtype)
+        return x * expand_to(self.gamma.astype(x.dtype), x.ndim)
 
 
 class DropPath(eqx.Module):

@@ -36,3 +36,11 @@ def check_positive_int(name: str, value: int, *, minimum: int = 1) -> None:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r} of type {type(value).__name__}.")
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+
+
+def expand_to(vector: Array, ndim: int) -> Array:
+    """Give a per-feature vector leading unit axes so it broadcasts explicitly against an `ndim` array.
+
+    Keeps the package usable under `jax_numpy_rank_promotion="raise"`.
+    """
+    return vector.reshape((1,) * (ndim - vector.ndim) + vector.shape)
