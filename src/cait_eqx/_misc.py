@@ -19,7 +19,7 @@ def trunc_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float, dtype) -
     return (jr.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
 
 
-def check_rate(name: str, value: float) -> None:
+def check_rate(name: str, value: object) -> None:
     """Raise a `ValueError` unless `0 <= value < 1` (a dropout / drop-path probability)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r} of type {type(value).__name__}.")
@@ -30,7 +30,7 @@ def check_rate(name: str, value: float) -> None:
         )
 
 
-def check_positive_int(name: str, value: int, *, minimum: int = 1) -> None:
+def check_positive_int(name: str, value: object, *, minimum: int = 1) -> None:
     """Raise a `ValueError` unless `value` is an int >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r} of type {type(value).__name__}.")

@@ -1,0 +1,334 @@
+"""Behaviour of the model itself: initialisation, randomness, LayerScale, training, compile structure."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import cait_eqx
+
+SMALL = dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=2, cls_depth=2, heads=4, mlp_dim=64)
+
+
+def _image(key, shape=(3, 16, 16)):
+    return jax.random.normal(key, shape)
+
+
+# ------------------------------------------------------------------------------------------ initialisation
+
+
+def test_output_depends_on_input_at_init(getkey):
+    # The Flax port's zero-initialised head mixes made the logits ignore the image; ours must not.
+    model = cait_eqx.CaiT(**SMALL, key=getkey())
+    a, b = model(_image(getkey())), model(_image(getkey()))
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-4 * float(jnp.max(jnp.abs(a)))
+
+
+def test_every_parameter_gets_a_gradient_at_init(getkey):
+    """Every leaf (every row of the stacked SA blocks) gets a non-zero gradient, except `proj_l`'s bias.
+
+    `proj_l`'s bias adds the same number to every logit of a head before the softmax, which the softmax
+    cancels: its gradient is exactly zero in the official model too.
+    """
+    model = cait_eqx.CaiT(**SMALL, key=getkey())
+    images = jax.vmap(_image)(jax.random.split(getkey(), 4))
+    labels = jnp.arange(4)
+
+    @eqx.filter_grad
+    def grads(m):
+        logits = jax.vmap(m)(images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    g = grads(model)
+    flat, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(g, eqx.is_array))
+    assert len(flat) > 30
+    for path, leaf in flat:
+        name = jax.tree_util.keystr(path)
+        if "proj_l" in name and "bias" in name:
+            np.testing.assert_allclose(np.asarray(leaf), 0.0, atol=1e-9)
+            continue
+        if name.startswith(".blocks."):  # stacked: every block must receive gradient
+            per_block = jnp.max(jnp.abs(leaf.reshape(leaf.shape[0], -1)), axis=1)
+            assert bool(jnp.all(per_block > 0)), f"{name} has a block with zero gradient"
+        else:
+            assert float(jnp.max(jnp.abs(leaf))) > 0, f"{name} has zero gradient"
+
+
+def test_initialisation_statistics(getkey):
+    model = cait_eqx.CaiT(**SMALL, key=getkey())
+    # Head mixes are random (std .02), never zero; biases start at zero; LayerNorm at (1, 0).
+    for mix in (model.blocks.attn.proj_l, model.blocks.attn.proj_w):
+        assert mix is not None
+        assert 0.005 < float(jnp.std(mix.weight)) < 0.05
+        assert float(jnp.max(jnp.abs(mix.bias))) == 0.0
+    assert float(jnp.std(model.blocks.attn.qkv.weight)) == pytest.approx(0.02 * 0.88, rel=0.1)
+    assert bool(jnp.all(model.norm.weight == 1)) and bool(jnp.all(model.norm.bias == 0))
+    # Different blocks get different weights (no key reuse across the stack).
+    w = model.blocks.attn.qkv.weight
+    assert float(jnp.max(jnp.abs(w[0] - w[1]))) > 0
+
+
+# ------------------------------------------------------------------------------------------ LayerScale rule
+
+
+@pytest.mark.parametrize("depth,expected", [(1, 0.1), (12, 0.1), (18, 0.1), (19, 1e-5), (24, 1e-5), (25, 1e-6)])
+def test_layerscale_rule_by_total_depth(depth, expected):
+    config = dict(SMALL, depth=depth)
+    model = eqx.filter_eval_shape(cait_eqx.CaiT, **config, key=jax.random.key(0))
+    assert model.config.init_values == expected
+    assert cait_eqx.default_init_values(depth) == expected
+
+
+def test_layerscale_gammas_are_learnable_and_use_init_values(getkey):
+    model = cait_eqx.CaiT(**dict(SMALL, depth=3), init_values=0.25, key=getkey())
+    for block in (model.blocks, *model.blocks_token_only):
+        for gamma in (block.gamma_1.gamma, block.gamma_2.gamma):
+            assert gamma.shape[-1] == SMALL["dim"]
+            assert bool(jnp.all(gamma == 0.25))
+    # Same ε everywhere: one choice for the whole network (depth 3 -> every block, SA and CA).
+    default = cait_eqx.CaiT(**dict(SMALL, depth=3), key=getkey())
+    assert bool(jnp.all(default.blocks.gamma_1.gamma == 0.1))
+    assert bool(jnp.all(default.blocks_token_only[1].gamma_2.gamma == 0.1))
+    # Learnable: they are array leaves, so optimisers see (and update) them.
+    leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+    assert any(leaf is model.blocks.gamma_1.gamma for leaf in leaves)
+
+
+# ------------------------------------------------------------------------------------------ randomness
+
+
+def test_inference_is_deterministic_and_needs_no_key(getkey):
+    model = cait_eqx.CaiT(**SMALL, dropout=0.2, emb_dropout=0.2, layer_dropout=0.2, attn_dropout=0.2, key=getkey())
+    x = _image(getkey())
+    model = eqx.nn.inference_mode(model)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x)))
+    # A key is accepted and ignored in inference.
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x, key=getkey())))
+
+
+def test_training_with_dropout_needs_a_key_and_varies_with_it(getkey):
+    model = cait_eqx.CaiT(**SMALL, dropout=0.2, layer_dropout=0.2, key=getkey())
+    x = _image(getkey())
+    with pytest.raises(RuntimeError, match="needs a key"):
+        model(x)
+    a = model(x, key=jax.random.key(1))
+    b = model(x, key=jax.random.key(2))
+    c = model(x, key=jax.random.key(1))
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-6
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    # `inference=True` overrides the modules' training flags for one call.
+    np.testing.assert_array_equal(np.asarray(model(x, inference=True)), np.asarray(model(x, inference=True)))
+
+
+def test_no_dropout_means_no_key_needed(getkey):
+    model = cait_eqx.CaiT(**SMALL, key=getkey())
+    x = _image(getkey())
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x, key=getkey())))
+
+
+def test_drop_path_drops_whole_samples_with_rate_p():
+    p = 0.3
+    drop = cait_eqx.DropPath(p)
+    x = jnp.ones((5, 7))
+    n = 20000
+    out = jax.vmap(lambda k: drop(x, key=k))(jax.random.split(jax.random.key(0), n))
+    flat = out.reshape(n, -1)
+    dropped = jnp.all(flat == 0, axis=1)
+    kept = jnp.all(jnp.isclose(flat, 1 / (1 - p)), axis=1)
+    # Whole sample either dropped or kept and rescaled: never a partial mask.
+    assert bool(jnp.all(dropped | kept))
+    rate = float(jnp.mean(dropped))
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert abs(rate - p) < 5 * sigma
+    assert abs(float(jnp.mean(flat)) - 1.0) < 5 * sigma / (1 - p)
+    # Off in inference, identity at p = 0.
+    np.testing.assert_array_equal(np.asarray(drop(x, inference=True)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(cait_eqx.DropPath(0.0)(x)), np.asarray(x))
+    with pytest.raises(RuntimeError, match="needs a `key`"):
+        drop(x)
+
+
+def test_drop_path_uniform_over_sa_blocks_and_absent_from_ca_blocks(getkey):
+    model = cait_eqx.CaiT(**dict(SMALL, depth=5), dropout=0.3, attn_dropout=0.3, layer_dropout=0.3, key=getkey())
+    # One stacked SA block: every one of the 5 blocks shares the same rate (no linear decay schedule).
+    assert model.blocks.drop_path.p == 0.3
+    assert model.blocks.attn.qkv.weight.shape[0] == 5
+    # Class-attention blocks: no stochastic depth and no dropout at all.
+    ca_random = [
+        m
+        for m in jax.tree_util.tree_leaves(
+            model.blocks_token_only, is_leaf=lambda m: isinstance(m, (eqx.nn.Dropout, cait_eqx.DropPath))
+        )
+        if isinstance(m, (eqx.nn.Dropout, cait_eqx.DropPath)) and m.p > 0
+    ]
+    assert ca_random == []
+    # Functionally, with only layer_dropout on and one SA block: 2 SA branches can each be kept or dropped,
+    # so exactly 4 distinct outputs may occur, with probabilities .49/.21/.21/.09. A drop path in either CA
+    # block would multiply the number of outcomes.
+    one = cait_eqx.CaiT(**dict(SMALL, depth=1), layer_dropout=0.3, init_values=1.0, key=getkey())
+    x = _image(getkey())
+    n = 2000
+    outs = np.asarray(jax.vmap(lambda k: one(x, key=k))(jax.random.split(getkey(), n)))
+    _, counts = np.unique(outs, axis=0, return_counts=True)
+    assert len(counts) == 4
+    expected = np.array([0.09, 0.21, 0.21, 0.49]) * n
+    np.testing.assert_allclose(np.sort(counts), expected, atol=5 * np.sqrt(0.25 * n))
+
+
+def test_model_runs_under_strict_dtype_promotion(getkey):
+    model = cait_eqx.CaiT(**SMALL, dropout=0.1, layer_dropout=0.1, key=getkey())
+    x = _image(getkey())
+    with jax.numpy_dtype_promotion("strict"):
+        out = model(x, key=getkey())
+        grads = eqx.filter_grad(lambda m: m(x, key=jax.random.key(0)).sum())(model)
+    assert out.shape == (10,)
+    assert grads.blocks.attn.qkv.weight.shape == model.blocks.attn.qkv.weight.shape
+
+
+# ------------------------------------------------------------------------------------------ the seed's API
+
+
+def test_num_classes_zero_gives_features(getkey):
+    model = cait_eqx.CaiT(**dict(SMALL, num_classes=0), key=getkey())
+    assert model.head is None
+    x = _image(getkey())
+    out = model(x)
+    assert out.shape == (SMALL["dim"],)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(model.forward_features(x)))
+
+
+def test_class_attention_maps(getkey):
+    model = cait_eqx.CaiT(**dict(SMALL, image_size=(16, 24)), key=getkey())
+    maps = model.class_attention(jax.random.normal(getkey(), (3, 16, 24)))
+    assert maps.shape == (2, 4, 1 + 4 * 6)
+    np.testing.assert_allclose(np.asarray(maps.sum(-1)), 1.0, rtol=1e-5)
+    assert bool(jnp.all(maps >= 0))
+
+
+def test_plain_class_token_when_cls_depth_is_zero(getkey):
+    # cls_depth=0: the class token joins the patches at the SA stage's input (ViT-style) — the output still
+    # depends on the image (it would not if the class token were only normalised).
+    model = cait_eqx.CaiT(**dict(SMALL, cls_depth=0), key=getkey())
+    assert model.blocks_token_only == ()
+    a, b = model(_image(getkey())), model(_image(getkey()))
+    assert float(jnp.max(jnp.abs(a - b))) > 0
+    with pytest.raises(ValueError, match="no class-attention blocks"):
+        model.class_attention(_image(getkey()))
+
+
+def test_variants_match_timm_parameter_counts():
+    import torch
+    import timm
+
+    for name in cait_eqx.list_models():
+        shapes = eqx.filter_eval_shape(cait_eqx.create_model, name, key=jax.random.key(0))
+        ours = sum(
+            int(np.prod(leaf.shape))
+            for leaf in jax.tree_util.tree_leaves(shapes)
+            if isinstance(leaf, jax.ShapeDtypeStruct)
+        )
+        with torch.device("meta"):
+            reference = timm.create_model(name, pretrained=False)
+        theirs = sum(p.numel() for p in reference.parameters())
+        assert ours == theirs, name
+        assert tuple(shapes.config.image_size) == tuple(reference.patch_embed.img_size), name
+    assert cait_eqx.create_model("cait_xxs24_224", key=jax.random.key(0)).num_params == 11_956_264
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_variants_use_timms_layerscale_values(monkeypatch):
+    import timm.models.cait as timm_cait
+
+    captured = {}
+
+    def capture(variant, pretrained=False, **kwargs):
+        captured[variant] = kwargs
+        raise _Captured  # we only want timm's factory arguments, not a model
+
+    monkeypatch.setattr(timm_cait, "_create_cait", capture)
+    for name in cait_eqx.list_models():
+        with pytest.raises(_Captured):
+            getattr(timm_cait, name)()
+    for name in cait_eqx.list_models():
+        ours, theirs = cait_eqx.variant_config(name), captured[name]
+        assert ours["init_values"] == theirs["init_values"], name
+        assert (ours["dim"], ours["depth"], ours["heads"], ours["patch_size"]) == (
+            theirs["embed_dim"],
+            theirs["depth"],
+            theirs["num_heads"],
+            theirs["patch_size"],
+        ), name
+
+
+def test_readme_example_runs(capsys):
+    """The README's first Python block (the seed's example, written the Equinox way) runs as shown."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "(2, 1000)" in out
+    assert "parameters" in out
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_tiny_training_loop_fits_a_batch_and_compiles_once(getkey):
+    model = cait_eqx.CaiT(**dict(SMALL, layer_dropout=0.1), key=getkey())
+    images = jax.vmap(_image)(jax.random.split(getkey(), 8))
+    labels = jnp.arange(8) % 10
+    optim = optax.adamw(3e-3, weight_decay=0.0)
+    opt_state = optim.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def step(model, opt_state, key):
+        def loss_fn(m):
+            keys = jax.random.split(key, images.shape[0])
+            logits = jax.vmap(lambda x, k: m(x, key=k))(images, keys)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+        updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    first = None
+    for i in range(150):
+        model, opt_state, loss = step(model, opt_state, jax.random.fold_in(getkey(), i))
+        first = float(loss) if first is None else first
+    final = eqx.nn.inference_mode(model)
+    logits = jax.vmap(final)(images)
+    eval_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+    assert first > 1.5
+    assert eval_loss < 0.05
+    assert bool(jnp.all(jnp.argmax(logits, -1) == labels))
+
+
+# ------------------------------------------------------------------------------------------ compile structure
+
+
+def test_program_size_does_not_grow_with_depth():
+    """A 48-block model traces to the same program as a 2-block one (the blocks run under `lax.scan`)."""
+    sizes = {}
+    for depth in (2, 48):
+        config = dict(image_size=32, patch_size=16, num_classes=10, dim=64, depth=depth, cls_depth=2, heads=16,
+                      mlp_dim=128)
+        model = eqx.filter_eval_shape(cait_eqx.CaiT, **config, key=jax.random.key(0))
+        params, static = eqx.partition(model, lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct))
+        x = jax.ShapeDtypeStruct((3, 32, 32), jnp.float32)
+
+        def forward(p, x, static=static):
+            return eqx.combine(p, static)(x)
+
+        sizes[depth] = len(str(jax.make_jaxpr(forward)(params, x)).splitlines())
+    # The only difference is the leading depth axis in the scanned shapes, not the number of operations.
+    assert sizes[48] == sizes[2]
