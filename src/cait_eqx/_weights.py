@@ -1,13 +1,18 @@
 """Conversion between timm / deit CaiT state dicts and `cait_eqx.CaiT`, strictly by name.
 
 Every timm key is matched to one of our leaves by its name; shapes must match exactly after the few
-explicit reshapes listed in `_RESHAPED` (timm keeps leading singleton axes we do not). The self-attention
-blocks are stacked on a leading depth axis here, so `blocks.{i}.X` in timm is row `i` of our `blocks.X`.
+explicit reshapes in `_slots` (timm keeps leading singleton axes we do not). The self-attention blocks are
+stacked on a leading depth axis here, so `blocks.{i}.X` in timm is row `i` of our `blocks.X`.
+
+Also here: bicubic resampling of the positional-embedding grid (to load a checkpoint at another image size),
+`set_input_size` and `reset_classifier` (new resolution / new head for fine-tuning).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -18,11 +23,24 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._layers import Linear
 from ._model import _DTYPES, CaiT, CaiTConfig
 from ._variants import variant_config
 
-__all__ = ["from_timm_state_dict", "to_timm_state_dict", "infer_config", "timm_keys"]
+__all__ = [
+    "WeightsError",
+    "from_timm_state_dict",
+    "to_timm_state_dict",
+    "infer_config",
+    "timm_keys",
+    "resample_pos_embed",
+    "set_input_size",
+    "reset_classifier",
+]
+
+logger = logging.getLogger("cait_eqx")
 
 
 class WeightsError(ValueError):
@@ -93,7 +111,8 @@ def _slots(cfg: CaiTConfig) -> list[_Slot]:
             )
     slots += [_Slot(f"norm.{s}", (f"norm.{s}",), (d,), (d,), False) for s in ("weight", "bias")]
     if cfg.num_classes > 0:
-        slots.append(_Slot("head.weight", ("head.weight",), (cfg.num_classes, d), (cfg.num_classes, d), False))
+        head_shape = (cfg.num_classes, d)
+        slots.append(_Slot("head.weight", ("head.weight",), head_shape, head_shape, False))
         slots.append(_Slot("head.bias", ("head.bias",), (cfg.num_classes,), (cfg.num_classes,), False))
     return slots
 
@@ -124,8 +143,8 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
         array = np.asarray(value)
     except Exception as error:  # noqa: BLE001 - we re-raise with the key named
         raise WeightsError(f"State-dict entry {key!r} is not an array: {type(value).__name__}.") from error
-    if not np.issubdtype(array.dtype, np.floating):
-        raise WeightsError(f"State-dict entry {key!r} has dtype {array.dtype}; CaiT weights are floating point.")
+    if not jnp.issubdtype(array.dtype, jnp.floating):  # jnp: knows bfloat16 too
+        raise WeightsError(f"State-dict entry {key!r} has dtype {array.dtype}; CaiT weights are floats.")
     return array
 
 
@@ -139,9 +158,10 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     A non-square positional embedding needs `image_size` given. Keys missing from the result must be passed
     by the caller.
     """
-    shape = {k: tuple(np.shape(v)) if not hasattr(v, "shape") else tuple(v.shape) for k, v in state_dict.items()}
+    shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(np.shape(v)) for k, v in state_dict.items()}
+    # `gamma_1` (LayerScale) is CaiT's own name: a ViT/DeiT state dict has the others too.
     required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight",
-                "blocks.0.attn.qkv.weight")
+                "blocks.0.attn.qkv.weight", "blocks.0.gamma_1")
     absent = [k for k in required if k not in shape]
     if absent:
         raise WeightsError(
@@ -191,10 +211,35 @@ def _resolve(state_dict: Mapping[str, Any], name: str | None, overrides: dict[st
             "heads": "the model has no talking-heads mix to read the head count from",
         }
         raise WeightsError(
-            "Cannot infer " + " and ".join(f"`{k}` ({why[k]})" for k in missing) + " from the state dict; pass "
-            + ", ".join(f"{k}=..." for k in missing) + " or a variant `name`."
+            "Cannot infer " + " and ".join(f"`{k}` ({why[k]})" for k in missing)
+            + " from the state dict; pass " + ", ".join(f"{k}=..." for k in missing) + " or a variant `name`."
         )
     return config
+
+
+def _grid(image_size: Any, patch_size: int) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return size[0] // patch_size, size[1] // patch_size
+
+
+def _checkpoint_grid(
+    num_patches: int, name: str | None, target_grid: tuple[int, int], patch_size: int
+) -> tuple[int, int] | None:
+    """The patch grid a checkpoint's `pos_embed` was trained on, or None where it does not fit `name`."""
+    if name is not None:
+        grid = _grid(variant_config(name)["image_size"], patch_size)
+        return grid if grid[0] * grid[1] == num_patches else None  # another variant: the mapping reports it
+    if target_grid[0] * target_grid[1] == num_patches:
+        return target_grid  # same number of patches: the caller's grid is taken as the checkpoint's
+    side = math.isqrt(num_patches)
+    if side * side == num_patches:
+        return side, side
+    raise WeightsError(
+        f"The checkpoint's positional embedding has {num_patches} patches, which is not a square grid, so "
+        f"its shape cannot be told to resample it to the requested {target_grid} grid. Load it at its size "
+        f"first (`image_size=(h, w)` with (h/p)·(w/p) = {num_patches}), then call "
+        f"`cait_eqx.set_input_size(model, image_size)`."
+    )
 
 
 def from_timm_state_dict(state_dict: Mapping[str, Any], *, name: str | None = None, **config: Any) -> CaiT:
@@ -207,6 +252,9 @@ def from_timm_state_dict(state_dict: Mapping[str, Any], *, name: str | None = No
     - `name`: the variant the weights belong to (see `list_models()`); when omitted the architecture is
         read from the tensor shapes (`infer_config`). (Keyword only argument.)
     - `**config`: `CaiT` keywords that override the variant's or the inferred values (e.g. `dtype`).
+        An `image_size` whose patch grid differs from the checkpoint's resamples the positional embedding
+        bicubically (`resample_pos_embed`); the checkpoint's grid is the variant's when `name` is given,
+        else the given grid when the patch counts agree, else the square grid of its patch count.
 
     **Returns:** a `CaiT` in inference mode holding exactly these weights.
 
@@ -214,8 +262,31 @@ def from_timm_state_dict(state_dict: Mapping[str, Any], *, name: str | None = No
     is skipped, truncated or matched by position.
     """
     if not isinstance(state_dict, Mapping):
-        raise WeightsError(f"`state_dict` must be a mapping of names to tensors, got {type(state_dict).__name__}.")
+        raise WeightsError(
+            f"`state_dict` must be a mapping of names to tensors, got {type(state_dict).__name__}."
+        )
     kwargs = _resolve(state_dict, name, config)
+    if "image_size" in config and "pos_embed" in state_dict:
+        pos_shape = tuple(np.shape(state_dict["pos_embed"]))
+        patch_size = kwargs["patch_size"]
+        target = _grid(kwargs["image_size"], patch_size)
+        if len(pos_shape) >= 2:
+            source = _checkpoint_grid(pos_shape[-2], name, target, patch_size)
+            if source is not None and source != target:
+                state_dict = _resample_state_dict(state_dict, source, target)
+    return _build(state_dict, kwargs)
+
+
+def _resample_state_dict(state_dict: Mapping[str, Any], source: tuple[int, int], target: tuple[int, int]):
+    pos = _to_numpy(state_dict["pos_embed"], "pos_embed")
+    resampled = np.asarray(resample_pos_embed(jnp.asarray(pos.reshape(pos.shape[-2:])), source, target))
+    logger.info("cait_eqx: resampled the positional embedding from a %s to a %s patch grid (bicubic).",
+                source, target)
+    return {**state_dict, "pos_embed": resampled.reshape(*pos.shape[:-2], -1, pos.shape[-1])}
+
+
+def _build(state_dict: Mapping[str, Any], kwargs: dict[str, Any]) -> CaiT:
+    """Fill a model of configuration `kwargs` from `state_dict`, strictly by name (inference mode)."""
     skeleton = eqx.filter_eval_shape(CaiT, **kwargs, key=jr.key(0))
     cfg: CaiTConfig = skeleton.config
     dtype = _DTYPES[cfg.dtype]
@@ -249,8 +320,13 @@ def from_timm_state_dict(state_dict: Mapping[str, Any], *, name: str | None = No
                 lines.append(f"  {len(items)} {title} key(s): " + "; ".join(shown))
         lines.append(
             "Check that the weights belong to this variant (pass the right `name`, or omit it to infer the "
-            "architecture), and that the keys are timm's (deit's `module.` prefixes are removed by `load_timm`)."
+            "architecture), and that the keys are timm's (`load_timm` removes deit's `module.` prefixes)."
         )
+        if any(item.startswith("head.") for item in misshaped + missing + unexpected):
+            lines.append(
+                "For another number of classes, load the checkpoint with its own head, then call "
+                "`cait_eqx.reset_classifier(model, num_classes, key=...)`."
+            )
         raise WeightsError("\n".join(lines))
 
     model = eqx.tree_at(
@@ -260,25 +336,151 @@ def from_timm_state_dict(state_dict: Mapping[str, Any], *, name: str | None = No
     )
     leftover = [leaf for leaf in jax.tree_util.tree_leaves(model) if isinstance(leaf, jax.ShapeDtypeStruct)]
     if leftover:  # a bug in the mapping, never the user's fault
-        raise RuntimeError(f"cait_eqx internal error: {len(leftover)} parameters were not filled by the mapping.")
+        raise RuntimeError(f"cait_eqx internal error: the mapping left {len(leftover)} parameters unfilled.")
     return eqx.nn.inference_mode(model)
 
 
-def to_timm_state_dict(model: CaiT) -> dict[str, np.ndarray]:
-    """The model's weights under timm's names and shapes, as float32 NumPy arrays.
+def to_timm_state_dict(model: CaiT, *, dtype: str | None = "float32") -> dict[str, np.ndarray]:
+    """The model's weights under timm's names and shapes, as NumPy arrays.
 
     `timm.create_model(name)` (or `timm.models.cait.Cait(**same_config)`) loads it with `strict=True`
     after `{k: torch.from_numpy(v) for k, v in ...}`.
+
+    **Arguments:**
+
+    - `model`: a `CaiT`.
+    - `dtype`: the dtype of every array, float32 by default (what `torch.from_numpy` takes); `None` keeps
+        the model's own dtype (bfloat16 arrays are `ml_dtypes.bfloat16`). (Keyword only argument.)
+
+    **Returns:** a dict from timm's key names to arrays of timm's shapes.
     """
     out: dict[str, np.ndarray] = {}
     for slot in _slots(model.config):
-        leaf = np.asarray(jax.device_get(_get_item(slot.path)(model)), dtype=np.float32)
+        leaf = np.asarray(jax.device_get(_get_item(slot.path)(model)))
+        if dtype is not None:
+            leaf = leaf.astype(dtype)
         if slot.stacked:
             for i, key in enumerate(slot.keys):
                 out[key] = leaf[i].reshape(slot.timm_shape)
         else:
             out[slot.keys[0]] = leaf.reshape(slot.timm_shape)
     return out
+
+
+# ------------------------------------------------------------------------------ new resolutions, new heads
+
+
+def _pair(name: str, grid: Any) -> tuple[int, int]:
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)
+    ):
+        raise ValueError(f"`{name}` must be a (rows, columns) pair of positive ints, got {grid!r}.")
+    return int(grid[0]), int(grid[1])
+
+
+def resample_pos_embed(
+    pos_embed: Float[Array, "patches dim"] | Float[np.ndarray, "patches dim"],
+    source_grid: tuple[int, int],
+    target_grid: tuple[int, int],
+) -> Float[Array, "new_patches dim"]:
+    """Resample a positional embedding from one patch grid to another by bicubic interpolation.
+
+    The embedding is viewed as a `source_grid` image with `dim` channels (row-major over the patches, as
+    the patch embedding orders them) and resized to `target_grid` with the Keys cubic kernel (a = -0.5),
+    antialiased when shrinking: the same function as timm's `resample_abs_pos_embed` for ViTs. Grids may
+    be non-square. Computed in float32; the result has the input's dtype.
+
+    **Arguments:**
+
+    - `pos_embed`: the embedding, `(source_rows * source_cols, dim)`.
+    - `source_grid`: its grid, `(rows, cols)`.
+    - `target_grid`: the new grid, `(rows, cols)`.
+
+    **Returns:** the resampled embedding, `(target_rows * target_cols, dim)`.
+    """
+    source = _pair("source_grid", source_grid)
+    target = _pair("target_grid", target_grid)
+    pos_embed = jnp.asarray(pos_embed)
+    patches, dim = pos_embed.shape
+    if source[0] * source[1] != patches:
+        raise ValueError(
+            f"`pos_embed` has {patches} patches but `source_grid` {source} holds {source[0] * source[1]}. "
+            f"Pass the grid the embedding was trained on: (image height / patch, image width / patch)."
+        )
+    if source == target:
+        return pos_embed
+    image = pos_embed.astype(jnp.float32).reshape(*source, dim)
+    resized = jax.image.resize(image, (*target, dim), method="bicubic", antialias=True)
+    return resized.reshape(target[0] * target[1], dim).astype(pos_embed.dtype)
+
+
+def _all_inference(model: CaiT) -> bool:
+    modules = [
+        m for m in jax.tree_util.tree_leaves(model, is_leaf=lambda x: isinstance(x, eqx.nn.Dropout))
+        if isinstance(m, eqx.nn.Dropout)
+    ]
+    return all(bool(m.inference) for m in modules)
+
+
+def set_input_size(model: CaiT, image_size: int | tuple[int, int]) -> CaiT:
+    """A copy of `model` for another image size, its positional embedding resampled bicubically.
+
+    Use it to fine-tune or evaluate at a new resolution (e.g. a 224 checkpoint at 384). Every other weight
+    is carried over unchanged, by name; the patch size stays. The copy is in inference mode when the model
+    was, else in training mode.
+
+    **Arguments:**
+
+    - `model`: a `CaiT`.
+    - `image_size`: the new input size, an int or a `(height, width)` pair, a multiple of the patch size.
+
+    **Returns:** a `CaiT` whose `config.image_size` is the new size.
+    """
+    cfg = model.config
+    kwargs = cfg.kwargs()
+    kwargs["image_size"] = image_size
+    new_cfg = eqx.filter_eval_shape(CaiT, **kwargs, key=jr.key(0)).config  # validates the size
+    state_dict = to_timm_state_dict(model, dtype=None)
+    state_dict["pos_embed"] = np.asarray(
+        resample_pos_embed(jnp.asarray(state_dict["pos_embed"][0]), cfg.grid_size, new_cfg.grid_size)
+    )[None]
+    new = _build(state_dict, kwargs)
+    return new if _all_inference(model) else eqx.nn.inference_mode(new, value=False)
+
+
+def reset_classifier(model: CaiT, num_classes: int, *, key: PRNGKeyArray | None = None) -> CaiT:
+    """A copy of `model` with a freshly initialised classifier of `num_classes` outputs.
+
+    The head is initialised as at construction (truncated normal, std 0.02; zero bias); every other weight,
+    and each dropout's mode, is kept. `num_classes=0` removes the head (the model then returns features).
+
+    **Arguments:**
+
+    - `model`: a `CaiT`.
+    - `num_classes`: the new number of classes, or `0` for no head.
+    - `key`: a `jax.random.key` for the new head; needed unless `num_classes == 0`. (Keyword only argument.)
+
+    **Returns:** a `CaiT` whose `config.num_classes` is `num_classes`.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"`num_classes` must be an int >= 0 (0 removes the head), got {num_classes!r}.")
+    cfg = model.config
+    if num_classes == 0:
+        head = None
+    else:
+        if key is None:
+            raise ValueError(
+                "`reset_classifier` needs a key to initialise the new head: "
+                "`reset_classifier(model, num_classes, key=jax.random.key(...))`."
+            )
+        head = Linear(cfg.dim, num_classes, dtype=_DTYPES[cfg.dtype], key=key)
+    # `head` may be None on either side, and `config` is static: set both on a shallow copy.
+    new = copy.copy(model)
+    object.__setattr__(new, "head", head)
+    object.__setattr__(new, "config", dataclasses.replace(cfg, num_classes=num_classes))
+    return new
 
 
 def _describe(cfg: CaiTConfig) -> str:

@@ -1,0 +1,204 @@
+"""Our own weights file (`save` / `load`) and timm's pretrained weights through the Hugging Face Hub cache.
+
+What would be wrong if these fail: a round trip that changes a single bit, a dtype or a config field; a
+file timm cannot read; a save that, interrupted, leaves a half-written file (or none) under the target name;
+a file of a newer format read as if it were ours; `pretrained=True` that hangs or retries for long without a
+network, or whose error does not say how to pass a local file; a cached download whose hash is not checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+
+import equinox as eqx
+import huggingface_hub
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import safetensors.torch
+import torch
+from _timm_utils import relative_error
+from timm.models.cait import Cait
+
+import cait_eqx
+from cait_eqx._io import FORMAT_VERSION
+
+
+def _random_model(key, **kwargs):
+    """A small model whose every array is off its initial value (so a swapped leaf shows)."""
+    config = dict(image_size=(32, 48), patch_size=8, num_classes=5, dim=48, depth=2, cls_depth=2, heads=4,
+                  mlp_dim=96, dropout=0.1, layer_dropout=0.2, init_values=0.5, cls_mlp_dim=64)
+    model = cait_eqx.CaiT(**{**config, **kwargs}, key=key)
+    rng = np.random.default_rng(0)  # the key already makes each model's init differ
+
+    def move(x):  # in NumPy: no XLA compilation per leaf shape
+        moved = np.asarray(x).astype(np.float32) + 0.3 * rng.normal(size=x.shape).astype(np.float32)
+        return jnp.asarray(moved.astype(x.dtype))
+
+    return jax.tree_util.tree_map(lambda x: move(x) if eqx.is_array(x) else x, model)
+
+
+def _assert_bit_exact(a, b):
+    leaves_a = jax.tree_util.tree_leaves(eqx.filter(a, eqx.is_array))
+    leaves_b = jax.tree_util.tree_leaves(eqx.filter(b, eqx.is_array))
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+# -------------------------------------------------------------------------------------- 2. save / load
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_save_load_round_trip_is_bit_exact(tmp_path, getkey, dtype):
+    model = _random_model(getkey(), dtype=dtype)
+    path = cait_eqx.save(tmp_path / "model.safetensors", model)
+    loaded = cait_eqx.load(path)
+    assert loaded.config == model.config  # dropout rates, init_values, dtype: all of it
+    _assert_bit_exact(loaded, model)
+    assert all(m.inference for m in jax.tree_util.tree_leaves(
+        loaded, is_leaf=lambda x: isinstance(x, eqx.nn.Dropout)) if isinstance(m, eqx.nn.Dropout))
+    # The file tells what it is.
+    with safetensors.safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata()
+    assert metadata["cait_eqx.format_version"] == str(FORMAT_VERSION) and metadata["format"] == "pt"
+    assert json.loads(metadata["cait_eqx.config"])["layer_dropout"] == 0.2
+    # load_timm reads our files too, from the stored config (no architecture inference).
+    _assert_bit_exact(cait_eqx.load_timm(path), model)
+
+
+def test_our_file_is_a_timm_checkpoint(tmp_path, getkey):
+    model = eqx.nn.inference_mode(_random_model(getkey()))
+    path = cait_eqx.save(tmp_path / "model.safetensors", model)
+    cfg = model.config
+    reference = Cait(img_size=cfg.image_size, patch_size=8, num_classes=5, embed_dim=48, depth=2, num_heads=4,
+                     mlp_ratio=2.0, mlp_ratio_token_only=64 / 48).eval()
+    reference.load_state_dict(safetensors.torch.load_file(path), strict=True)
+    images = np.random.default_rng(0).normal(size=(2, 3, 32, 48)).astype(np.float32)
+    ours = np.asarray(jax.vmap(model)(jnp.asarray(images)))
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(images)).numpy()
+    assert relative_error(ours, ref) <= 1e-5
+
+
+def test_load_at_a_new_resolution_resamples_from_the_stored_grid(tmp_path, getkey):
+    model = _random_model(getkey())
+    path = cait_eqx.save(tmp_path / "model.safetensors", model)
+    bigger = cait_eqx.load(path, image_size=(48, 32), layer_dropout=0.0)  # 4x6 grid -> 6x4
+    assert bigger.config.image_size == (48, 32) and bigger.config.layer_dropout == 0.0
+    expected = cait_eqx.resample_pos_embed(model.pos_embed, (4, 6), (6, 4))
+    np.testing.assert_array_equal(np.asarray(bigger.pos_embed), np.asarray(expected))
+
+
+def test_an_interrupted_save_leaves_the_previous_file(tmp_path, getkey, monkeypatch):
+    target = tmp_path / "model.safetensors"
+    first = _random_model(getkey())
+    cait_eqx.save(target, first)
+    before = target.read_bytes()
+    real_save_file = safetensors.numpy.save_file
+
+    def killed_after_writing(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)  # the bytes are on disk, under a temporary name
+        raise KeyboardInterrupt  # ... when the process is interrupted
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", killed_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        cait_eqx.save(target, _random_model(getkey()))
+    with pytest.raises(KeyboardInterrupt):
+        cait_eqx.save(tmp_path / "new.safetensors", first)
+    assert target.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]  # no partial file, no temporary left behind
+
+
+def test_files_that_are_not_ours_are_refused_with_the_reason(tmp_path, getkey):
+    model = _random_model(getkey())
+    tensors = cait_eqx.to_timm_state_dict(model)
+    safetensors.numpy.save_file(tensors, tmp_path / "timm.safetensors")
+    with pytest.raises(cait_eqx.WeightsError, match=r"not written by `cait_eqx.save`(.|\n)*load_timm"):
+        cait_eqx.load(tmp_path / "timm.safetensors")
+    config = json.dumps({**model.config.kwargs(), "image_size": [32, 48]})
+    safetensors.numpy.save_file(tensors, tmp_path / "future.safetensors",
+                                metadata={"cait_eqx.format_version": "99", "cait_eqx.config": config})
+    with pytest.raises(cait_eqx.WeightsError, match=r"format '99'(.|\n)*Upgrade cait_eqx"):
+        cait_eqx.load(tmp_path / "future.safetensors")
+    odd = json.dumps({**json.loads(config), "rotary": True})
+    safetensors.numpy.save_file(tensors, tmp_path / "odd.safetensors",
+                                metadata={"cait_eqx.format_version": "1", "cait_eqx.config": odd})
+    with pytest.raises(cait_eqx.WeightsError, match=r"unknown entries \['rotary'\]"):
+        cait_eqx.load(tmp_path / "odd.safetensors")
+    ours = cait_eqx.save(tmp_path / "ours.safetensors", model).read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(ours[: len(ours) - 100])
+    with pytest.raises(cait_eqx.WeightsError, match=r"truncated or corrupt"):
+        cait_eqx.load(tmp_path / "cut.safetensors")
+    with pytest.raises(ValueError, match=r"dtype float32, but .* another dtype"):
+        cait_eqx.save(tmp_path / "cast.safetensors", jax.tree_util.tree_map(
+            lambda x: x.astype(jnp.bfloat16) if eqx.is_array(x) else x, model))
+
+
+# ------------------------------------------------------------------------------------------------- 4. hub
+
+
+def _no_network_message(error: BaseException) -> str:
+    message = str(error)
+    assert "weights='path/to/model.safetensors'" in message and "load_timm" in message
+    assert "timm/cait_xxs24_224.fb_dist_in1k" in message
+    return message
+
+
+def test_offline_pretrained_without_a_cache_fails_fast_and_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(cait_eqx.PretrainedWeightsUnavailable) as info:
+        cait_eqx.create_model("cait_xxs24_224", pretrained=True, cache_dir=tmp_path)
+    assert time.monotonic() - start < 5.0
+    assert "HF_HUB_OFFLINE" in _no_network_message(info.value)
+
+
+def test_unreachable_hub_without_a_cache_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as closed:  # a local port nobody listens on: the connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        start = time.monotonic()
+        with pytest.raises(cait_eqx.PretrainedWeightsUnavailable) as info:
+            cait_eqx.create_model("cait_xxs24_224", pretrained=True, cache_dir=tmp_path)
+        assert time.monotonic() - start < 5.0
+    assert "not reachable" in _no_network_message(info.value)
+
+
+def _cache_like_the_hub(cache_dir, name, tensors):
+    """Lay a file out as huggingface_hub's cache does: blobs named by SHA-256, snapshots linking to them."""
+    repo = cache_dir / f"models--timm--{name}.fb_dist_in1k"
+    (repo / "blobs").mkdir(parents=True)
+    staging = cache_dir / "staging.safetensors"
+    safetensors.numpy.save_file(tensors, staging)
+    sha = hashlib.sha256(staging.read_bytes()).hexdigest()
+    staging.rename(repo / "blobs" / sha)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    os.symlink(f"../../blobs/{sha}", repo / "snapshots" / commit / "model.safetensors")
+    return repo / "blobs" / sha
+
+
+def test_pretrained_loads_a_cached_copy_offline_and_checks_its_hash(tmp_path, monkeypatch, getkey):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = cait_eqx.create_model("cait_xxs24_224", key=getkey())
+    blob = _cache_like_the_hub(tmp_path, "cait_xxs24_224", cait_eqx.to_timm_state_dict(source))
+    model = cait_eqx.create_model("cait_xxs24_224", pretrained=True, cache_dir=tmp_path)
+    _assert_bit_exact(model, eqx.nn.inference_mode(source))
+    # One flipped bit in the cached file: refused, with the way out.
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0x01
+    blob.write_bytes(bytes(data))
+    with pytest.raises(cait_eqx.WeightsError, match=r"corrupt: their SHA-256 is [0-9a-f]{64}(.|\n)*Delete"):
+        cait_eqx.create_model("cait_xxs24_224", pretrained=True, cache_dir=tmp_path)
