@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import pickle
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -90,8 +92,28 @@ def _import_torch():
     return torch
 
 
+def _check_zip_records(path: Path) -> None:
+    """Check the CRC-32 of every record of a zip-format `.pth`, which `torch.load` does not: catches bit flips."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as error:
+        raise WeightsError(
+            f"Could not read {path} as a PyTorch checkpoint ({type(error).__name__}: {error}). The file is "
+            f"truncated or corrupt (fetch it again), or not a checkpoint."
+        ) from error
+    if damaged is not None:
+        raise WeightsError(
+            f"{path} is corrupt: the CRC-32 checksum of its record {damaged!r} does not match the record's "
+            f"bytes (damaged in storage or transfer). Fetch the file again."
+        )
+
+
 def _read_torch(path: Path) -> dict[str, Any]:
     torch = _import_torch()
+    with open(path, "rb") as handle:
+        if handle.read(4) == b"PK\x03\x04":  # PyTorch's zip format (the legacy pickle format has no checksums)
+            _check_zip_records(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -165,8 +187,15 @@ def _stored_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | 
     if not isinstance(stored, dict) or set(stored) - known:
         extra = sorted(set(stored) - known) if isinstance(stored, dict) else stored
         raise WeightsError(f"{path}: the stored model configuration has unknown entries {extra!r}.")
-    if "image_size" in stored:
-        stored["image_size"] = tuple(stored["image_size"])
+    try:
+        if "image_size" in stored:
+            stored["image_size"] = tuple(stored["image_size"])
+        resolve_config(**stored)
+    except (TypeError, ValueError) as error:
+        raise WeightsError(
+            f"{path}: the stored model configuration is invalid ({error}). The file is corrupt or was edited: "
+            f"save or fetch it again."
+        ) from None
     return stored
 
 

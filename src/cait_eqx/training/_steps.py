@@ -1,0 +1,227 @@
+"""The training and evaluation steps: pure functions of (model, opt_state, batch, key), one jit per shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Shaped
+
+from ..data._augment import Augment, normalize_images, to_unit_float
+from ..data._datasets import Dataset
+from ..data._loader import eval_batches
+from ._losses import cross_entropy, mix_batch, smooth_labels
+
+__all__ = ["EvalResult", "StepConfig", "evaluate", "make_eval_step", "make_train_step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What happens to a batch inside the training step, besides the optimiser.
+
+    - `num_classes`: size of the targets.
+    - `label_smoothing`: label-smoothing ε (DeiT: 0.1).
+    - `mixup_alpha`, `cutmix_alpha`: Beta parameters; 0 switches each off (DeiT: 0.8 and 1.0).
+    - `mix_prob`: probability of mixing a batch; `switch_prob`: of cutmix rather than mixup when both are on.
+    - `crop_padding`, `flip`: the per-image `Augment` (random crop with zero padding; left–right flips).
+    - `normalize`: `"none"` (the model sees pixels in [0, 1]) or `"imagenet"`.
+    """
+
+    num_classes: int
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    crop_padding: int = 0
+    flip: bool = False
+    normalize: str = "none"
+
+    @property
+    def augment(self) -> Augment:
+        return Augment(crop_padding=self.crop_padding, flip=self.flip)
+
+
+def _select(flag: Array, new: PyTree, old: PyTree) -> PyTree:
+    """`new` where `flag` is true, else `old`, leaf by leaf (array leaves only)."""
+    new_arrays, static = eqx.partition(new, eqx.is_array)
+    old_arrays = eqx.filter(old, eqx.is_array)
+    chosen = jax.tree.map(lambda n, o: jnp.where(flag, n, o), new_arrays, old_arrays)
+    return eqx.combine(chosen, static)
+
+
+def make_train_step(
+    optim: optax.GradientTransformation, config: StepConfig, *, jit: bool = True
+) -> Callable[..., tuple[Any, Any, dict[str, Array]]]:
+    """Build the training step `step(model, opt_state, (images, labels), key) -> (model, opt_state, metrics)`.
+
+    Inside: pixels to `[0, 1]`, per-image augmentation and per-example model keys (all split from `key`),
+    normalisation, label smoothing and mixup/cutmix, then `eqx.filter_value_and_grad` of the mean
+    cross-entropy over `jax.vmap(model)`, `optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))`
+    and `eqx.apply_updates`. If the loss or the gradient norm is not finite the update is **not** applied:
+    the model and optimiser state come back unchanged and `metrics["finite"]` is false (the caller decides
+    to stop or skip).
+
+    The step is a pure function of its arguments, so it runs unchanged on sharded inputs under a
+    `jax.sharding` mesh.
+
+    **Arguments:**
+
+    - `optim`: the optimiser, e.g. `make_optimizer(...)`.
+    - `config`: a `StepConfig`.
+    - `jit`: wrap in `eqx.filter_jit(..., donate="all")` (model, optimiser state and batch buffers are
+        donated: use only the returned ones). `False` gives the plain function, to wrap yourself.
+        (Keyword only argument.)
+
+    **Returns:** the step. `metrics` holds scalars `loss`, `accuracy` (against the unmixed labels),
+    `grad_norm` and `finite`.
+    """
+    augment = config.augment
+
+    def train_step(
+        model: PyTree,
+        opt_state: PyTree,
+        batch: tuple[Shaped[Array, "batch channels height width"], Int[Array, " batch"]],
+        key: PRNGKeyArray,
+    ) -> tuple[PyTree, PyTree, dict[str, Array]]:
+        images, labels = batch
+        size = images.shape[0]
+        aug_key, mix_key, model_key = jr.split(key, 3)
+        x = to_unit_float(images)
+        if not augment.is_identity:
+            x = jax.vmap(lambda image, k: augment(image, key=k))(x, jr.split(aug_key, size))
+        x = normalize_images(x, config.normalize)
+        targets = smooth_labels(labels, config.num_classes, config.label_smoothing)
+        x, targets = mix_batch(
+            x,
+            targets,
+            key=mix_key,
+            mixup_alpha=config.mixup_alpha,
+            cutmix_alpha=config.cutmix_alpha,
+            prob=config.mix_prob,
+            switch_prob=config.switch_prob,
+        )
+        example_keys = jr.split(model_key, size)
+
+        def loss_fn(model):
+            logits = jax.vmap(lambda image, k: model(image, key=k))(x, example_keys)
+            return jnp.mean(cross_entropy(logits, targets)), logits
+
+        (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+        updates, new_opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        new_model = eqx.apply_updates(model, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_model, new_opt_state = _select(finite, (new_model, new_opt_state), (model, opt_state))
+        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
+        return new_model, new_opt_state, metrics
+
+    return eqx.filter_jit(train_step, donate="all") if jit else train_step
+
+
+def make_eval_step(normalize: str = "none", *, jit: bool = True) -> Callable[..., dict[str, Array]]:
+    """Build the evaluation step `step(model, (images, labels)) -> {"logits", "loss"}`, in inference mode.
+
+    Every dropout and stochastic depth is off (`eqx.nn.inference_mode`); no key is needed. `loss` is the
+    per-example cross-entropy against the hard labels.
+
+    **Arguments:**
+
+    - `normalize`: the input normalisation the model was trained with.
+    - `jit`: wrap in `eqx.filter_jit` (nothing donated). (Keyword only argument.)
+    """
+
+    def eval_step(
+        model: PyTree, batch: tuple[Shaped[Array, "batch channels height width"], Int[Array, " batch"]]
+    ) -> dict[str, Array]:
+        images, labels = batch
+        model = eqx.nn.inference_mode(model)
+        x = normalize_images(to_unit_float(images), normalize)
+        logits = jax.vmap(model)(x)
+        num_classes = logits.shape[-1]
+        loss = cross_entropy(logits, jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
+        return {"logits": logits.astype(jnp.float32), "loss": loss}
+
+    return eqx.filter_jit(eval_step) if jit else eval_step
+
+
+@functools.lru_cache(maxsize=4)
+def shared_eval_step(normalize: str = "none") -> Callable[..., dict[str, Array]]:
+    """One jitted `make_eval_step(normalize)` per normalisation, shared: repeated evaluations compile once."""
+    return make_eval_step(normalize)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Evaluation of a classifier on a dataset.
+
+    `confusion[i, j]` counts examples of true class `i` predicted as class `j`.
+    """
+
+    loss: float
+    top1: float
+    top5: float
+    confusion: np.ndarray
+    num_examples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss,
+            "top1": self.top1,
+            "top5": self.top5,
+            "num_examples": self.num_examples,
+            "confusion": self.confusion.tolist(),
+        }
+
+
+def evaluate(
+    model: PyTree,
+    dataset: Dataset,
+    *,
+    batch_size: int = 500,
+    normalize: str = "none",
+    eval_step: Callable[..., dict[str, Array]] | None = None,
+) -> EvalResult:
+    """Top-1 and top-5 accuracy, mean loss and the confusion matrix of `model` on every example of `dataset`.
+
+    **Arguments:**
+
+    - `model`: a classifier (run in inference mode).
+    - `dataset`: the examples; its `num_classes` must match the model's outputs.
+    - `batch_size`: examples per step (the last batch is padded, so one compilation). (Keyword only argument.)
+    - `normalize`: the input normalisation the model was trained with. (Keyword only argument.)
+    - `eval_step`: a prebuilt `make_eval_step(...)` to reuse its compilation. (Keyword only argument.)
+
+    **Returns:** an `EvalResult`. Top-5 is top-`min(5, num_classes)`.
+    """
+    step = shared_eval_step(normalize) if eval_step is None else eval_step
+    batch_size = max(1, min(batch_size, len(dataset)))
+    k = min(5, dataset.num_classes)
+    confusion = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
+    loss_sum, top1, topk = 0.0, 0, 0
+    for images, labels, valid in eval_batches(dataset, batch_size):
+        out = step(model, (jnp.asarray(images), jnp.asarray(labels)))
+        logits = np.asarray(out["logits"])[valid]
+        if logits.shape[-1] != dataset.num_classes:
+            raise ValueError(
+                f"The model has {logits.shape[-1]} outputs but the dataset {dataset.name!r} has "
+                f"{dataset.num_classes} classes."
+            )
+        truth = labels[valid]
+        loss_sum += float(np.asarray(out["loss"])[valid].sum())
+        predicted = logits.argmax(axis=-1)
+        top1 += int((predicted == truth).sum())
+        ranked = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+        topk += int((ranked == truth[:, None]).any(axis=-1).sum())
+        np.add.at(confusion, (truth, predicted), 1)
+    n = len(dataset)
+    return EvalResult(loss_sum / n, top1 / n, topk / n, confusion, n)

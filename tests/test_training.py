@@ -1,0 +1,480 @@
+"""The training recipe, steps, checkpoints and fit loop: masks, mixing, one trace, exact resume, faults."""
+
+import json
+import os
+import signal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+import cait_eqx
+from cait_eqx import data, training
+
+
+def _tiny(key, **overrides):
+    kwargs = dict(
+        image_size=8,
+        patch_size=4,
+        num_classes=10,
+        dim=16,
+        depth=2,
+        cls_depth=1,
+        heads=2,
+        mlp_dim=32,
+        channels=1,
+    )
+    kwargs.update(overrides)
+    return cait_eqx.CaiT(**kwargs, key=key)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = data.load_digits()
+    train, test = data.train_test_split(ds, test_fraction=0.2, seed=0)
+    # A small slice keeps the loop tests fast; the held-out part is the real split's.
+    return train.subset(np.arange(160)), test.subset(np.arange(64))
+
+
+def _leaves(tree):
+    return jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+
+
+def _assert_trees_identical(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=False):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------------------------------- recipe
+
+
+def test_weight_decay_mask_lists_exactly_the_linear_weights(getkey):
+    model = _tiny(getkey())
+    assert training.decayed_leaf_names(model) == [
+        "patch_embed.proj.weight",
+        "blocks.attn.qkv.weight",
+        "blocks.attn.proj_l.weight",
+        "blocks.attn.proj_w.weight",
+        "blocks.attn.proj.weight",
+        "blocks.mlp.fc1.weight",
+        "blocks.mlp.fc2.weight",
+        "blocks_token_only.0.attn.q.weight",
+        "blocks_token_only.0.attn.k.weight",
+        "blocks_token_only.0.attn.v.weight",
+        "blocks_token_only.0.attn.proj.weight",
+        "blocks_token_only.0.mlp.fc1.weight",
+        "blocks_token_only.0.mlp.fc2.weight",
+        "head.weight",
+    ]
+    # The mask is wired into AdamW: with zero gradients one step shrinks exactly the decayed leaves.
+    lr, wd = 0.1, 0.5
+    optim = training.make_optimizer(lr, weight_decay=wd)
+    params = eqx.filter(model, eqx.is_array)
+    state = optim.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = eqx.filter_jit(optim.update)(zeros, state, params)
+    new = eqx.apply_updates(model, updates)
+    flat_old = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_new = jax.tree.leaves(eqx.filter(new, eqx.is_array))
+    decayed = set(training.decayed_leaf_names(model))
+    for (path, old), updated in zip(flat_old, flat_new, strict=False):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        expected = old * (1 - lr * wd) if name in decayed else old
+        np.testing.assert_allclose(np.asarray(updated), np.asarray(expected), rtol=1e-6, err_msg=name)
+    # Kept out of decay, by type: gammas, norms, embeddings, biases (the stacked blocks included).
+    assert not any(
+        n.endswith(("gamma", ".bias")) or "norm" in n or n in ("pos_embed", "cls_token") for n in decayed
+    )
+
+
+def test_warmup_cosine_schedule_shape():
+    schedule = training.warmup_cosine_schedule(1e-3, total_steps=100, warmup_steps=10, min_lr=1e-5)
+    values = np.array([float(schedule(s)) for s in range(101)])
+    assert values[0] == 0.0
+    np.testing.assert_allclose(values[5], 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(values[10], 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(values[100], 1e-5, rtol=1e-5)
+    assert np.all(np.diff(values[:11]) > 0) and np.all(np.diff(values[10:]) < 0)
+
+
+def test_ema_tracks_the_parameters_after_each_update():
+    decay = 0.9
+    optim = optax.chain(optax.sgd(1.0), training.ema_weights(decay))
+    params = {"w": jnp.array([1.0, 2.0])}
+    state = optim.init(params)
+    expected = np.array([1.0, 2.0])
+    for g in ([0.5, 0.5], [1.0, -1.0]):
+        updates, state = optim.update({"w": jnp.array(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+        expected = decay * expected + (1 - decay) * np.asarray(params["w"])
+    np.testing.assert_allclose(np.asarray(training.ema_model(params, state)["w"]), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="holds no EMA"):
+        training.ema_model(params, optax.sgd(1.0).init(params))
+
+
+# ----------------------------------------------------------------------------------------- losses, mixing
+
+
+def test_label_smoothing_and_cross_entropy():
+    targets = training.smooth_labels(jnp.array([2, 0]), 4, 0.2)
+    np.testing.assert_allclose(
+        np.asarray(targets), [[0.05, 0.05, 0.85, 0.05], [0.85, 0.05, 0.05, 0.05]], rtol=1e-6
+    )
+    logits = jnp.array([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    expected = -(np.asarray(targets) * log_p).sum(-1)
+    np.testing.assert_allclose(np.asarray(training.cross_entropy(logits, targets)), expected, rtol=1e-6)
+
+
+def _known_batch(size=6, classes=6):
+    # Image i is constant i + 1, its label is class i: every pixel says where it came from.
+    images = jnp.broadcast_to(jnp.arange(1.0, size + 1.0)[:, None, None, None], (size, 2, 8, 8))
+    return images, jax.nn.one_hot(jnp.arange(size), classes)
+
+
+def test_mixup_mixes_images_and_labels_by_the_same_weight():
+    images, targets = _known_batch()
+    for seed in range(5):
+        mixed, mixed_targets = training.mixup(images, targets, key=jr.key(seed), alpha=0.8)
+        mixed, mixed_targets = np.asarray(mixed), np.asarray(mixed_targets)
+        np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)
+        for i in range(6):
+            partner = 5 - i
+            lam = mixed_targets[i, i]
+            np.testing.assert_allclose(lam + mixed_targets[i, partner], 1.0, rtol=1e-6)
+            np.testing.assert_allclose(mixed[i], lam * (i + 1) + (1 - lam) * (partner + 1), rtol=1e-5)
+
+
+def test_cutmix_pastes_one_box_and_labels_by_its_area():
+    images, targets = _known_batch()
+    areas = set()
+    for seed in range(12):
+        mixed, mixed_targets = training.cutmix(images, targets, key=jr.key(seed), alpha=1.0)
+        mixed, mixed_targets = np.asarray(mixed), np.asarray(mixed_targets)
+        np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)
+        boxes = []
+        for i in range(6):
+            partner = 5 - i
+            from_partner = mixed[i] == partner + 1
+            assert np.all(from_partner | (mixed[i] == i + 1))
+            if i != partner:
+                np.testing.assert_allclose(mixed_targets[i, partner], from_partner.mean(), rtol=1e-6)
+                np.testing.assert_allclose(mixed_targets[i, i], 1 - from_partner.mean(), rtol=1e-6)
+            boxes.append(from_partner[0])
+        box = boxes[0]
+        rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+        if rows.size:  # one axis-aligned rectangle, the same for the whole batch and every channel
+            assert (
+                box[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()
+                and box.sum() == rows.size * cols.size
+            )
+        assert all(np.array_equal(b, box) for b in boxes)
+        areas.add(round(float(box.mean()), 4))
+    assert len(areas) > 3  # the box size really is drawn
+
+
+def test_mix_batch_picks_one_of_the_two_and_can_be_off():
+    images, targets = _known_batch()
+    kinds = set()
+    for seed in range(16):
+        key = jr.key(seed)
+        mixed, _ = training.mix_batch(
+            images, targets, key=key, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5
+        )
+        values = np.unique(np.asarray(mixed)[0])
+        kinds.add("cutmix" if set(values.tolist()) <= {1.0, 6.0} else "mixup")
+    assert kinds == {"cutmix", "mixup"}
+    same, same_targets = training.mix_batch(images, targets, key=jr.key(0), mixup_alpha=0.8, prob=0.0)
+    assert same is images and same_targets is targets
+
+
+# -------------------------------------------------------------------------------------------------- steps
+
+
+def _batch(dataset, size):
+    return jnp.asarray(dataset.images[:size]), jnp.asarray(dataset.labels[:size].astype(np.int32))
+
+
+def test_train_step_compiles_once_per_shape_and_donates(getkey, digits):
+    train, _ = digits
+    model = _tiny(getkey(), layer_dropout=0.1)
+    config = training.TrainConfig(mixup_alpha=0.8, cutmix_alpha=1.0, crop_padding=1, label_smoothing=0.1)
+    optim, _ = training.build_optimizer(config, 10)
+    state = optim.init(eqx.filter(model, eqx.is_array))
+    pure = training.make_train_step(optim, config.step_config(10), jit=False)
+    counted = eqx.debug.assert_max_traces(pure, max_traces=2)
+    step = eqx.filter_jit(counted, donate="all")  # exactly how make_train_step jits it
+    losses = []
+    for _ in range(3):
+        old_leaf = model.pos_embed
+        model, state, metrics = step(model, state, _batch(train, 16), getkey())
+        losses.append(float(metrics["loss"]))
+        assert old_leaf.is_deleted(), "the model's buffers should be donated to the step"
+    assert eqx.debug.get_num_traces(counted) == 1  # three steps, one compilation
+    model, state, _ = step(model, state, _batch(train, 8), getkey())  # a new batch size: one more
+    assert eqx.debug.get_num_traces(counted) == 2
+    with pytest.raises(RuntimeError):
+        step(model, state, _batch(train, 4), getkey())  # a third shape exceeds max_traces
+    assert all(np.isfinite(losses))
+
+
+def test_train_step_refuses_non_finite_updates(getkey, digits):
+    train, _ = digits
+    model = _tiny(getkey())
+    optim = training.make_optimizer(1e-3)
+    state = optim.init(eqx.filter(model, eqx.is_array))
+    step = training.make_train_step(optim, training.StepConfig(num_classes=10))
+    images = np.asarray(train.images[:8], np.float32) / 255
+    images[3, 0, 2, 2] = np.nan
+    before = jax.tree.map(lambda x: np.asarray(x) if eqx.is_array(x) else x, (model, state))
+    model, state, metrics = step(model, state, (jnp.asarray(images), jnp.asarray(train.labels[:8])), getkey())
+    assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
+    _assert_trees_identical(model, before[0])
+    _assert_trees_identical(state, before[1])
+
+
+def test_eval_step_runs_in_inference_mode_and_evaluate_counts_right(getkey, digits):
+    _, test = digits
+    model = _tiny(getkey(), dropout=0.5, layer_dropout=0.5)
+    step = training.make_eval_step()
+    images, labels = _batch(test, 16)
+    first = step(model, (images, labels))["logits"]
+    second = step(model, (images, labels))["logits"]
+    reference = jax.vmap(eqx.nn.inference_mode(model))(images.astype(jnp.float32) / 255)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+    np.testing.assert_allclose(np.asarray(first), np.asarray(reference), rtol=1e-5, atol=1e-6)
+
+    result = training.evaluate(model, test, batch_size=10)  # 64 = 6 full batches + a padded one
+    logits = np.asarray(jax.vmap(eqx.nn.inference_mode(model))(jnp.asarray(test.images, jnp.float32) / 255))
+    predicted = logits.argmax(-1)
+    assert result.num_examples == 64 and result.confusion.sum() == 64
+    assert result.top1 == pytest.approx(np.mean(predicted == test.labels))
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    assert result.top5 == pytest.approx(np.mean((top5 == test.labels[:, None]).any(-1)))
+    np.testing.assert_array_equal(np.diag(result.confusion).sum(), (predicted == test.labels).sum())
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_round_trip_keep_the_newest_and_survive_damage(tmp_path, getkey, monkeypatch):
+    model = _tiny(getkey())
+    optim = training.make_optimizer(1e-3, ema_decay=0.9)
+    state = optim.init(eqx.filter(model, eqx.is_array))
+    key = jr.key(42)
+    for step in (1, 2, 3, 4):
+        training.save_checkpoint(
+            tmp_path,
+            model=model,
+            opt_state=state,
+            key=key,
+            step=step,
+            epoch=step // 2,
+            batch_index=step % 2,
+            shuffle_seed=7,
+            keep=2,
+        )
+    assert [i.step for i in training.list_checkpoints(tmp_path)] == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-00000003.eqx",
+        "step-00000003.json",
+        "step-00000004.eqx",
+        "step-00000004.json",
+    ]
+    template = _tiny(getkey())
+    restored, restored_state, restored_key, loaded = training.load_checkpoint(
+        tmp_path, model=template, opt_state=optim.init(eqx.filter(template, eqx.is_array))
+    )
+    _assert_trees_identical(restored, model)
+    _assert_trees_identical(restored_state, state)
+    np.testing.assert_array_equal(jr.key_data(restored_key), jr.key_data(key))
+    assert (loaded.step, loaded.epoch, loaded.batch_index, loaded.shuffle_seed) == (4, 2, 0, 7)
+
+    # A crash between the data file and its description (simulated: the description's write fails)
+    # leaves the good checkpoints alone, even with keep=1.
+    from cait_eqx.training import _checkpoint
+
+    real_write = _checkpoint.atomic_write_bytes
+
+    def crash_on_description(path, blob):
+        if str(path).endswith(".json"):
+            raise OSError("disk full")
+        return real_write(path, blob)
+
+    monkeypatch.setattr(_checkpoint, "atomic_write_bytes", crash_on_description)
+    with pytest.raises(OSError, match="disk full"):
+        training.save_checkpoint(
+            tmp_path,
+            model=model,
+            opt_state=state,
+            key=key,
+            step=5,
+            epoch=2,
+            batch_index=1,
+            shuffle_seed=7,
+            keep=1,
+        )
+    monkeypatch.undo()
+    assert (tmp_path / "step-00000005.eqx").is_file()  # an orphan data file, not a checkpoint
+    assert [i.step for i in training.list_checkpoints(tmp_path)] == [3, 4]
+
+    # A damaged newest checkpoint is skipped, loudly, for the older intact one.
+    newest = tmp_path / "step-00000004.eqx"
+    blob = bytearray(newest.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    newest.write_bytes(bytes(blob))
+    with pytest.warns(training.CheckpointWarning, match="step-00000004.eqx is damaged"):
+        _, _, _, fallback = training.load_checkpoint(tmp_path, model=template, opt_state=state)
+    assert fallback.step == 3
+    # The next good save with keep=1 clears the older checkpoints and the orphan.
+    training.save_checkpoint(
+        tmp_path,
+        model=model,
+        opt_state=state,
+        key=key,
+        step=6,
+        epoch=3,
+        batch_index=0,
+        shuffle_seed=7,
+        keep=1,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000006.eqx", "step-00000006.json"]
+    with pytest.raises(training.CheckpointError, match="does not fit"):
+        bigger = _tiny(getkey(), dim=32)
+        training.load_checkpoint(
+            tmp_path / "step-00000006.json",
+            model=bigger,
+            opt_state=optim.init(eqx.filter(bigger, eqx.is_array)),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ fit loop
+
+
+def _config(**overrides):
+    values = dict(
+        epochs=2,
+        batch_size=32,
+        lr=2e-3,
+        warmup_epochs=0.5,
+        crop_padding=1,
+        mixup_alpha=0.5,
+        cutmix_alpha=1.0,
+        label_smoothing=0.1,
+        ema_decay=0.9,
+        log_every=2,
+        keep_checkpoints=2,
+        eval_batch_size=64,
+    )
+    values.update(overrides)
+    return training.TrainConfig(**values)
+
+
+def test_resume_after_interruption_is_bit_exact(tmp_path, getkey, digits):
+    train, test = digits
+    model = _tiny(jr.key(0), layer_dropout=0.2, dropout=0.1)
+    config = _config()  # 5 steps per epoch, 10 in all; mixup, cutmix, crops, stochastic depth, dropout, EMA
+    full = training.fit(model, train, test, config, key=jr.key(1), run_dir=tmp_path / "full", progress=False)
+    assert full.status == "completed" and full.step == 10
+
+    # Stop after 3 steps (mid-epoch: data position epoch 0, batch 3), then resume to the end.
+    part = training.fit(
+        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "cut", max_steps=3, progress=False
+    )
+    assert part.status == "max_steps" and part.checkpoint.step == 3
+    assert (part.checkpoint.epoch, part.checkpoint.batch_index) == (0, 3)
+    resumed = training.fit(
+        model, train, test, config, key=jr.key(99), run_dir=tmp_path / "cut", resume=True, progress=False
+    )  # the key comes from the checkpoint
+    assert resumed.status == "completed" and resumed.step == 10
+    _assert_trees_identical(resumed.model, full.model)
+    _assert_trees_identical(resumed.opt_state, full.opt_state)
+    assert resumed.test.top1 == full.test.top1
+
+    # Interrupted by SIGINT at step 7 (epoch 1, batch 2): a checkpoint, a clean return, then an exact resume.
+    def interrupt(step, metrics):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = training.fit(
+        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "sig", on_step=interrupt, progress=False
+    )
+    assert stopped.status == "interrupted" and stopped.checkpoint.step == stopped.step
+    assert 7 <= stopped.step < 10
+    again = training.fit(
+        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "sig", resume=True, progress=False
+    )
+    _assert_trees_identical(again.model, full.model)
+
+    def metrics(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    strip = lambda records: [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]  # noqa: E731
+    assert strip(metrics("cut")) == strip(metrics("full")) == strip(metrics("sig"))
+    first = metrics("full")[0]
+    assert set(first) == {"step", "epoch", "split", "loss", "accuracy", "lr", "images_per_s"}
+    assert {r["split"] for r in metrics("full")} == {"train", "test"}
+    assert set(next(r for r in metrics("full") if r["split"] == "test")) == {
+        "step",
+        "epoch",
+        "split",
+        "loss",
+        "accuracy",
+    }
+    # Resuming with different settings is refused rather than silently inexact.
+    with pytest.raises(training.CheckpointError, match="lr"):
+        training.fit(
+            model,
+            train,
+            test,
+            _config(lr=1e-3),
+            key=jr.key(1),
+            run_dir=tmp_path / "cut",
+            resume=True,
+            progress=False,
+        )
+
+
+def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, getkey, digits):
+    train, _ = digits
+    images = train.images.astype(np.float32) / 255
+    config = _config(mixup_alpha=0.0, cutmix_alpha=0.0, ema_decay=None, checkpoint_every=1)
+    loader = data.BatchLoader(train, config.batch_size, seed=config.seed)
+    poisoned_step = 3  # epoch 0, batch 2: poison one of its images (it comes back once in epoch 1)
+    images[loader.order(0)[2 * config.batch_size + 5], 0, 3, 3] = np.nan
+    bad = data.Dataset(images, train.labels, train.class_names, "poisoned")
+    model = _tiny(getkey())
+    with pytest.raises(training.NonFiniteLossError, match=f"at step {poisoned_step}") as caught:
+        training.fit(model, bad, None, config, key=jr.key(0), run_dir=tmp_path, progress=False)
+    assert caught.value.step == poisoned_step
+    steps = [i.step for i in training.list_checkpoints(tmp_path / "checkpoints")]
+    assert (
+        steps and max(steps) < poisoned_step
+    )  # nothing written after the bad step; the last good one intact
+    skipped = training.fit(
+        model, bad, None, dataclasses_replace(config, on_nonfinite="skip"), key=jr.key(0), progress=False
+    )
+    assert skipped.status == "completed" and skipped.skipped_steps == 2
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in _leaves(skipped.model))
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="`epochs` must be an int >= 1"):
+        training.TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match=r"`label_smoothing` must be in \[0.0, 1.0\)"):
+        training.TrainConfig(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        training.TrainConfig(on_nonfinite="ignore")
