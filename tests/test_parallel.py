@@ -42,7 +42,7 @@ from _parallel_worker import (
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cait_eqx import parallel
+from cait_eqx import cli, parallel
 from cait_eqx.data import BatchLoader
 from cait_eqx.training import fit, list_checkpoints, load_checkpoint, save_checkpoint
 
@@ -355,3 +355,31 @@ def test_initialize_distributed_settings(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES must be an integer, got 'two'"):
         parallel.initialize_distributed()
+
+
+@pytest.mark.parametrize(
+    "mesh,message",
+    [
+        ("data=3", "--mesh data=3: The global batch of 32 does not split evenly over the mesh"),
+        ("data=16", "--mesh data=16: The mesh data=16, fsdp=1 needs 16 devices but only 8 cpu devices"),
+        ("data=2,tp=2", "Bad mesh entry 'tp=2'"),
+    ],
+)
+def test_cli_refuses_a_bad_mesh_before_compiling(mesh, message, tmp_path, capsys):
+    # --quick trains with a global batch of 32.
+    with _no_compilation(), pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--quick", "--no-progress", "--mesh", mesh, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_trains_on_a_mesh(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = ["--quick", "--no-progress", "--mesh", "data=2,fsdp=2", "--max-steps", "2", "--log-every", "1"]
+    assert cli.main(["train", *flags, "--out", str(run_dir)]) == 0
+    assert "on mesh data=2 × fsdp=2 (4 cpu devices, 1 process)" in capsys.readouterr().err
+    assert [c.step for c in list_checkpoints(run_dir / "checkpoints")] == [2]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records and records[-1]["step"] == 2 and np.isfinite(records[-1]["loss"])

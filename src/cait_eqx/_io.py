@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -115,7 +116,11 @@ def _read_torch(path: Path) -> dict[str, Any]:
         if handle.read(4) == b"PK\x03\x04":  # PyTorch's zip format (the legacy pickle format has no checksums)
             _check_zip_records(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A pickle protocol other than torch's default only earns a warning; the weights-only unpickler
+            # below still refuses anything that is not tensors, so the warning adds nothing for the user.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise WeightsError(
             f"{path} holds Python objects besides tensors, and cait_eqx only unpickles checkpoints with "

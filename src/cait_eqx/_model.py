@@ -68,7 +68,10 @@ class CaiTConfig:
 def _dtype_name(dtype) -> str:
     if dtype is None:
         return "float32"
-    name = jnp.dtype(dtype).name
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
     if name not in _DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)} (a floating dtype), got {dtype!r}.")
     return name
@@ -153,9 +156,13 @@ def resolve_config(
         check_rate(name, rate)
     if init_values is None:
         init_values = default_init_values(depth)
-    if isinstance(init_values, bool) or not isinstance(init_values, (int, float)) or not init_values > 0:
+    if (
+        isinstance(init_values, bool)
+        or not isinstance(init_values, (int, float))
+        or not 0 < init_values < float("inf")
+    ):
         raise ValueError(
-            f"`init_values` (the LayerScale initialisation) must be a positive float, got {init_values!r}. "
+            f"`init_values` (the LayerScale initialisation) must be a positive, finite float, got {init_values!r}. "
             f"Leave it as None for the paper's rule (0.1 / 1e-5 / 1e-6 by depth)."
         )
     for name, flag in (("talking_heads", talking_heads), ("qkv_bias", qkv_bias)):

@@ -125,6 +125,16 @@ def _existing_dir(text: str) -> Path:
     return path
 
 
+def _mesh_spec(text: str) -> str:
+    from .parallel import MeshError, parse_mesh_spec
+
+    try:
+        parse_mesh_spec(text)
+    except MeshError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 _POSITIVE = _int_at_least(1)
 _NON_NEGATIVE = _int_at_least(0)
 _RATE = _float_in(0.0, 1.0, high_open=True)
@@ -243,6 +253,28 @@ def _add_train(subparsers) -> None:
         "--on-nonfinite", choices=("stop", "skip"), help="on a NaN/inf loss: stop (default) or skip"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    devices = train.add_argument_group(
+        "devices (data-parallel and parameter-sharded training; several hosts)",
+        "The global --batch-size is split over data x fsdp devices; fsdp also splits the large weights and "
+        "their optimiser state. With several processes (one per host), give each the same flags plus its "
+        "--process-id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); process 0 writes "
+        "the run directory, which must be on a file system all of them read.",
+    )
+    devices.add_argument(
+        "--mesh",
+        type=_mesh_spec,
+        metavar="SPEC",
+        help="device mesh, e.g. data=8 or data=4,fsdp=2 (default: one device; with several processes: all "
+        "devices, data-parallel)",
+    )
+    devices.add_argument(
+        "--coordinator-address", metavar="HOST:PORT", help="process 0's address, reachable by all processes"
+    )
+    devices.add_argument("--num-processes", type=_POSITIVE, metavar="N", help="how many processes take part")
+    devices.add_argument(
+        "--process-id", type=_NON_NEGATIVE, metavar="I", help="this process's number, 0..N-1"
+    )
     train.set_defaults(func=lambda args: _train(args, train))
 
 
@@ -374,8 +406,16 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         print("\n".join(list_models()))
         return 0
+    try:
+        # Before anything else touches JAX's devices.
+        from .parallel import initialize_distributed
+
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as error:
+        parser.error(str(error))
     if args.resume is not None:
-        allowed = {"resume", "no_progress", "max_steps", "list_models", "quick", "func", "command", "flip"}
+        allowed = {"resume", "no_progress", "max_steps", "list_models", "quick", "func", "command", "flip",
+                   "mesh", "coordinator_address", "num_processes", "process_id"}
         clashing = [name for name, value in vars(args).items() if name not in allowed and value is not None]
         if args.quick or args.flip is not None:
             clashing += ["quick"] if args.quick else ["flip"]
@@ -400,10 +440,23 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = _run_config(args, parser)
         kind = config.dataset.partition(":")[0]
         run_dir = args.out or Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if run_dir.exists() and not run_dir.is_dir():
+            parser.error(f"--out {run_dir} is an existing file; give a directory for the run")
         if (run_dir / CONFIG_FILE).exists():
             parser.error(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
             )
+
+    from . import parallel
+
+    try:
+        # A mesh too big for the devices, or a batch that does not split over it, fails here, before any
+        # compilation.
+        mesh = parallel.mesh_from_spec(args.mesh)
+        parallel.check_batch_size(config.train.batch_size, mesh)
+    except parallel.MeshError as error:
+        parser.error(f"--mesh {args.mesh or '(one device)'}: {error} (--batch-size sets the global batch)")
+    primary = parallel.is_primary()
 
     from .data import load_dataset  # noqa: F401 — fail on a missing optional dependency before any output
     from .training import NonFiniteLossError
@@ -423,13 +476,20 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
 
     train_data, test_data = data
+    if config.train.batch_size > len(train_data):
+        parser.error(
+            f"--batch-size {config.train.batch_size} is larger than the training split ({len(train_data)} images "
+            f"of {config.dataset}); use --batch-size {len(train_data)} or less"
+        )
     verb = "resuming" if args.resume is not None else "training"
-    print(
-        f"{verb} CaiT on {config.dataset} ({len(train_data)} train / {len(test_data)} test images, "
-        f"{train_data.image_size[0]}x{train_data.image_size[1]}x{train_data.channels}, "
-        f"{train_data.num_classes} classes) for {config.train.epochs} epochs -> {run_dir}",
-        file=sys.stderr,
-    )
+    if primary:
+        print(
+            f"{verb} CaiT on {config.dataset} ({len(train_data)} train / {len(test_data)} test images, "
+            f"{train_data.image_size[0]}x{train_data.image_size[1]}x{train_data.channels}, "
+            f"{train_data.num_classes} classes) for {config.train.epochs} epochs on mesh "
+            f"{parallel.describe_mesh(mesh)} -> {run_dir}",
+            file=sys.stderr,
+        )
     try:
         summary = train_run(
             config,
@@ -438,11 +498,14 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             progress=not args.no_progress,
             max_steps=args.max_steps,
             data=data,
+            mesh=mesh,
         )
     except NonFiniteLossError as error:
         print(f"cait-eqx train: stopped: {error}", file=sys.stderr)
         return 1
     result = summary.fit
+    if not primary:
+        return 0 if result.status != "interrupted" else 130
     if result.status == "interrupted":
         print(
             f"interrupted at step {result.step}/{result.total_steps}; checkpoint saved in "

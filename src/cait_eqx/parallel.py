@@ -211,14 +211,12 @@ def mesh_from_spec(spec: str | None, *, devices: Sequence[Any] | None = None) ->
 
 
 def describe_mesh(mesh: Mesh) -> str:
-    """A one-line description, e.g. `"data=4 × fsdp=2 on 8 cpu devices, 1 process"`."""
-    devices = mesh.devices.flat
-    platform = next(iter(devices)).platform
+    """A one-line description, e.g. `"data=4 × fsdp=2 (8 cpu devices, 1 process)"`."""
+    platform = mesh.devices.flat[0].platform
     processes = len({d.process_index for d in mesh.devices.flat})
     axes = " × ".join(f"{name}={size}" for name, size in mesh.shape.items())
-    return f"{axes} on {mesh.size} {platform} device{'s' if mesh.size != 1 else ''}, {processes} process" + (
-        "es" if processes != 1 else ""
-    )
+    devices = f"{mesh.size} {platform} device{'s' if mesh.size != 1 else ''}"
+    return f"{axes} ({devices}, {processes} process{'es' if processes != 1 else ''})"
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

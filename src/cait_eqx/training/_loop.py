@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import signal
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
 from .._atomic import atomic_write_bytes
@@ -30,9 +32,11 @@ from ..data._datasets import Dataset
 from ..data._loader import BatchLoader, prefetch
 from ._checkpoint import CheckpointError, CheckpointInfo, list_checkpoints, load_checkpoint, save_checkpoint
 from ._optim import ema_model, make_optimizer, warmup_cosine_schedule
-from ._steps import EvalResult, StepConfig, evaluate, make_train_step, shared_eval_step
+from ._steps import EvalResult, StepConfig, evaluate, make_train_step
 
 __all__ = ["FitResult", "NonFiniteLossError", "TrainConfig", "build_optimizer", "fit"]
+
+logger = logging.getLogger("cait_eqx")
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -193,12 +197,17 @@ def build_optimizer(
 
 
 @functools.lru_cache(maxsize=4)
-def _recipe(config: TrainConfig, steps_per_epoch: int, num_classes: int):
-    """Optimiser, schedule, pure step and jitted step for a config, shared by `fit` calls with the same recipe
-    (so that, e.g., a resumed run in the same process does not compile again)."""
+def _recipe(config: TrainConfig, steps_per_epoch: int, num_classes: int, mesh: Mesh):
+    """Optimiser, schedule, pure step, and the train and eval steps compiled for `mesh`, shared by `fit`
+    calls with the same recipe and mesh (so that, e.g., a resumed run in the same process does not compile
+    again)."""
+    from .. import parallel  # imported here: `parallel` builds on this package's steps
+
     optim, schedule = build_optimizer(config, steps_per_epoch)
     pure_step = make_train_step(optim, config.step_config(num_classes), jit=False)
-    return optim, schedule, pure_step, eqx.filter_jit(pure_step, donate="all")
+    train_step = parallel.shard_train_step(pure_step, mesh)
+    eval_step = parallel.make_sharded_eval_step(mesh, config.normalize)
+    return optim, schedule, pure_step, train_step, eval_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -331,6 +340,7 @@ def fit(
     compile_step: Callable[[Callable], Callable] | None = None,
     put: Callable[[Any], Any] | None = None,
     handle_signals: bool = True,
+    mesh: Mesh | None = None,
 ) -> FitResult:
     """Train `model` on `train_data` with the recipe of `config`, evaluating, checkpointing and resuming.
 
@@ -352,18 +362,31 @@ def fit(
     - `progress`: show a tqdm progress bar on stderr.
     - `on_step`: called as `on_step(step, metrics)` with each step's host-side metrics.
     - `compile_step`: turns the pure training step into the one to run; default
-        `eqx.filter_jit(step, donate="all")`. (For sharded training: jit with shardings here.)
+        `cait_eqx.parallel.shard_train_step(step, mesh)` (one `eqx.filter_jit`, buffers donated).
     - `put`: places each `(images, labels)` batch on the device(s), in the prefetch thread; default
-        `jax.device_put`.
+        `cait_eqx.parallel.shard_batch` (split over the mesh's `data × fsdp` devices).
     - `handle_signals`: catch SIGINT/SIGTERM to checkpoint and return `status="interrupted"`.
+    - `mesh`: the `jax.sharding.Mesh` to train on (`cait_eqx.parallel.make_mesh`); `None`: one device
+        (with several processes: every device, data-parallel). The model and optimiser state are placed
+        by `cait_eqx.parallel.shard_state` (replicated, large arrays split along `fsdp`); `config.batch_size`
+        is the global batch and must split evenly over `data × fsdp`. With several processes each loads
+        only its rows of every batch, and process 0 alone writes `run_dir` (a directory all processes
+        read when resuming). Checkpoints hold whole arrays, so a run resumes on a mesh of any shape.
 
     **Returns:** a `FitResult`.
 
     **Raises:** `NonFiniteLossError` (naming the step) when a loss or gradient is not finite and
     `config.on_nonfinite == "stop"`; the update of that step is not applied and no checkpoint is written.
     """
+    from .. import parallel
+
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"`max_steps` must be >= 0, got {max_steps}.")
+    if mesh is None:
+        mesh = parallel.mesh_from_spec(None)
+    parallel.check_batch_size(config.batch_size, mesh)  # before anything is compiled
+    primary = parallel.is_primary()
+    several_processes = jax.process_count() > 1
     run_path = None if run_dir is None else Path(run_dir)
     if resume and run_path is None:
         raise ValueError("`resume=True` needs the `run_dir` that holds the checkpoints.")
@@ -376,7 +399,7 @@ def fit(
     loader = BatchLoader(train_data, config.batch_size, seed=config.seed)
     steps_per_epoch = loader.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
-    optim, schedule, pure_step, jitted_step = _recipe(config, steps_per_epoch, num_classes)
+    optim, schedule, pure_step, sharded_step, eval_step = _recipe(config, steps_per_epoch, num_classes, mesh)
     opt_state = optim.init(eqx.filter(model, eqx.is_array))
     # Training mode (a model from `cait_eqx.load` comes in inference mode), and fresh buffers, so that
     # donating the model to the first step never invalidates the caller's arrays.
@@ -395,22 +418,27 @@ def fit(
         model, opt_state, key, checkpoint = load_checkpoint(checkpoint_dir, model=model, opt_state=opt_state)
         _check_resume(checkpoint, config)
         step, epoch, index = checkpoint.step, checkpoint.epoch, checkpoint.batch_index
-    if run_path is not None:
+    # Replicated, or split along `fsdp`; a checkpoint saved on another mesh lands on this one here.
+    model, opt_state = parallel.shard_state((model, opt_state), mesh)
+    if run_path is not None and primary:
         run_path.mkdir(parents=True, exist_ok=True)
-    log = _MetricsLog(run_path, step if resume else None)
+    log = _MetricsLog(run_path if primary else None, step if resume else None)
 
-    train_step = jitted_step if compile_step is None else compile_step(pure_step)
-    eval_step = shared_eval_step(config.normalize)
+    train_step = sharded_step if compile_step is None else compile_step(pure_step)
     if put is None:
-        put = jax.device_put
+        put = functools.partial(parallel.shard_batch, mesh=mesh, local=several_processes)
 
     def save(epoch_: int, index_: int) -> CheckpointInfo | None:
         if checkpoint_dir is None:
             return None
+        # Whole arrays on the host; with several processes a collective that all of them join.
+        state = parallel.to_host((model, opt_state)) if several_processes else (model, opt_state)
+        if not primary:
+            return None
         return save_checkpoint(
             checkpoint_dir,
-            model=model,
-            opt_state=opt_state,
+            model=state[0],
+            opt_state=state[1],
             key=key,
             step=step,
             epoch=epoch_,
@@ -437,7 +465,7 @@ def fit(
         )
 
     bar = None
-    if progress:
+    if progress and primary:
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -478,8 +506,11 @@ def fit(
                     done_step,
                 )
             skipped += 1
+            message = f"step {done_step}: non-finite loss or gradient, update skipped"
             if bar is not None:
-                bar.write(f"step {done_step}: non-finite loss or gradient, update skipped")
+                bar.write(message)
+            else:  # no progress bar to write under (--no-progress): the step is still named
+                logger.warning("cait_eqx: %s", message)
         else:
             window["loss"] += host["loss"]
             window["accuracy"] += host["accuracy"]
@@ -536,8 +567,14 @@ def fit(
     try:
         with _StopSignals(handle_signals) as signals:
             if step < stop_at:
+                # With several processes, each loads only its rows of every global batch.
+                source = (
+                    parallel.process_local_batches(loader, mesh, epoch, index, stop_epoch=config.epochs)
+                    if several_processes
+                    else loader.batches(epoch, index, stop_epoch=config.epochs)
+                )
                 batches = prefetch(
-                    loader.batches(epoch, index, stop_epoch=config.epochs),
+                    source,
                     size=2,
                     put=lambda b: (b.epoch, b.index, put((b.images, b.labels))),
                 )

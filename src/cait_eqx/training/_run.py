@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.random as jr
+from jax.sharding import Mesh
 
 from .._atomic import atomic_write_bytes
 from .._model import CaiT
@@ -209,6 +210,7 @@ def train_run(
     progress: bool = True,
     max_steps: int | None = None,
     data: tuple[Dataset, Dataset] | None = None,
+    mesh: Mesh | None = None,
 ) -> RunSummary:
     """Train as `config` says and fill `run_dir` with the run's record.
 
@@ -226,6 +228,8 @@ def train_run(
     - `max_steps`: stop after this many steps in total (with a checkpoint). (Keyword only argument.)
     - `data`: `(train, test)` to use instead of loading `config.dataset` (already split). (Keyword only
         argument.)
+    - `mesh`: the device mesh to train on (see `fit`); `None`: one device. With several processes, process
+        0 alone writes the run directory. (Keyword only argument.)
 
     **Returns:** a `RunSummary`.
     """
@@ -243,9 +247,11 @@ def train_run(
     )
     record["num_params"] = model.num_params
     record["versions"] = _versions()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume or not (run_dir / CONFIG_FILE).is_file():
-        _write_json(run_dir / CONFIG_FILE, record)
+    primary = jax.process_index() == 0
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume or not (run_dir / CONFIG_FILE).is_file():
+            _write_json(run_dir / CONFIG_FILE, record)
     result = fit(
         model,
         train_data,
@@ -256,27 +262,39 @@ def train_run(
         resume=resume,
         max_steps=max_steps,
         progress=progress,
+        mesh=mesh,
     )
     model_path = curves_path = None
     if result.status == "completed":
         from .._io import save
+        from ..parallel import to_host
 
-        model_path = save(run_dir / MODEL_FILE, result.model)
-        if result.ema is not None:
-            save(run_dir / EMA_MODEL_FILE, result.ema)
-    if (run_dir / "metrics.jsonl").is_file():
+        # Whole arrays on the host (with several processes, a collective every process joins).
+        final, ema = (result.model, result.ema)
+        if jax.process_count() > 1:
+            final, ema = to_host((final, ema))
+        if primary:
+            model_path = save(run_dir / MODEL_FILE, final)
+            if ema is not None:
+                save(run_dir / EMA_MODEL_FILE, ema)
+    if primary and (run_dir / "metrics.jsonl").is_file():
         from ..viz import plot_training_curves
 
         curves_path = plot_training_curves(run_dir)
     summary = RunSummary(run_dir, result, time.perf_counter() - started, model_path, curves_path)
-    if result.status == "completed":
+    if result.status == "completed" and primary:
         _write_json(run_dir / SUMMARY_FILE, summary.as_dict())
     return summary
 
 
 def resume_run(
-    run_dir: str | os.PathLike, *, progress: bool = True, max_steps: int | None = None
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    max_steps: int | None = None,
+    mesh: Mesh | None = None,
 ) -> RunSummary:
-    """Continue the run in `run_dir` from its newest checkpoint, with its own `config.json`."""
+    """Continue the run in `run_dir` from its newest checkpoint, with its own `config.json`, on `mesh` (any
+    shape: the checkpoint holds whole arrays)."""
     config = load_run_config(run_dir)
-    return train_run(config, run_dir, resume=True, progress=progress, max_steps=max_steps)
+    return train_run(config, run_dir, resume=True, progress=progress, max_steps=max_steps, mesh=mesh)

@@ -119,7 +119,8 @@ def make_train_step(
         updates, new_opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         new_model = eqx.apply_updates(model, updates)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # An update can overflow even when the gradient is finite (a huge learning rate): refuse it too.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         new_model, new_opt_state = _select(finite, (new_model, new_opt_state), (model, opt_state))
         accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}

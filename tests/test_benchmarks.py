@@ -1,0 +1,144 @@
+"""The benchmark script (`benchmarks/bench.py`) in its quick CI mode: it must run end to end, and its JSON and
+markdown table must hold every measurement with sane values.
+
+This is not a timed test: nothing here asserts that one library is faster. It catches a benchmark that silently
+drops a contender or a row, compares different weights, counts FLOPs wrongly, or prints a table that does not
+match its own JSON.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+import bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """Run `bench.py --quick --json PATH` once in a fresh process; give (stdout, parsed JSON, JSON path)."""
+    path = tmp_path_factory.mktemp("bench") / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=dict(os.environ),
+    )
+    assert proc.returncode == 0, f"bench.py --quick failed:\n{proc.stderr[-4000:]}"
+    return proc.stdout, json.loads(path.read_text()), path
+
+
+def _finite_positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_every_throughput_row_is_present_and_sane(quick):
+    _, results, _ = quick
+    tiny = bench.BENCHES["tiny"]
+    expected = {("inference", b, c) for b in tiny.infer_batches for c in ("cait_eqx", "timm")}
+    expected |= {("train", tiny.train_batch, c) for c in ("cait_eqx", "timm")}
+    rows = results["throughput"]
+    got = {(r["workload"], r["batch"], r["contender"]) for r in rows}
+    assert got == expected, f"missing {expected - got}, unexpected {got - expected}"
+    for r in rows:
+        assert _finite_positive(r["images_per_s"]), r
+        # images/s is batch / median seconds per step, not some other statistic.
+        assert r["images_per_s"] * r["median_step_s"] == pytest.approx(r["batch"], rel=1e-9)
+        assert r["median_step_s"] in r["step_s"] or len(r["step_s"]) % 2 == 0
+        # Above 2× the measured matmul ceiling the FLOP count or the ceiling would be wrong.
+        assert 0 < r["fraction_of_ceiling"] < 2, r
+
+
+def test_ratios_are_finite_and_match_the_rows(quick):
+    _, results, _ = quick
+    ratios = bench.ratio_rows(results)
+    assert len(ratios) == 3
+    by_key = {(r["workload"], r["batch"], r["contender"]): r["images_per_s"] for r in results["throughput"]}
+    for row in ratios:
+        assert _finite_positive(row["ratio_vs_timm"]), row
+        eqx_ips = by_key[(row["workload"], row["batch"], "cait_eqx")]
+        timm_ips = by_key[(row["workload"], row["batch"], "timm")]
+        assert row["ratio_vs_timm"] == pytest.approx(eqx_ips / timm_ips)
+        assert row["ratio_vs_timm_compile"] is None  # no --compile in quick mode
+
+
+def test_flop_count_is_the_analytic_matmul_count(quick):
+    import jax.random as jr
+
+    import cait_eqx
+
+    _, results, _ = quick
+    tiny = bench.BENCHES["tiny"]
+    cfg = cait_eqx.CaiT(**tiny.eqx_kwargs(), key=jr.key(0)).config
+    fwd = bench.forward_flops(cfg) / 1e9
+    for r in results["throughput"]:
+        assert r["gflop_per_image"] == pytest.approx(fwd * (3 if r["workload"] == "train" else 1))
+
+
+def test_flop_count_agrees_with_xla_cost_analysis():
+    """The hand count of matmul FLOPs must match what XLA counts for the compiled forward's dots."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    import cait_eqx
+
+    tiny = bench.BENCHES["tiny"]
+    model = eqx.nn.inference_mode(cait_eqx.CaiT(**tiny.eqx_kwargs(), key=jr.key(0)))
+    params, static = eqx.partition(model, eqx.is_array)
+    x = jnp.zeros((1, 3, tiny.image_size, tiny.image_size), jnp.float32)
+    compiled = jax.jit(lambda p, x: jax.vmap(eqx.combine(p, static))(x)).lower(params, x).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla = cost["flops"]
+    ours = bench.forward_flops(model.config)
+    # XLA also counts elementwise work (softmax, LayerNorm, GELU, adds), so it is above the matmul-only
+    # count, but a forgotten or doubled matmul would move the ratio far outside this band.
+    assert ours <= xla <= 1.35 * ours, (ours, xla)
+
+
+def test_parity_compile_and_memory_sections(quick):
+    _, results, _ = quick
+    (parity,) = results["parity"]
+    assert parity["max_rel_diff"] <= bench.PARITY_TOLERANCE
+    compile_rows = {(c["structure"], c["workload"]): c for c in results["compile"]}
+    assert set(compile_rows) == {(s, w) for s in ("tiny", "tiny_deep") for w in ("forward", "train")}
+    for c in compile_rows.values():
+        assert _finite_positive(c["trace_s"]) and _finite_positive(c["compile_s"]), c
+        assert c["total_s"] == pytest.approx(c["trace_s"] + c["compile_s"])
+    memory = {m["contender"]: m for m in results["memory"]}
+    assert set(memory) == {"cait_eqx", "timm"}
+    for m in memory.values():
+        assert m["rss_setup_mb"] > 50, m  # a Python process with jax or torch loaded is never this small
+        assert m["warmup_peak_mb"] >= m["rss_setup_mb"] * 0.99, m
+        if m["steady_state_peaks"]:
+            for w in ("infer", "train"):
+                assert m[f"{w}_peak_mb"] >= m[f"{w}_base_mb"] > 0, m
+
+
+def test_printed_table_is_the_json_rendered(quick):
+    stdout, results, path = quick
+    assert stdout == bench.markdown(results)
+    for row in bench.ratio_rows(results):
+        line = next(
+            (ln for ln in stdout.splitlines() if f"| {row['workload']} | {row['batch']} |" in ln), None
+        )
+        assert line is not None, f"no table line for {row['workload']} batch {row['batch']}"
+        assert f"{row['ratio_vs_timm']:.2f}×" in line
+    # `--table` re-renders saved results without measuring anything.
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--table", str(path)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == stdout
