@@ -85,29 +85,6 @@ def test_flop_count_is_the_analytic_matmul_count(quick):
         assert r["gflop_per_image"] == pytest.approx(fwd * (3 if r["workload"] == "train" else 1))
 
 
-def test_flop_count_agrees_with_xla_cost_analysis():
-    """The hand count of matmul FLOPs must match what XLA counts for the compiled forward's dots."""
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-    import jax.random as jr
-
-    import cait_eqx
-
-    tiny = bench.BENCHES["tiny"]
-    model = eqx.nn.inference_mode(cait_eqx.CaiT(**tiny.eqx_kwargs(), key=jr.key(0)))
-    params, static = eqx.partition(model, eqx.is_array)
-    x = jnp.zeros((1, 3, tiny.image_size, tiny.image_size), jnp.float32)
-    compiled = jax.jit(lambda p, x: jax.vmap(eqx.combine(p, static))(x)).lower(params, x).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    xla = cost["flops"]
-    ours = bench.forward_flops(model.config)
-    # XLA also counts elementwise work (softmax, LayerNorm, GELU, adds), so it is above the matmul-only
-    # count, but a forgotten or doubled matmul would move the ratio far outside this band.
-    assert ours <= xla <= 1.35 * ours, (ours, xla)
-
-
 def test_parity_compile_and_memory_sections(quick):
     _, results, _ = quick
     (parity,) = results["parity"]

@@ -32,7 +32,7 @@ BASE = dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=2, cls_de
         (dict(dim=32.0), r"`dim` must be an int"),
         (dict(image_size=(16,)), r"`image_size` must be an int or a \(height, width\) pair"),
         (dict(image_size=(16, 0)), r"`image_size` sides must be positive ints"),
-        (dict(init_values=0.0), r"`init_values` .* must be a positive float"),
+        (dict(init_values=0.0), r"`init_values` .* must be a positive, finite float"),
         (dict(dim_head=0), r"`dim_head` must be >= 1"),
         (dict(talking_heads=1), r"`talking_heads` must be a bool"),
         (dict(dtype=jnp.int32), r"`dtype` must be one of"),

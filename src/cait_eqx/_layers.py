@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._misc import check_rate, expand_to, split_optional, trunc_normal
@@ -22,7 +23,15 @@ __all__ = [
     "Mlp",
     "TalkingHeadAttention",
     "ClassAttention",
+    "SAVED_FOR_BACKWARD",
 ]
+
+# The intermediate results of a self-attention block that training keeps for the backward pass: the outputs of
+# the products with weight matrices, tagged with `checkpoint_name` below. The SA stage (`_model.py`) recomputes
+# everything else (LayerNorms, the attention maps and softmax, GELU) from them during the backward pass. On
+# XLA's CPU backend that is faster than storing it all: every saved array is stacked over the depth by the scan,
+# and writing and page-faulting those stacks cost more than the elementwise recomputation.
+SAVED_FOR_BACKWARD = ("qkv", "attn_out", "attn_proj", "fc1", "fc2")
 
 
 class Linear(eqx.Module):
@@ -211,9 +220,9 @@ class Mlp(eqx.Module):
         self, x: Float[Array, "*tokens dim"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
     ) -> Float[Array, "*tokens dim"]:
         k1, k2 = split_optional(key, 2)
-        x = jax.nn.gelu(self.fc1(x), approximate=False)
+        x = jax.nn.gelu(checkpoint_name(self.fc1(x), "fc1"), approximate=False)
         x = self.drop(x, key=k1, inference=inference)
-        x = self.fc2(x)
+        x = checkpoint_name(self.fc2(x), "fc2")
         return self.drop(x, key=k2, inference=inference)
 
 
@@ -279,7 +288,7 @@ class TalkingHeadAttention(eqx.Module):
     def attention_weights(self, x: Float[Array, "tokens dim"]) -> tuple[Array, Array]:
         """The attention maps `(heads, tokens, tokens)` after `proj_w` (before dropout), and the values."""
         n = x.shape[0]
-        qkv = self.qkv(x).reshape(n, 3, self.heads, self.dim_head)
+        qkv = checkpoint_name(self.qkv(x), "qkv").reshape(n, 3, self.heads, self.dim_head)
         q, k, v = qkv[:, 0] * jnp.asarray(self.scale, x.dtype), qkv[:, 1], qkv[:, 2]
         logits = jnp.einsum("qhd,khd->hqk", q, k)
         if self.proj_l is not None:
@@ -296,7 +305,9 @@ class TalkingHeadAttention(eqx.Module):
         attn, v = self.attention_weights(x)
         attn = self.attn_drop(attn, key=attn_key, inference=inference)
         out = jnp.einsum("hqk,khd->qhd", attn, v).reshape(x.shape[0], self.heads * self.dim_head)
-        return self.proj_drop(self.proj(out), key=proj_key, inference=inference)
+        out = checkpoint_name(out, "attn_out")
+        out = checkpoint_name(self.proj(out), "attn_proj")
+        return self.proj_drop(out, key=proj_key, inference=inference)
 
 
 class ClassAttention(eqx.Module):

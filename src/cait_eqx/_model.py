@@ -13,7 +13,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray, TypeCheckError
 
 from ._blocks import ClassAttentionBlock, LayerScaleBlock
-from ._layers import DropPath, LayerNorm, Linear, PatchEmbed, default_init_values
+from ._layers import SAVED_FOR_BACKWARD, DropPath, LayerNorm, Linear, PatchEmbed, default_init_values
 from ._misc import check_positive_int, check_rate, trunc_normal
 
 __all__ = ["CaiT", "CaiTConfig"]
@@ -403,6 +403,11 @@ class CaiT(eqx.Module):
             block = eqx.combine(block_params, static)
             return block(x, key=block_key, inference=inference), None
 
+        # Under differentiation keep only the blocks' weight-product outputs and recompute the rest in the
+        # backward pass (see `SAVED_FOR_BACKWARD`); no effect on a forward-only call. `prevent_cse=False` is
+        # safe inside `scan` and leaves XLA free to fuse.
+        policy = jax.checkpoint_policies.save_only_these_names(*SAVED_FOR_BACKWARD)
+        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
         tokens, _ = jax.lax.scan(step, tokens, (params, block_keys))
         return tokens
 
