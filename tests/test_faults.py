@@ -92,6 +92,21 @@ def _wait_for_step(process: subprocess.Popen, run_dir: Path, after: int, target:
     return True
 
 
+# ------------------------------------------------------------------------------ interrupted checkpoint writes
+
+
+def _tiny_state(seed: int):
+    model = cait_eqx.CaiT(8, 4, 3, 8, 1, 1, 2, 8, channels=1, key=jr.key(seed))
+    optim = training.make_optimizer(1e-3)
+    state = optim.init(eqx.filter(model, eqx.is_array))
+    return model, state
+
+
+def _same(a, b) -> bool:
+    leaves = [jax.tree.leaves(eqx.filter(tree, eqx.is_array)) for tree in (a, b)]
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(*leaves, strict=True))
+
+
 def test_a_checkpoint_write_stopped_at_any_instant_leaves_an_intact_checkpoint(tmp_path, monkeypatch):
     """Photograph the directory before and after every rename, fsync and delete of a save with `keep=1`.
 
