@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -82,6 +83,17 @@ def test_resume_of_a_finished_run_adds_nothing(quick_run, tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_stopping_before_the_first_log_line_is_clean(tmp_path, capsys):
+    """`--max-steps` below `--log-every`: a checkpoint, no metrics yet, no curves, and the run continues."""
+    run_dir = tmp_path / "short"
+    assert cli.main(["train", "--quick", "--max-steps", "2", "--no-progress", "--out", str(run_dir)]) == 0
+    assert "stopped after step 2/88" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == "" and not (run_dir / "curves.png").exists()
+    assert cli.main(["train", "--resume", str(run_dir), "--max-steps", "10", "--no-progress"]) == 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10] and (run_dir / "curves.png").is_file()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -119,7 +131,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     """The installed `cait-eqx` script, interrupted mid-run, checkpoints, says how to resume, and resumes."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, CAIT_EQX_TYPECHECK="0")
-    script = shutil.which("cait-eqx") or pytest.fail("the `cait-eqx` entry point is not installed")
+    beside = Path(sys.executable).with_name("cait-eqx")  # the tests' own environment, activated or not
+    script = str(beside) if beside.is_file() else shutil.which("cait-eqx")
+    script = script or pytest.fail("the `cait-eqx` entry point is not installed")
     process = subprocess.Popen(
         [script, "train", "--quick", "--epochs", "200", "--no-progress", "--out", str(run_dir)],
         stdout=subprocess.PIPE,
@@ -157,4 +171,3 @@ def test_help_and_subcommands_exist(capsys):
     out = capsys.readouterr().out
     for command in ("train", "evaluate", "attention", "plot"):
         assert command in out
-    assert sys.modules["cait_eqx.cli"].main is cli.main

@@ -426,7 +426,7 @@ def unfinished_run(tmp_path_factory):
 def test_values_that_only_fail_together_are_usage_errors(tmp_path, unfinished_run, capsys):
     cases = [
         (["train", "--lr", "0.01", "--min-lr", "0.1"], "`min_lr` must be in"),
-        (["train", "--epochs", "2", "--warmup-epochs", "3"], "`warmup_epochs` must be in"),
+        (["train", "--batch-size", "60", "--mesh", "data=8"], "--batch-size sets the global batch"),
         (["train", "--image-size", "10"], "not divisible by `patch_size` 4"),
         (["train", "--model", "cait_xxs24_224", "--image-size", "100"], "not divisible by `patch_size` 16"),
         (["train", "--heads", "3"], "must be divisible by `heads` (3)"),

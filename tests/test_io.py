@@ -12,6 +12,9 @@ import hashlib
 import json
 import os
 import socket
+import struct
+import subprocess
+import sys
 import time
 
 import equinox as eqx
@@ -115,6 +118,44 @@ def test_an_interrupted_save_leaves_the_previous_file(tmp_path, getkey, monkeypa
         cait_eqx.save(tmp_path / "new.safetensors", first)
     assert target.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]  # no partial file, no temporary left behind
+
+
+_SAVE_IN_A_NEW_PROCESS = """
+import sys, jax.random as jr, cait_eqx
+model = cait_eqx.CaiT((8, 12), 4, 3, 16, 2, 2, 2, 16, init_values=0.5, key=jr.key(0))
+for name in sys.argv[1:]:
+    cait_eqx.save(name, model)
+"""
+
+
+def test_the_same_model_saved_in_two_processes_gives_the_same_bytes(tmp_path):
+    """safetensors orders its metadata by a hash seeded at random in each save: `save` must undo that.
+
+    Two fresh processes each save one model three times; all six files are equal byte for byte, and the
+    header is a valid safetensors header: metadata keys sorted, tensor entries in data order and contiguous,
+    data starting at an 8-byte boundary.
+    """
+    paths = [tmp_path / f"{process}-{copy}.safetensors" for process in "ab" for copy in range(3)]
+    env = dict(os.environ, CAIT_EQX_TYPECHECK="0", JAX_PLATFORMS="cpu")
+    for group in (paths[:3], paths[3:]):
+        done = subprocess.run([sys.executable, "-c", _SAVE_IN_A_NEW_PROCESS, *map(str, group)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+    blobs = [path.read_bytes() for path in paths]
+    assert all(blob == blobs[0] for blob in blobs), [hashlib.sha256(b).hexdigest()[:12] for b in blobs]
+    (length,) = struct.unpack("<Q", blobs[0][:8])
+    assert (8 + length) % 8 == 0
+    header = json.loads(blobs[0][8 : 8 + length])
+    assert list(header)[0] == "__metadata__"
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    offsets = [entry["data_offsets"] for name, entry in header.items() if name != "__metadata__"]
+    assert offsets[0][0] == 0 and all(a[1] == b[0] for a, b in zip(offsets, offsets[1:], strict=False))
+    assert offsets[-1][1] == len(blobs[0]) - 8 - length
+    with safetensors.safe_open(str(paths[0]), framework="numpy") as handle:
+        assert json.loads(handle.metadata()["cait_eqx.config"])["init_values"] == 0.5
+    torch_tensors = safetensors.torch.load_file(paths[0])
+    for key, value in cait_eqx.to_timm_state_dict(cait_eqx.load(paths[0])).items():
+        assert np.asarray(value).tobytes() == torch_tensors[key].numpy().tobytes(), key
 
 
 def test_files_that_are_not_ours_are_refused_with_the_reason(tmp_path, getkey):

@@ -478,3 +478,30 @@ def test_train_config_rejects_bad_values():
         training.TrainConfig(label_smoothing=1.0)
     with pytest.raises(ValueError, match="on_nonfinite"):
         training.TrainConfig(on_nonfinite="ignore")
+
+
+def test_train_config_takes_ints_for_floats_and_names_the_field_of_a_wrong_type():
+    """The numeric tower: `lr=1` is `lr=1.0` (under beartype too); a bool or a string is a ValueError."""
+    config = training.TrainConfig(lr=1, min_lr=0, warmup_epochs=0, weight_decay=0, clip_norm=1, ema_decay=0,
+                                  epochs=np.int64(2), mix_prob=np.float32(0.5))
+    assert config == training.TrainConfig(lr=1.0, min_lr=0.0, warmup_epochs=0.0, weight_decay=0.0,
+                                          clip_norm=1.0, ema_decay=0.0, epochs=2, mix_prob=0.5)
+    assert type(config.lr) is float and type(config.mix_prob) is float and type(config.epochs) is int
+    assert json.dumps(config.to_dict()) == json.dumps(training.TrainConfig.from_dict(config.to_dict()).to_dict())
+    bad = [("lr", True), ("lr", "1e-3"), ("warmup_epochs", None), ("clip_norm", "1"), ("ema_decay", False),
+           ("lr", 10**400), ("weight_decay", float("nan")), ("epochs", 2.0), ("seed", "0"), ("flip", 1)]
+    for name, value in bad:
+        with pytest.raises(ValueError, match=f"`{name}` must be") as error:
+            training.TrainConfig(**{name: value})
+        assert repr(value)[:20] in str(error.value), (name, value)
+
+
+def test_a_warm_up_longer_than_the_run_is_cut_to_the_run():
+    """The default 3 warm-up epochs in a 2-epoch run: the rate climbs to `lr` over the whole run."""
+    config = training.TrainConfig(epochs=2, lr=1e-2, min_lr=0.0)
+    assert config.warmup_epochs == 3.0  # kept as given; the schedule cuts it
+    _, schedule = training.build_optimizer(config, steps_per_epoch=10)
+    rates = np.array([float(schedule(step)) for step in range(20)])
+    np.testing.assert_allclose(rates, 1e-2 * np.arange(20) / 20, rtol=1e-6, atol=1e-9)
+    _, exact = training.build_optimizer(dataclasses_replace(config, warmup_epochs=2.0), steps_per_epoch=10)
+    assert [float(exact(step)) for step in range(20)] == rates.tolist()

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import struct
 import warnings
 import zipfile
 import zlib
@@ -247,7 +248,33 @@ def save(path: PathLike, model: CaiT) -> Path:
         _PACKAGE_KEY: __version__,
     }
     contiguous = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
-    return atomic_write_with(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+    return atomic_write_with(path, lambda tmp: _save_sorted(save_file, contiguous, tmp, metadata))
+
+
+def _save_sorted(save_file, tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
+    """`save_file`, then the header's metadata put in sorted order, so that equal models give equal bytes.
+
+    safetensors keeps the metadata in a hash map whose order changes from one save to the next (Rust seeds
+    its hash maps at random). Only the order of the `__metadata__` entries is rewritten: the tensor entries,
+    the padding, the header length and hence the 8-byte aligned data offset stay exactly as safetensors
+    wrote them, and the JSON is re-encoded the way safetensors (serde_json) encodes it, compact and UTF-8.
+    """
+    save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(length)
+        header = json.loads(raw)
+        if "__metadata__" in header:  # first, as safetensors writes it, then the tensors in data order
+            header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) != len(raw.rstrip(b" ")):
+            raise RuntimeError(  # a different JSON encoding would move the data: never write that
+                f"safetensors wrote a header of {len(raw.rstrip(b' '))} bytes that re-encodes to {len(text)} "
+                f"bytes; cannot reorder its metadata in place. Please report this with your safetensors "
+                f"version."
+            )
+        handle.seek(8)
+        handle.write(text.ljust(length))  # the same padding (spaces) up to the same length
 
 
 def load(path: PathLike, **overrides: Any) -> CaiT:

@@ -9,7 +9,10 @@ Heavy imports (JAX) happen inside the commands, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -447,6 +450,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
             )
 
+    args.run_dir = run_dir  # for the hint after a second Ctrl-C (see `main`)
     from . import parallel
 
     try:
@@ -478,8 +482,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     train_data, test_data = data
     if config.train.batch_size > len(train_data):
         parser.error(
-            f"--batch-size {config.train.batch_size} is larger than the training split ({len(train_data)} images "
-            f"of {config.dataset}); use --batch-size {len(train_data)} or less"
+            f"--batch-size {config.train.batch_size} is larger than the training split ({len(train_data)} "
+            f"images of {config.dataset}); use --batch-size {len(train_data)} or less"
         )
     verb = "resuming" if args.resume is not None else "training"
     if primary:
@@ -677,5 +681,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        print("cait-eqx: interrupted", file=sys.stderr)
+        if argv is None:  # the `cait-eqx` program: a third Ctrl-C must not interrupt the way out
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        run_dir = getattr(args, "run_dir", None)
+        hint = ""
+        if run_dir is not None and (Path(run_dir) / "config.json").is_file():
+            hint = f"; continue from its newest checkpoint with: cait-eqx train --resume {run_dir}"
+        elif run_dir is not None:
+            hint = f"; the run had not started (no {Path(run_dir) / 'config.json'} yet): start it again"
+        print(f"cait-eqx: interrupted{hint}", file=sys.stderr)
+        if argv is None:
+            # Leave without interpreter teardown, which can abort in C++ ("terminate called ...") while a
+            # background thread is still inside JAX. Nothing is lost: every file is written atomically
+            # (temporary file, fsync, rename), `metrics.jsonl` is appended unbuffered, one line per write,
+            # and the standard streams are flushed here.
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os._exit(130)
         return 130

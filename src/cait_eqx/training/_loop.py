@@ -8,11 +8,13 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
 import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,12 +65,14 @@ _TRAJECTORY_FIELDS = (
 )
 
 
+@typing.no_type_check  # checked by `__post_init__`: ints where floats go, and clear `ValueError`s
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The training recipe and the loop's bookkeeping. The defaults are `cait-eqx train`'s digits defaults.
 
     Recipe: `epochs`, `batch_size`, peak learning rate `lr` reached after `warmup_epochs` of linear warm-up
-    and cosine-decayed to `min_lr`; AdamW `weight_decay` (masked off biases, norms, LayerScale, `pos_embed`,
+    and cosine-decayed to `min_lr` (a warm-up as long as the run or longer, e.g. the default 3 epochs in a
+    2-epoch run, is cut to the run: the rate then rises to `lr` over the whole run and does not decay); AdamW `weight_decay` (masked off biases, norms, LayerScale, `pos_embed`,
     `cls_token`); `clip_norm` (global-norm gradient clipping, `None` = off); `label_smoothing`; mixup /
     cutmix (`mixup_alpha`, `cutmix_alpha`, `mix_prob`, `switch_prob`; 0 = off); random crop with
     `crop_padding` and left–right `flip`; `ema_decay` (EMA of the weights, `None` = off); input `normalize`
@@ -108,15 +112,25 @@ class TrainConfig:
     def __post_init__(self):
         def positive_int(name, minimum=1):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
                 raise ValueError(f"TrainConfig `{name}` must be an int >= {minimum}, got {value!r}.")
+            object.__setattr__(self, name, int(value))  # e.g. a NumPy integer
 
         def number(name, low, high, *, low_open=False, high_open=False, optional=False):
             value = getattr(self, name)
             if value is None and optional:
                 return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"TrainConfig `{name}` must be a finite number, got {value!r}.")
+            finite = not isinstance(value, bool) and isinstance(value, numbers.Real)
+            if finite:
+                try:
+                    value = float(value)  # the numeric tower: an int (or a NumPy scalar) is a fine float
+                except OverflowError:
+                    finite = False
+            if not finite or not math.isfinite(value):
+                kind = " or None" if optional else ""
+                got = getattr(self, name)
+                raise ValueError(f"TrainConfig `{name}` must be a finite number{kind}, got {got!r}.")
+            object.__setattr__(self, name, value)
             below = value <= low if low_open else value < low
             above = value >= high if high_open else value > high
             if below or above:
@@ -137,7 +151,7 @@ class TrainConfig:
         positive_int("seed", 0)
         number("lr", 0.0, math.inf, low_open=True)
         number("min_lr", 0.0, self.lr)
-        number("warmup_epochs", 0.0, self.epochs)
+        number("warmup_epochs", 0.0, math.inf)  # longer than the run: cut to the run (see above)
         number("weight_decay", 0.0, math.inf)
         number("clip_norm", 0.0, math.inf, low_open=True, optional=True)
         number("label_smoothing", 0.0, 1.0, high_open=True)
@@ -297,13 +311,14 @@ class _MetricsLog:
             # Drop what was logged after the checkpoint we resume from (it will be logged again).
             atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
             self.records = kept
-        self._handle = None if self.path is None else open(self.path, "a")  # noqa: SIM115
+        # Unbuffered: each record is one `write` call, so a process that stops at any instant (even with
+        # `os._exit`, as `cait-eqx` does after a second Ctrl-C) leaves whole lines only.
+        self._handle = None if self.path is None else open(self.path, "ab", buffering=0)  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self._handle is not None:
-            self._handle.write(json.dumps(record) + "\n")
-            self._handle.flush()
+            self._handle.write((json.dumps(record) + "\n").encode())
 
     def close(self) -> None:
         if self._handle is not None:

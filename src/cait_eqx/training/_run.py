@@ -277,7 +277,9 @@ def train_run(
             model_path = save(run_dir / MODEL_FILE, final)
             if ema is not None:
                 save(run_dir / EMA_MODEL_FILE, ema)
-    if primary and (run_dir / "metrics.jsonl").is_file():
+    metrics_file = run_dir / "metrics.jsonl"
+    # Nothing to draw before the first logged step (e.g. `--max-steps` below `--log-every`).
+    if primary and metrics_file.is_file() and metrics_file.read_text().strip():
         from ..viz import plot_training_curves
 
         curves_path = plot_training_curves(run_dir)
