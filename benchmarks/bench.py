@@ -183,6 +183,37 @@ def forward_flops(cfg) -> int:
     return patch + cfg.depth * sa + cfg.cls_depth * ca + head
 
 
+def traced_matmul_flops(jaxpr) -> int:
+    """Matmul FLOPs of a traced program: `2·m·n·k` for every `dot_general` and convolution in a jaxpr.
+
+    Nested programs are walked too (`pjit`, `custom_jvp`/`custom_vjp`, `checkpoint`, ...), a `scan` body counted
+    `length` times. An independent check of `forward_flops`: it counts what the model really computes, not what
+    the formula says it should.
+    """
+    import math
+
+    from jax.extend import core as jcore
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
+        elif name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape  # (out, in, *window) in JAX's default layout
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel[1:])
+        times = eqn.params["length"] if name == "scan" else 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    total += times * traced_matmul_flops(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    total += times * traced_matmul_flops(sub)
+    return total
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, target_s: float) -> dict[str, dict[str, Any]]:
     """Time each zero-argument callable (which must block until its result exists), interleaving them.
 

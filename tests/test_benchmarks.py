@@ -119,3 +119,23 @@ def test_printed_table_is_the_json_rendered(quick):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == stdout
+
+
+@pytest.mark.parametrize("overrides", [{}, {"talking_heads": False, "cls_depth": 1}, {"dim_head": 24, "patch_size": 4}])
+def test_flop_formula_matches_the_traced_program(overrides):
+    """`forward_flops` (the formula behind every FLOP/s figure) equals the matmul FLOPs of the traced forward.
+
+    A formula that forgot the talking-heads mixes, counted the scan's body once, or used `dim` where the
+    attention width `heads · dim_head` belongs would differ.
+    """
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    import cait_eqx
+
+    kwargs = {**bench.BENCHES["tiny"].eqx_kwargs(), **overrides}
+    model = cait_eqx.CaiT(**kwargs, key=jr.key(0))
+    image = jnp.zeros((model.config.channels, *model.config.image_size))
+    traced = bench.traced_matmul_flops(jax.make_jaxpr(model)(image).jaxpr)
+    assert traced == bench.forward_flops(model.config) > 0

@@ -38,7 +38,7 @@ from ._layers import (
     TalkingHeadAttention as TalkingHeadAttention,
     default_init_values as default_init_values,
 )
-from ._model import CaiT as CaiT, CaiTConfig as CaiTConfig
+from ._model import CaiT as CaiT, CaiTConfig as CaiTConfig, with_compute_dtype as with_compute_dtype
 from ._preprocess import (
     IMAGENET_MEAN as IMAGENET_MEAN,
     IMAGENET_STD as IMAGENET_STD,

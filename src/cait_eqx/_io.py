@@ -284,7 +284,9 @@ def load(path: PathLike, **overrides: Any) -> CaiT:
 
     - `path`: the file.
     - `**overrides`: `CaiT` keywords that change the stored configuration, e.g. `layer_dropout=0.1` to
-        fine-tune, or `image_size=384` to resample the positional embedding to a new resolution (bicubic).
+        fine-tune, or `image_size=384` to resample the positional embedding to a new resolution (bicubic),
+        or `compute_dtype=jnp.bfloat16` to compute in bfloat16 with the stored float32 weights (the compute
+        dtype is a run-time choice: `save` does not record it).
 
     **Returns:** the `CaiT`, in inference mode (`eqx.nn.inference_mode(model, False)` to train it).
     """
@@ -302,8 +304,10 @@ def load(path: PathLike, **overrides: Any) -> CaiT:
 def _from_stored(state_dict: Mapping[str, Any], stored: dict[str, Any], overrides: dict[str, Any]) -> CaiT:
     kwargs = {**stored, **overrides}
     if "image_size" in overrides:
+        # `compute_dtype` is a `CaiT` keyword but not part of the configuration.
+        structure = {k: v for k, v in kwargs.items() if k != "compute_dtype"}
         source = _grid(stored["image_size"], stored["patch_size"])
-        target = _grid(resolve_config(**kwargs).image_size, kwargs["patch_size"])
+        target = _grid(resolve_config(**structure).image_size, kwargs["patch_size"])
         if source != target:
             state_dict = _resample_state_dict(state_dict, source, target)
     return _build(state_dict, kwargs)
@@ -353,8 +357,9 @@ def load_timm(path: PathLike, *, name: str | None = None, **overrides: Any) -> C
     - `path`: the checkpoint file.
     - `name`: the variant the file should hold (see `list_models()`); the file is checked against it.
         (Keyword only argument.)
-    - `**overrides`: `CaiT` keywords, e.g. `dtype=jnp.bfloat16`, `layer_dropout=0.1`, or `image_size=384`
-        to load a 224 checkpoint into a 384 model by resampling the positional embedding (bicubic).
+    - `**overrides`: `CaiT` keywords, e.g. `dtype=jnp.bfloat16`, `compute_dtype=jnp.bfloat16` (float32
+        weights, bfloat16 computation), `layer_dropout=0.1`, or `image_size=384` to load a 224 checkpoint
+        into a 384 model by resampling the positional embedding (bicubic).
 
     **Returns:** a `CaiT` in inference mode.
     """

@@ -8,7 +8,7 @@ from typing import Any
 
 from jaxtyping import PRNGKeyArray
 
-from ._model import CaiT
+from ._model import CaiT, _compute_dtype_name, with_compute_dtype
 
 __all__ = ["VARIANTS", "create_model", "list_models", "variant_config"]
 
@@ -64,6 +64,7 @@ def create_model(
     key: PRNGKeyArray | None = None,
     weights: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    compute_dtype: Any = None,
     **overrides: Any,
 ) -> CaiT:
     """Build a named paper variant, with fresh weights or with timm's pretrained ImageNet weights.
@@ -80,6 +81,8 @@ def create_model(
     - `weights`: a local checkpoint file to load instead (timm `model.safetensors` or `.pth`, deit release
         `.pth`, or a `cait_eqx.save` file), checked against the variant. (Keyword only argument.)
     - `cache_dir`: the Hugging Face cache directory for `pretrained=True`. (Keyword only argument.)
+    - `compute_dtype`: the dtype to compute in, e.g. `jnp.bfloat16` for mixed precision with float32
+        weights (see `with_compute_dtype`); `None` computes in the parameter dtype. (Keyword only argument.)
     - `**overrides`: any `CaiT` keyword to change, e.g. `num_classes=10`, `layer_dropout=0.1`,
         `image_size=384`. With pretrained weights, a new `image_size` resamples the positional embedding
         (bicubic) and a new `num_classes` gives a fresh head (`reset_classifier`).
@@ -88,6 +91,7 @@ def create_model(
     (`eqx.nn.inference_mode(model, False)` to fine-tune it).
     """
     config = variant_config(name)
+    _compute_dtype_name(compute_dtype, "float32")  # a bad dtype fails before any download
     if not pretrained and weights is None:
         if key is None:
             raise ValueError(
@@ -95,7 +99,7 @@ def create_model(
                 f"`key=jax.random.key(...)`, or `pretrained=True` (or `weights=path`) for trained weights."
             )
         config.update(overrides)
-        return CaiT(**config, key=key)
+        return CaiT(**config, compute_dtype=compute_dtype, key=key)
     if pretrained and weights is not None:
         raise ValueError(
             "Pass either `pretrained=True` (the Hub's weights) or `weights=path` (a local file), not both."
@@ -115,4 +119,4 @@ def create_model(
                 f"fresh head is initialised, which needs a key: pass `key=jax.random.key(...)`."
             )
         model = reset_classifier(model, num_classes, key=key)
-    return model
+    return with_compute_dtype(model, compute_dtype)

@@ -26,7 +26,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._layers import Linear
-from ._model import _DTYPES, CaiT, CaiTConfig
+from ._model import _DTYPES, CaiT, CaiTConfig, with_compute_dtype
 from ._variants import variant_config
 
 __all__ = [
@@ -446,7 +446,7 @@ def set_input_size(model: CaiT, image_size: int | tuple[int, int]) -> CaiT:
     state_dict["pos_embed"] = np.asarray(
         resample_pos_embed(jnp.asarray(state_dict["pos_embed"][0]), cfg.grid_size, new_cfg.grid_size)
     )[None]
-    new = _build(state_dict, kwargs)
+    new = with_compute_dtype(_build(state_dict, kwargs), model.compute_dtype)  # a run-time choice, kept
     return new if _all_inference(model) else eqx.nn.inference_mode(new, value=False)
 
 

@@ -64,6 +64,7 @@ _TRAIN_FLAGS = {
     "checkpoint_every": "checkpoint_every",
     "keep_checkpoints": "keep_checkpoints",
     "on_nonfinite": "on_nonfinite",
+    "compute_dtype": "compute_dtype",
 }
 _DATA_FLAGS = ("dataset", "image_size", "test_fraction", "split_seed")
 # The native-size default per dataset: digits are upsampled from 8×8 (chosen by experiment, see experiments/).
@@ -230,6 +231,13 @@ def _add_train(subparsers) -> None:
         "--normalize", choices=("none", "imagenet"), help="input normalisation (default none)"
     )
     recipe.add_argument("--seed", type=_NON_NEGATIVE, metavar="N", help="seeds initialisation, order, draws")
+    recipe.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        help="dtype of the computation (default float32). bfloat16: mixed precision for accelerators "
+        "(GPU/TPU): bfloat16 activations and matmuls; float32 weights, gradients, optimiser state, "
+        "LayerNorm statistics, softmaxes and loss. Usually slower on CPUs. Saved in the run's config",
+    )
 
     run = train.add_argument_group("run")
     run.add_argument("--out", type=Path, metavar="DIR", help="run directory (default runs/<dataset>-<time>)")

@@ -62,7 +62,11 @@ _TRAJECTORY_FIELDS = (
     "ema_decay",
     "normalize",
     "seed",
+    "compute_dtype",
 )
+
+# The compute dtypes training offers (float16 would need loss scaling, which the step does not do).
+TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @typing.no_type_check  # checked by `__post_init__`: ints where floats go, and clear `ValueError`s
@@ -76,8 +80,10 @@ class TrainConfig:
     `cls_token`); `clip_norm` (global-norm gradient clipping, `None` = off); `label_smoothing`; mixup /
     cutmix (`mixup_alpha`, `cutmix_alpha`, `mix_prob`, `switch_prob`; 0 = off); random crop with
     `crop_padding` and left–right `flip`; `ema_decay` (EMA of the weights, `None` = off); input `normalize`
-    (`"none"`: pixels in [0, 1], or `"imagenet"`); `seed` (batch order and every random draw).
-    Stochastic depth and dropout are the model's own (`layer_dropout`, `dropout`).
+    (`"none"`: pixels in [0, 1], or `"imagenet"`); `seed` (batch order and every random draw);
+    `compute_dtype` (`None`: the model's own; `"bfloat16"`: mixed precision, the model computes in bfloat16
+    with its float32 weights, gradients and optimiser state, float32 LayerNorm statistics, softmaxes and
+    loss; `"float32"`). Stochastic depth and dropout are the model's own (`layer_dropout`, `dropout`).
 
     Bookkeeping: evaluate every `eval_every` epochs; log training metrics every `log_every` steps;
     checkpoint every `checkpoint_every` steps (0: at the end of each epoch) and always at the end or on an
@@ -108,6 +114,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     on_nonfinite: str = "stop"
     eval_batch_size: int = 500
+    compute_dtype: str | None = None
 
     def __post_init__(self):
         def positive_int(name, minimum=1):
@@ -165,6 +172,11 @@ class TrainConfig:
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(
                 f"TrainConfig `normalize` must be one of {NORMALIZATIONS}, got {self.normalize!r}."
+            )
+        if self.compute_dtype is not None and self.compute_dtype not in TRAIN_COMPUTE_DTYPES:
+            raise ValueError(
+                f"TrainConfig `compute_dtype` must be one of {TRAIN_COMPUTE_DTYPES} or None (the model's "
+                f"own), got {self.compute_dtype!r}. (float16 would need loss scaling, which training lacks.)"
             )
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(
@@ -366,7 +378,9 @@ def fit(
     **Arguments:**
 
     - `model`: the model to train (e.g. a `CaiT`), switched to training mode; its `layer_dropout` gives
-        stochastic depth. Its arrays are copied, so the caller's model stays usable.
+        stochastic depth. Its arrays are copied, so the caller's model stays usable. With
+        `config.compute_dtype` set it must be a `CaiT`, which then computes in that dtype
+        (`cait_eqx.with_compute_dtype`).
     - `train_data`, `test_data`: `Dataset`s; `test_data` may be `None`.
     - `config`: a `TrainConfig`.
     - `key`: the run's `jax.random.key`. (Keyword only argument, like all that follow.)
@@ -415,6 +429,16 @@ def fit(
     steps_per_epoch = loader.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     optim, schedule, pure_step, sharded_step, eval_step = _recipe(config, steps_per_epoch, num_classes, mesh)
+    # Before the optimiser state, which holds the model's structure (its static fields too).
+    if config.compute_dtype is not None:
+        from .._model import CaiT, with_compute_dtype
+
+        if not isinstance(model, CaiT):
+            raise TypeError(
+                f"TrainConfig `compute_dtype` switches a `CaiT`'s computation dtype, but the model is a "
+                f"{type(model).__name__}: leave `compute_dtype=None` and set the dtype in the model yourself."
+            )
+        model = with_compute_dtype(model, config.compute_dtype)
     opt_state = optim.init(eqx.filter(model, eqx.is_array))
     # Training mode (a model from `cait_eqx.load` comes in inference mode), and fresh buffers, so that
     # donating the model to the first step never invalidates the caller's arrays.
