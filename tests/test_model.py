@@ -332,3 +332,37 @@ def test_program_size_does_not_grow_with_depth():
         sizes[depth] = len(str(jax.make_jaxpr(forward)(params, x)).splitlines())
     # The only difference is the leading depth axis in the scanned shapes, not the number of operations.
     assert sizes[48] == sizes[2]
+
+
+@pytest.mark.parametrize("heads", [1, 4, 6, 17])
+def test_talking_heads_mix_equals_a_product_over_the_head_axis(heads, getkey):
+    """`_mix_heads` writes the mix out as scaled sums (up to `UNROLL_HEAD_MIX` heads) or uses a product: either
+    way value and gradients are those of `Linear(heads, heads)` over the head axis, to float rounding. A mix that
+    used `W` instead of `Wᵀ`, dropped the bias or mixed the wrong axis would be off by O(1)."""
+    from cait_eqx._layers import UNROLL_HEAD_MIX, Linear, _mix_heads
+
+    assert (heads > UNROLL_HEAD_MIX) == (heads == 17)
+    mix = Linear(heads, heads, key=getkey())
+    mix = eqx.tree_at(lambda m: m.bias, mix, jax.random.normal(getkey(), (heads,)))
+    maps = jax.random.normal(getkey(), (heads, 5, 7))
+
+    def reference(mix, maps):
+        return jnp.einsum("...h,hqk->qk...", mix.weight, maps).transpose(2, 0, 1) + mix.bias[:, None, None]
+
+    np.testing.assert_allclose(_mix_heads(mix, maps), reference(mix, maps), rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(getkey(), (heads, 5, 7))
+    ours = jax.grad(lambda m, a: jnp.vdot(_mix_heads(m, a), cotangent), argnums=(0, 1))(mix, maps)
+    theirs = jax.grad(lambda m, a: jnp.vdot(reference(m, a), cotangent), argnums=(0, 1))(mix, maps)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_and_reverse_mode_autodiff_agree(getkey):
+    """Forward mode works through the whole model (no custom VJP rule blocks `jax.jvp`, which Hessian-vector
+    products need) and gives the same input Jacobian as reverse mode, entry by entry."""
+    model = cait_eqx.CaiT(16, 4, 5, 32, 2, 1, 4, 64, channels=1, init_values=0.5, key=getkey())
+    x = jax.random.normal(getkey(), (1, 16, 16))
+    forward = jax.jacfwd(model)(x)
+    reverse = jax.jacrev(model)(x)
+    assert forward.shape == (5, 1, 16, 16) and float(jnp.abs(reverse).max()) > 0
+    np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5 * float(jnp.abs(reverse).max()))
