@@ -153,6 +153,17 @@ def write_json_atomic(path: str, data: Any) -> None:
         raise
 
 
+def head_mix_flops(cfg) -> int:
+    """FLOPs of one SA block's two talking-heads mixes (`Linear(heads, heads)` over `(heads, N, N)` maps).
+
+    Counted as matrix products (`2·h²·N²` each) whichever way they are computed: up to
+    `cait_eqx._layers.UNROLL_HEAD_MIX` heads cait_eqx writes them out as scaled sums, which a count of the
+    traced program's matrix products does not see.
+    """
+    n = cfg.num_patches
+    return 2 * 2 * cfg.heads * cfg.heads * n * n if cfg.talking_heads else 0
+
+
 def forward_flops(cfg) -> int:
     """Matmul FLOPs (2·m·n·k) of one image's forward pass; elementwise work (softmax, norms, GELU) not counted.
 
@@ -166,7 +177,7 @@ def forward_flops(cfg) -> int:
     sa = (
         2 * n * d * 3 * inner  # qkv
         + 2 * h * n * n * dh  # q kᵀ
-        + (2 * 2 * h * h * n * n if cfg.talking_heads else 0)  # proj_l, proj_w over the head axis
+        + head_mix_flops(cfg)  # proj_l, proj_w over the head axis
         + 2 * h * n * n * dh  # attn v
         + 2 * n * inner * d  # proj
         + 2 * 2 * n * d * cfg.mlp_dim  # fc1, fc2

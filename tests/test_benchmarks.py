@@ -121,21 +121,30 @@ def test_printed_table_is_the_json_rendered(quick):
     assert proc.stdout == stdout
 
 
-@pytest.mark.parametrize("overrides", [{}, {"talking_heads": False, "cls_depth": 1}, {"dim_head": 24, "patch_size": 4}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"talking_heads": False, "cls_depth": 1}, {"dim_head": 24, "patch_size": 4}, {"heads": 16}],
+)
 def test_flop_formula_matches_the_traced_program(overrides):
     """`forward_flops` (the formula behind every FLOP/s figure) equals the matmul FLOPs of the traced forward.
 
-    A formula that forgot the talking-heads mixes, counted the scan's body once, or used `dim` where the
-    attention width `heads · dim_head` belongs would differ.
+    The talking-heads mixes are products in the traced program only above `UNROLL_HEAD_MIX` heads (16 here);
+    with fewer they are written out as scaled sums and the formula's `head_mix_flops` is added. A formula that
+    forgot a product, counted the scan's body once, or used `dim` where the attention width `heads · dim_head`
+    belongs would differ.
     """
     import jax
     import jax.numpy as jnp
     import jax.random as jr
 
     import cait_eqx
+    from cait_eqx._layers import UNROLL_HEAD_MIX
 
     kwargs = {**bench.BENCHES["tiny"].eqx_kwargs(), **overrides}
     model = cait_eqx.CaiT(**kwargs, key=jr.key(0))
-    image = jnp.zeros((model.config.channels, *model.config.image_size))
+    cfg = model.config
+    image = jnp.zeros((cfg.channels, *cfg.image_size))
     traced = bench.traced_matmul_flops(jax.make_jaxpr(model)(image).jaxpr)
-    assert traced == bench.forward_flops(model.config) > 0
+    unseen = cfg.depth * bench.head_mix_flops(cfg) if cfg.heads <= UNROLL_HEAD_MIX else 0
+    assert (cfg.heads > UNROLL_HEAD_MIX) == (overrides.get("heads") == 16)
+    assert traced + unseen == bench.forward_flops(cfg) > 0

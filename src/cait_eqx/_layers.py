@@ -231,14 +231,16 @@ def _softmax32(logits: Array) -> Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
 
 
-# Up to this many heads the talking-heads mixes are written out as sums of scaled maps (see `_mix_heads`).
-UNROLL_HEAD_MIX = 16
+# Up to this many heads the talking-heads mixes are written out as sums of scaled maps (see `_mix_heads`): the
+# XXS, XS and S variants (4, 6 and 8 heads). With 16 heads (M) the heads² terms would double the compile time
+# of a train step, so wider models keep the product over the head axis.
+UNROLL_HEAD_MIX = 8
 
 
 def _mix_heads(mix: Linear, attn: Float[Array, "heads q k"]) -> Float[Array, "heads q k"]:
     """Apply a `Linear(heads, heads)` over the head axis of `(heads, q, k)` maps: `out[g] = Σ_h W[g, h] attn[h]`.
 
-    With few heads (all CaiT variants) this is written out as `heads²` scaled additions of whole maps, cut apart
+    With few heads (see `UNROLL_HEAD_MIX`) this is written out as `heads²` scaled additions of whole maps, cut apart
     with one `split`, rather than as a matrix product over the head axis. XLA fuses those into the loops around
     the softmax, and reverse-mode autodiff turns them into the same kind of fused loops (the transpose of a
     `split` is a `concatenate`). A product over an axis of size `heads` would instead move every map into a
