@@ -620,7 +620,10 @@ def memory_worker(spec: dict) -> dict:
         for _ in range(2):
             fn()
         out[f"{name}_base_mb"] = base
-        out[f"{name}_peak_mb"] = _proc_status_mb("VmHWM") if resettable else None
+        # The kernel updates its mark lazily (on unmaps), so it can read a little below an RSS seen since the
+        # reset: the peak is at least every RSS observed.
+        seen = max(base, _proc_status_mb("VmRSS"))
+        out[f"{name}_peak_mb"] = max(_proc_status_mb("VmHWM"), seen) if resettable else None
     return out
 
 
