@@ -201,8 +201,6 @@ def traced_matmul_flops(jaxpr) -> int:
     `length` times. An independent check of `forward_flops`: it counts what the model really computes, not what
     the formula says it should.
     """
-    import math
-
     from jax.extend import core as jcore
 
     total = 0

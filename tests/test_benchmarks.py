@@ -148,3 +148,20 @@ def test_flop_formula_matches_the_traced_program(overrides):
     unseen = cfg.depth * bench.head_mix_flops(cfg) if cfg.heads <= UNROLL_HEAD_MIX else 0
     assert (cfg.heads > UNROLL_HEAD_MIX) == (overrides.get("heads") == 16)
     assert traced + unseen == bench.forward_flops(cfg) > 0
+
+
+def test_train_step_variants_quick_mode_prints_every_variant():
+    """`train_step_variants.py --quick` (the A/B script behind the README's talking-heads figures) runs end to
+    end and prints one sane row per variant, the current code being its own 1.00× reference."""
+    script = ROOT / "benchmarks" / "train_step_variants.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()[2:]]
+    import train_step_variants
+
+    assert [cells[2].strip() for cells in rows] == list(train_step_variants.VARIANTS)
+    for cells in rows:
+        seconds, images_per_s = float(cells[3]), float(cells[4])
+        assert seconds > 0 and images_per_s > 0
+    assert rows[0][5].strip() == "1.00×"

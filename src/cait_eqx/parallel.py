@@ -487,16 +487,7 @@ def process_local_batches(
     **Returns:** an iterator of `Batch` holding `local_batch_rows(mesh, loader.batch_size)` of each batch.
     """
     rows = local_batch_rows(mesh, loader.batch_size)
-    size = loader.batch_size
-    if not 0 <= start_index <= loader.steps_per_epoch:
-        raise ValueError(f"`start_index` must be in [0, {loader.steps_per_epoch}], got {start_index}.")
-    epoch, index = start_epoch, start_index
-    while stop_epoch is None or epoch < stop_epoch:
-        order = loader.order(epoch)
-        for b in range(index, loader.steps_per_epoch):
-            take = order[b * size : (b + 1) * size][rows]
-            yield Batch(epoch, b, loader.dataset.images[take], loader.dataset.labels[take].astype(np.int32))
-        epoch, index = epoch + 1, 0
+    return loader.batches(start_epoch, start_index, stop_epoch, rows=rows)
 
 
 # ---------------------------------------------------------------------------------------------------------

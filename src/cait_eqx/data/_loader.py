@@ -71,7 +71,12 @@ class BatchLoader:
         return np.random.default_rng([self.seed, epoch]).permutation(n)
 
     def batches(
-        self, start_epoch: int = 0, start_index: int = 0, stop_epoch: int | None = None
+        self,
+        start_epoch: int = 0,
+        start_index: int = 0,
+        stop_epoch: int | None = None,
+        *,
+        rows: slice = slice(None),
     ) -> Iterator[Batch]:
         """Batches from position `(start_epoch, start_index)` to the end of epoch `stop_epoch - 1`.
 
@@ -79,6 +84,8 @@ class BatchLoader:
 
         - `start_epoch`, `start_index`: the position of the first batch (a checkpoint's data position).
         - `stop_epoch`: stop before this epoch; `None` runs forever.
+        - `rows`: which rows of each batch to load (all by default; one process's share on a multi-host
+            mesh, see `cait_eqx.parallel.process_local_batches`). (Keyword only argument.)
 
         **Returns:** an iterator of `Batch` with NumPy `images` and `int32` `labels`.
         """
@@ -88,7 +95,7 @@ class BatchLoader:
         while stop_epoch is None or epoch < stop_epoch:
             order = self.order(epoch)
             for b in range(index, self.steps_per_epoch):
-                take = order[b * self.batch_size : (b + 1) * self.batch_size]
+                take = order[b * self.batch_size : (b + 1) * self.batch_size][rows]
                 yield Batch(epoch, b, self.dataset.images[take], self.dataset.labels[take].astype(np.int32))
             epoch, index = epoch + 1, 0
 

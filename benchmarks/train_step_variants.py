@@ -1,0 +1,115 @@
+"""Interleaved A/B timings of cait_eqx's training step against variants of it, on one machine, in one process.
+
+The figures in `benchmarks/README.md` ("Where the time goes") come from this script:
+
+- `current`: the package as it is (the talking-heads mixes written out as scaled sums of maps);
+- `head-mix product`: the mixes as a product over the head axis (`_layers.UNROLL_HEAD_MIX = 0` while tracing);
+- `no talking heads`: the same model without the mixes (`talking_heads=False`): a bound on what they cost;
+- `two half-batches`: the loss summed over two independent halves of the batch, which XLA can run side by side.
+
+The step is `bench.py`'s (forward, backward, AdamW, donated buffers), the configurations are its `xxs24` and
+`small`. Run `python benchmarks/train_step_variants.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench  # noqa: E402
+
+VARIANTS = ("current", "head-mix product", "no talking heads", "two half-batches")
+
+
+def _step_fn(variant: str, optim):
+    """The train step of `variant`: `bench.eqx_train_step`, or its two-half-batch form."""
+    import equinox as eqx
+    import jax
+    import optax
+
+    if variant != "two half-batches":
+        return bench.eqx_train_step(optim)
+
+    def step(batch, model, opt_state):
+        x, y = batch
+        half = x.shape[0] // 2
+
+        def loss_fn(m):
+            losses = [
+                optax.softmax_cross_entropy_with_integer_labels(jax.vmap(m)(x[s]), y[s]).mean()
+                for s in (slice(0, half), slice(half, None))
+            ]
+            return (losses[0] + losses[1]) / 2
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+        updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    return step
+
+
+def make_call(spec: bench.Bench, variant: str, batch: int):
+    """A zero-argument callable running one train step of `variant` (compiled here, under its settings)."""
+    import equinox as eqx
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    import cait_eqx
+    from cait_eqx import _layers
+
+    kwargs = spec.eqx_kwargs() | ({"talking_heads": False} if variant == "no talking heads" else {})
+    model = cait_eqx.CaiT(**kwargs, key=jr.key(0))
+    optim = bench.make_optax()
+    step = eqx.filter_jit(_step_fn(variant, optim), donate="all-except-first")
+    x = jr.normal(jr.key(1), (batch, 3, spec.image_size, spec.image_size))
+    y = jnp.arange(batch, dtype=jnp.int32) % spec.num_classes
+    state = [model, optim.init(eqx.filter(model, eqx.is_array))]
+
+    def call():
+        state[0], state[1], loss = step((x, y), state[0], state[1])
+        loss.block_until_ready()
+
+    saved = _layers.UNROLL_HEAD_MIX
+    _layers.UNROLL_HEAD_MIX = 0 if variant == "head-mix product" else saved
+    try:
+        call()  # traces and compiles now, under this variant's setting
+    finally:
+        _layers.UNROLL_HEAD_MIX = saved
+    return call
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="xxs24,small", help="comma list of configurations: xxs24, small")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    p.add_argument("--target-s", type=float, default=2.0, help="seconds per variant per round (≥ 1 call)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (affinity), as in bench.py")
+    p.add_argument("--quick", action="store_true", help="CI mode: the tiny model, one round")
+    args = p.parse_args(argv)
+    bench.pin_threads(args.threads)
+    names = ["tiny"] if args.quick else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(names) - {"xxs24", "small", "tiny"}
+    if unknown:
+        raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; choose from xxs24, small")
+    if args.quick:
+        args.rounds, args.target_s = 1, 0.05
+
+    print("| config | batch | variant | s / step | images/s | × current |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        spec = bench.BENCHES[name]
+        batch = spec.train_batch
+        calls = {variant: make_call(spec, variant, batch) for variant in VARIANTS}
+        timings = bench.interleaved(calls, args.rounds, args.target_s)
+        base = timings["current"]["median_s"]
+        for variant in VARIANTS:
+            t = timings[variant]["median_s"]
+            print(f"| {spec.title} | {batch} | {variant} | {t:.4g} | {batch / t:.4g} | {base / t:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
