@@ -12,6 +12,9 @@ Measured:
   `cait_m48_448` structure, and torch.compile's first-call cost with `--compile`;
 - peak resident memory of each contender in a fresh subprocess.
 
+With `--huge-pages on` the whole process (so both contenders) runs with glibc's `glibc.malloc.hugetlb=1`: see
+`cait_eqx.restart_with_huge_pages` and the README here for what it changes and by how much.
+
 Run `python benchmarks/bench.py --help`; `benchmarks/README.md` has the commands and the results.
 """
 
@@ -116,6 +119,33 @@ def pin_threads(threads: int) -> list[int]:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
     return chosen
+
+
+HUGETLB = "glibc.malloc.hugetlb"
+
+
+def _thp_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else None
+
+
+def ensure_huge_pages(on: bool) -> None:
+    """Make glibc's `glibc.malloc.hugetlb` tunable 1 (`on`) or 0 for this whole process, restarting it (same
+    arguments, same process id) if the environment says otherwise: glibc reads it only at start-up."""
+    items = [i for i in os.environ.get("GLIBC_TUNABLES", "").split(":") if i]
+    current = next((i.split("=", 1)[1] for i in items if i.split("=", 1)[0] == HUGETLB), "0")
+    want = "1" if on else "0"
+    if current == want:
+        return
+    items = [i for i in items if i.split("=", 1)[0] != HUGETLB] + [f"{HUGETLB}={want}"]
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(items))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, list(sys.orig_argv), env)
 
 
 def _proc_status_mb(field: str) -> float:
@@ -223,12 +253,15 @@ def traced_matmul_flops(jaxpr) -> int:
     return total
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, target_s: float) -> dict[str, dict[str, Any]]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], rounds: int, target_s: float, min_calls: int = 1
+) -> dict[str, dict[str, Any]]:
     """Time each zero-argument callable (which must block until its result exists), interleaving them.
 
     Each is called once to warm up (its time is kept as `first_call_s`: compilation for the JIT contenders),
-    once more to calibrate how many calls make one round of about `target_s`, then `rounds` rounds in
-    alternating order. Returns per contender: seconds per call of each round, the median, and `first_call_s`.
+    once more to calibrate how many calls (at least `min_calls`) make one round of about `target_s`, then
+    `rounds` rounds in alternating order. Returns per contender: seconds per call of each round, the median,
+    and `first_call_s`.
     """
     first, per_call, reps = {}, {}, {}
     for name, fn in fns.items():
@@ -239,7 +272,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, target_s: float)
         t0 = time.perf_counter()
         fn()
         single = time.perf_counter() - t0
-        reps[name] = max(1, round(target_s / max(single, 1e-9)))
+        reps[name] = max(min_calls, 1, round(target_s / max(single, 1e-9)))
         per_call[name] = []
     names = list(fns)
     for r in range(rounds):
@@ -457,7 +490,8 @@ def run_throughput(bench: Bench, args, ceiling_gflops: float) -> tuple[list[dict
                 x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
             fns[name] = runner.inference(x) if workload == "inference" else runner.train(x, y)
         _log(f"[{bench.key}] {workload} batch {batch}: timing {', '.join(fns)} ...")
-        timings = interleaved(fns, args.rounds, args.target_s)
+        min_calls = args.train_calls if workload == "train" else 1
+        timings = interleaved(fns, args.rounds, args.target_s, min_calls)
         gflop = gflop_fwd * (3 if workload == "train" else 1)
         for name, t in timings.items():
             ips = batch / t["median_s"]
@@ -631,8 +665,8 @@ def run_memory(bench: Bench, args) -> list[dict]:
     for contender in ("cait_eqx", "timm"):
         spec = dict(config=bench.key, contender=contender, infer_batch=infer_batch)
         _log(f"[{bench.key}] memory of {contender} in a subprocess ...")
-        cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--memory-worker",
-               json.dumps(spec)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--huge-pages",
+               args.huge_pages, "--memory-worker", json.dumps(spec)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             raise SystemExit(f"memory worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
@@ -676,6 +710,8 @@ def markdown(results: dict) -> str:
             f"Machine: {meta.get('cpu', '?')}, {meta.get('threads')} threads; jax {meta.get('jax')}, equinox "
             f"{meta.get('equinox')}, torch {meta.get('torch')}, timm {meta.get('timm')}; float32; medians of "
             f"{meta.get('rounds')} interleaved rounds."
+            + (f" GLIBC_TUNABLES={meta['glibc_tunables']} (both contenders), transparent huge pages "
+               f"`{meta.get('transparent_huge_pages')}`." if meta.get("glibc_tunables") else "")
         )
         lines.append("")
     ceiling = results.get("ceiling")
@@ -770,6 +806,15 @@ def parse_args(argv=None):
     p.add_argument("--target-s", type=float, default=1.0, help="seconds per contender per round (≥ 1 call)")
     p.add_argument("--compile-rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both libraries (affinity + torch)")
+    p.add_argument("--train-calls", type=int, default=3,
+                   help="consecutive train steps per contender per round (at least): training runs its steps "
+                        "back to back, and the first step after the other contender ran pays for the memory "
+                        "that one left behind")
+    p.add_argument("--huge-pages", choices=("on", "off"), default="off",
+                   help="on: run the whole process (both contenders) with glibc's malloc asking for transparent "
+                        "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), as `cait-eqx train` does; off (the "
+                        "default): glibc's default, as a plain process has it. The process restarts itself to "
+                        "set either")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier --json files")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -781,6 +826,9 @@ def main(argv=None) -> int:
     if args.table:
         print(markdown(merge(args.table)), end="")
         return 0
+    if args.train_calls < 1:
+        raise SystemExit(f"--train-calls must be at least 1, got {args.train_calls}")
+    ensure_huge_pages(args.huge_pages == "on")
     cpus = pin_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
@@ -828,6 +876,9 @@ def main(argv=None) -> int:
             cait_eqx=cait_eqx.__version__,
             typechecking=cait_eqx.TYPECHECKING_ENABLED,
             xla_flags=os.environ.get("XLA_FLAGS", ""),
+            glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+            transparent_huge_pages=_thp_mode(),
+            train_calls_per_round=args.train_calls,
             rounds=args.rounds,
             quick=args.quick,
         ),

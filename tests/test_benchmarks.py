@@ -32,7 +32,7 @@ def quick(tmp_path_factory):
         text=True,
         timeout=600,
         cwd=ROOT,
-        env=dict(os.environ),
+        env=dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1"),
     )
     assert proc.returncode == 0, f"bench.py --quick failed:\n{proc.stderr[-4000:]}"
     return proc.stdout, json.loads(path.read_text()), path
@@ -165,3 +165,59 @@ def test_train_step_variants_quick_mode_prints_every_variant():
         seconds, images_per_s = float(cells[3]), float(cells[4])
         assert seconds > 0 and images_per_s > 0
     assert rows[0][5].strip() == "1.00×"
+
+
+def test_quick_run_records_its_allocator_settings(quick):
+    """Both contenders run under the same glibc tunables, and the JSON says which: by default glibc's own
+    setting (`--huge-pages off`), even when the caller's environment asked for huge pages."""
+    stdout, results, _ = quick
+    meta = results["meta"]
+    assert "glibc.malloc.hugetlb=1" not in meta["glibc_tunables"].split(":")
+    assert meta["train_calls_per_round"] == 3
+    assert meta["transparent_huge_pages"] == bench._thp_mode()
+    rendered = bench.markdown({"meta": {**meta, "glibc_tunables": "glibc.malloc.hugetlb=1"}})
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (both contenders)" in rendered.splitlines()[0]
+
+
+def test_huge_pages_setting_is_enforced_both_ways(tmp_path):
+    """`--huge-pages off` in an environment that asks for huge pages restarts the process without them (and the
+    other way round): the setting the JSON reports is the one the process ran under."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
+        "import bench\n"
+        "print('pid', os.getpid(), flush=True)\n"
+        "bench.ensure_huge_pages(sys.argv[1] == 'on')\n"
+        "print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''))\n"
+    )
+    for setting, start, expected in [
+        ("off", "x.y=2:glibc.malloc.hugetlb=1", "x.y=2:glibc.malloc.hugetlb=0"),
+        ("on", "", "glibc.malloc.hugetlb=1"),
+        ("on", "glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=1"),
+    ]:
+        env = dict(os.environ, GLIBC_TUNABLES=start)
+        proc = subprocess.run([sys.executable, str(probe), setting], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        *starts, last = proc.stdout.strip().splitlines()
+        pid, _, tunables = last.partition(" ")
+        assert tunables == expected, (setting, start, proc.stdout)
+        # Restarted in place (same process) exactly when the setting had to change.
+        assert starts == [f"pid {pid}"] * (1 if start == expected else 2), proc.stdout
+
+
+def test_huge_pages_script_quick_mode():
+    """`huge_pages.py --quick` (behind the README's huge-page figures) runs a worker process per setting and
+    prints one sane row each, `off` being the 1.00× reference."""
+    script = ROOT / "benchmarks" / "huge_pages.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [cells[2].strip() for cells in rows] == ["0", "1"]
+    for cells in rows:
+        seconds, images_per_s, faults, kernel_s = (float(cells[i]) for i in (3, 4, 5, 6))
+        assert seconds > 0 and images_per_s == pytest.approx(int(cells[1]) / seconds, rel=0.01)
+        assert faults >= 0 and kernel_s >= 0
+    assert rows[0][7].strip() == "1.00×"

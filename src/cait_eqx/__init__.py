@@ -21,6 +21,7 @@ if TYPECHECKING_ENABLED:
     _install_import_hook("cait_eqx", "beartype.beartype")
 
 from ._blocks import ClassAttentionBlock as ClassAttentionBlock, LayerScaleBlock as LayerScaleBlock
+from ._hugepages import restart_with_huge_pages as restart_with_huge_pages
 from ._hub import (
     PretrainedWeightsUnavailable as PretrainedWeightsUnavailable,
     hub_repo_id as hub_repo_id,

@@ -1,0 +1,115 @@
+"""cait_eqx's training step with and without glibc's `glibc.malloc.hugetlb=1`, interleaved process by process.
+
+glibc reads its tunables once, at start-up, so the two settings cannot share a process: each round starts one
+fresh worker process per setting (alternating which goes first), and each worker compiles the step, runs two
+warm-up steps, then times `--steps` consecutive steps. Besides seconds per step it reports, from `getrusage`,
+the minor page faults and the kernel (system) CPU seconds per step: what the setting acts on. The step is
+`train_step_variants.py`'s `current` (`bench.py`'s step: forward, backward, AdamW, donated buffers; random
+weights; no timm in the process).
+
+Run `python benchmarks/huge_pages.py --help`; the results are in `benchmarks/README.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench  # noqa: E402
+import train_step_variants  # noqa: E402
+
+SETTINGS = ("off", "on")
+
+
+def worker(spec: dict) -> dict:
+    """Time `spec["steps"]` consecutive train steps of configuration `spec["config"]` in this process."""
+    import resource
+    import time
+
+    conf = bench.BENCHES[spec["config"]]
+    batch = conf.train_batch
+    call = train_step_variants.make_call(conf, "current", batch)  # compiled, and run once
+    call()
+    times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    n = spec["steps"]
+    return dict(
+        config=conf.key,
+        title=conf.title,
+        batch=batch,
+        glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+        step_s=statistics.median(times),
+        faults_per_step=(after.ru_minflt - before.ru_minflt) / n,
+        system_s_per_step=(after.ru_stime - before.ru_stime) / n,
+        user_s_per_step=(after.ru_utime - before.ru_utime) / n,
+    )
+
+
+def run_worker(config: str, setting: str, steps: int, threads: int) -> dict:
+    items = [i for i in os.environ.get("GLIBC_TUNABLES", "").split(":") if i and not i.startswith(bench.HUGETLB)]
+    items.append(f"{bench.HUGETLB}={1 if setting == 'on' else 0}")
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(items))
+    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--worker",
+           json.dumps(dict(config=config, steps=steps))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="xxs24,small", help="comma list of configurations: xxs24, small")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each starts one process per setting")
+    p.add_argument("--steps", type=int, default=5, help="timed consecutive steps per process (median kept)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (affinity), as in bench.py")
+    p.add_argument("--quick", action="store_true", help="CI mode: the tiny model, one round, two steps")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    bench.pin_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    names = ["tiny"] if args.quick else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(names) - {"xxs24", "small", "tiny"}
+    if unknown:
+        raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; choose from xxs24, small")
+    if args.quick:
+        args.rounds, args.steps = 1, 2
+    if args.rounds < 1 or args.steps < 1:
+        raise SystemExit("--rounds and --steps must be at least 1")
+
+    print(f"Transparent huge pages: `{bench._thp_mode()}`; {args.threads} threads; medians of {args.rounds} rounds "
+          f"of {args.steps} steps.\n")
+    print("| config | batch | glibc.malloc.hugetlb | s / step | images/s | page faults / step | kernel s / step "
+          "| × off |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
+        for r in range(args.rounds):
+            for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
+                print(f"[{name}] round {r + 1}: {setting} ...", file=sys.stderr, flush=True)
+                runs[setting].append(run_worker(name, setting, args.steps, args.threads))
+        med = {s: {k: statistics.median(run[k] for run in runs[s]) for k in
+                   ("step_s", "faults_per_step", "system_s_per_step")} for s in SETTINGS}
+        for s in SETTINGS:
+            m, first = med[s], runs[s][0]
+            print(f"| {first['title']} | {first['batch']} | {1 if s == 'on' else 0} | {m['step_s']:#.4g} | "
+                  f"{first['batch'] / m['step_s']:.1f} | {m['faults_per_step']:.0f} | {m['system_s_per_step']:.3f} "
+                  f"| {med['off']['step_s'] / m['step_s']:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
