@@ -124,13 +124,19 @@ def pin_threads(threads: int) -> list[int]:
 HUGETLB = "glibc.malloc.hugetlb"
 
 
+_RESTARTED = "CAIT_EQX_BENCH_RESTARTED"
+
+
 def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode, as `cait_eqx.restart_with_huge_pages` reads it (without
+    importing cait_eqx, and so JAX, before `pin_threads`)."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             text = f.read()
     except OSError:
         return None
-    return text[text.find("[") + 1 : text.find("]")] if "[" in text else None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 def ensure_huge_pages(on: bool) -> None:
@@ -141,8 +147,14 @@ def ensure_huge_pages(on: bool) -> None:
     want = "1" if on else "0"
     if current == want:
         return
+    if _RESTARTED in os.environ:  # glibc's secure mode (setuid/capabilities) erases the tunable: do not loop
+        raise SystemExit(
+            f"--huge-pages {'on' if on else 'off'}: the restarted process still has GLIBC_TUNABLES="
+            f"{os.environ.get('GLIBC_TUNABLES', '')!r}; this interpreter (glibc secure mode?) drops the tunable. "
+            "Run without --huge-pages on, or with an interpreter that keeps GLIBC_TUNABLES."
+        )
     items = [i for i in items if i.split("=", 1)[0] != HUGETLB] + [f"{HUGETLB}={want}"]
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(items))
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(items), **{_RESTARTED: "1"})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(sys.orig_argv), env)

@@ -13,6 +13,7 @@ Run `python benchmarks/huge_pages.py --help`; the results are in `benchmarks/REA
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -70,11 +71,12 @@ def run_worker(config: str, setting: str, steps: int, threads: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="xxs24,small", help="comma list of configurations: xxs24, small")
+    p.add_argument("--only", default="xxs24,small", help="comma list of configurations: xxs24, small, tiny")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each starts one process per setting")
     p.add_argument("--steps", type=int, default=5, help="timed consecutive steps per process (median kept)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (affinity), as in bench.py")
     p.add_argument("--quick", action="store_true", help="CI mode: the tiny model, one round, two steps")
+    p.add_argument("--json", metavar="PATH", help="also write every worker's measurements as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     bench.pin_threads(args.threads)
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     names = ["tiny"] if args.quick else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(names) - {"xxs24", "small", "tiny"}
     if unknown:
-        raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; choose from xxs24, small")
+        raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; choose from xxs24, small, tiny")
     if args.quick:
         args.rounds, args.steps = 1, 2
     if args.rounds < 1 or args.steps < 1:
@@ -95,12 +97,19 @@ def main(argv=None) -> int:
     print("| config | batch | glibc.malloc.hugetlb | s / step | images/s | page faults / step | kernel s / step "
           "| × off |")
     print("|---|---|---|---|---|---|---|---|")
+    results = dict(
+        meta=dict(command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), rounds=args.rounds,
+                  steps=args.steps, threads=args.threads, transparent_huge_pages=bench._thp_mode()),
+        runs=[],
+    )
     for name in names:
         runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
         for r in range(args.rounds):
             for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
                 print(f"[{name}] round {r + 1}: {setting} ...", file=sys.stderr, flush=True)
                 runs[setting].append(run_worker(name, setting, args.steps, args.threads))
+                results["runs"].append(dict(runs[setting][-1], setting=setting, round=r))
         med = {s: {k: statistics.median(run[k] for run in runs[s]) for k in
                    ("step_s", "faults_per_step", "system_s_per_step")} for s in SETTINGS}
         for s in SETTINGS:
@@ -108,6 +117,8 @@ def main(argv=None) -> int:
             print(f"| {first['title']} | {first['batch']} | {1 if s == 'on' else 0} | {m['step_s']:#.4g} | "
                   f"{first['batch'] / m['step_s']:.1f} | {m['faults_per_step']:.0f} | {m['system_s_per_step']:.3f} "
                   f"| {med['off']['step_s'] / m['step_s']:.2f}× |")
+    if args.json:
+        bench.write_json_atomic(args.json, results)
     return 0
 
 

@@ -23,7 +23,8 @@ LINUX = dict(thp_mode="madvise", glibc=(2, 36), system="linux")
 
 def test_the_tunable_is_added_where_it_changes_something():
     env = huge_pages_environment({"PATH": "/bin"}, **LINUX)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", _hugepages.RESTARTED: "1"}
+    assert huge_pages_environment(env, **LINUX) is None  # the restarted process does not restart again
 
 
 def test_other_tunables_are_kept():
@@ -68,17 +69,22 @@ def test_kernel_mode_is_read_from_the_bracketed_word(tmp_path):
     assert transparent_huge_pages_mode(str(tmp_path / "missing")) is None
 
 
-# A child that allocates 64 MB through glibc (numpy uses malloc) and reports whether the kernel was asked for
-# huge pages for that mapping: `hg` in its VmFlags (/proc/self/smaps) is MADV_HUGEPAGE.
+# A child that restarts itself (with the platform checks made to pass, so that the restart path runs on any
+# Linux machine), then allocates 64 MB with glibc's malloc and reports whether glibc asked the kernel for huge
+# pages for that mapping: `hg` in its VmFlags (/proc/self/smaps) is MADV_HUGEPAGE.
 CHILD = textwrap.dedent(
     """
-    import os, sys
-    import cait_eqx
+    import ctypes, os, sys
+    from cait_eqx import _hugepages
     print("start", os.getpid(), flush=True)
-    cait_eqx.restart_with_huge_pages()
-    import numpy as np
-    a = np.ones(64 * 2**20 // 8)
-    address = a.ctypes.data
+    if os.environ.get("FORCE_APPLICABLE") == "1":
+        _hugepages.transparent_huge_pages_mode = lambda: "madvise"
+        _hugepages._glibc_version = lambda: (2, 36)
+    restarted = _hugepages.restart_with_huge_pages()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    address = libc.malloc(64 * 2**20)
     flags = None
     with open("/proc/self/smaps") as f:
         inside = False
@@ -96,45 +102,51 @@ CHILD = textwrap.dedent(
 
 def _run_child(env_extra: dict[str, str]):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CAIT_EQX_HUGE_PAGES")}
+    env.pop(_hugepages.RESTARTED, None)
     env.update(env_extra)
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, "--an-argument", "kept"], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc, proc.stdout.split("\n")
+    lines = proc.stdout.split("\n")
+    starts = [ln.split()[1] for ln in lines if ln.startswith("start")]
+    done = [ln.split(" ", 4) for ln in lines if ln.startswith("done")]
+    assert len(done) == 1, proc.stdout
+    return starts, done[0][1:]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and glibc tunables are Linux things")
 def test_restarted_process_asks_the_kernel_for_huge_pages():
-    applies = (
-        huge_pages_environment({}, thp_mode=transparent_huge_pages_mode(), glibc=_hugepages._glibc_version())
-        is not None
-    )
-    proc, lines = _run_child({})
-    starts = [ln for ln in lines if ln.startswith("start")]
-    done = [ln.split(" ", 4) for ln in lines if ln.startswith("done")]
-    assert len(done) == 1, proc.stdout
-    _, pid, tunables, huge, argv = done[0]
-    assert {ln.split()[1] for ln in starts} == {pid}  # the same process, restarted in place
+    starts, (pid, tunables, huge, argv) = _run_child({"FORCE_APPLICABLE": "1"})
+    assert starts == [pid, pid], "the code before the call runs again, once, in the same process"
     assert argv == "['--an-argument', 'kept']"
-    if applies:
-        assert len(starts) == 2, "the code before the call runs again in the restarted process, once"
-        assert tunables == "glibc.malloc.hugetlb=1"
+    assert tunables == "glibc.malloc.hugetlb=1"
+    glibc = _hugepages._glibc_version()
+    if glibc is not None and glibc >= (2, 35) and transparent_huge_pages_mode() == "madvise":
         assert huge == "True", "glibc did not madvise(MADV_HUGEPAGE) a 64 MB allocation"
-    else:
-        assert len(starts) == 1 and tunables == "" and huge == "False"
 
-    proc, lines = _run_child({"CAIT_EQX_HUGE_PAGES": "0"})
-    assert sum(ln.startswith("start") for ln in lines) == 1
-    done = [ln.split(" ", 4) for ln in lines if ln.startswith("done")]
-    assert done[0][2:4] == ["", "False"], "opted out, yet restarted or asked for huge pages"
+    # Without the restart (opted out), glibc does not ask for huge pages.
+    starts, (pid, tunables, huge, argv) = _run_child({"FORCE_APPLICABLE": "1", "CAIT_EQX_HUGE_PAGES": "0"})
+    assert starts == [pid] and tunables == "" and huge == "False"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and glibc tunables are Linux things")
+def test_never_restarts_twice_even_if_the_tunable_is_dropped():
+    """glibc's secure mode (a setuid or capability-bearing interpreter) erases the tunable from the
+    environment at start-up; the restart marker must still stop a second restart."""
+    starts, (pid, tunables, _, _) = _run_child(
+        {"FORCE_APPLICABLE": "1", _hugepages.RESTARTED: "1", "GLIBC_TUNABLES": "x.y=1"}
+    )
+    assert starts == [pid] and tunables == "x.y=1"
 
 
 def _fake_linux(monkeypatch, calls):
     monkeypatch.setattr(_hugepages, "transparent_huge_pages_mode", lambda: "madvise")
     monkeypatch.setattr(_hugepages, "_glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(_hugepages, "_system", lambda: "linux")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("CAIT_EQX_HUGE_PAGES", raising=False)
+    monkeypatch.delenv(_hugepages.RESTARTED, raising=False)
 
     def fake_execve(path, argv, env):
         calls.append((path, argv, env))
@@ -156,6 +168,38 @@ def test_the_cait_eqx_program_restarts_itself_with_the_same_arguments(monkeypatc
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 
 
+def test_a_failed_exec_leaves_the_process_running(monkeypatch):
+    """An interpreter path that cannot be executed (embedded Python, a removed environment) is no crash."""
+    calls = []
+    _fake_linux(monkeypatch, calls)
+
+    def failing_execve(path, argv, env):
+        calls.append(path)
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(os, "execve", failing_execve)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "train.py"])
+    assert cait_eqx.restart_with_huge_pages() is False and len(calls) == 1
+
+
+@pytest.mark.parametrize("how", ["interactive", "notebook", "stdin", "frozen"])
+def test_no_restart_where_state_would_be_lost(monkeypatch, how):
+    calls = []
+    _fake_linux(monkeypatch, calls)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "train.py"])
+    if how == "interactive":
+        monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    elif how == "notebook":
+        monkeypatch.setitem(sys.modules, "ipykernel", sys)
+    elif how == "stdin":
+        monkeypatch.setattr(sys, "argv", ["-"])
+    else:
+        monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert cait_eqx.restart_with_huge_pages() is False and calls == []
+
+
 def test_only_train_restarts(monkeypatch, tmp_path, capsys):
     """Evaluation and the picture commands are short and inference-only: no restart for them."""
     calls = []
@@ -175,10 +219,3 @@ def test_main_called_from_python_never_restarts(monkeypatch, capsys):
         cli.main(["--version"])
     assert info.value.code == 0 and calls == []
     assert cait_eqx.__version__ in capsys.readouterr().out
-
-
-def test_no_restart_of_an_interactive_session(monkeypatch):
-    calls = []
-    _fake_linux(monkeypatch, calls)
-    monkeypatch.setattr(sys, "argv", [""])
-    assert cait_eqx.restart_with_huge_pages() is False and calls == []

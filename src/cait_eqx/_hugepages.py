@@ -5,7 +5,7 @@ Why it matters on the CPU: every call of a compiled train step asks the allocato
 the end. glibc serves a request that large with a fresh `mmap`, so each step first-touches the whole buffer
 again: about 190,000 page faults and 0.3 s of kernel time per step, measured with `getrusage`. Where the
 kernel's transparent huge pages are in `madvise` mode (the common default), glibc asks for huge pages only if
-the tunable is set, and the same buffer then costs a few hundred faults. The tunable is read once, when the
+the tunable is set, and the same buffer then costs about 800 faults. The tunable is read once, when the
 process starts, so the only way to set it from Python is to start the process again with it set.
 """
 
@@ -21,6 +21,9 @@ __all__ = ["huge_pages_environment", "restart_with_huge_pages", "transparent_hug
 TUNABLE = "glibc.malloc.hugetlb"
 # Set to "0" to keep `cait-eqx` (and `restart_with_huge_pages`) from restarting the process.
 OPT_OUT = "CAIT_EQX_HUGE_PAGES"
+# Set in the restarted process: never restart twice, even where glibc drops the tunable from the environment
+# (a setuid or capability-bearing interpreter runs in glibc's secure mode, which erases it).
+RESTARTED = "CAIT_EQX_HUGE_PAGES_RESTARTED"
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 _MIN_GLIBC = (2, 35)  # the first glibc with the `glibc.malloc.hugetlb` tunable
 
@@ -34,6 +37,10 @@ def transparent_huge_pages_mode(path: str = _THP_ENABLED) -> str | None:
         return None
     start, end = text.find("["), text.find("]")
     return text[start + 1 : end] if 0 <= start < end else None
+
+
+def _system() -> str:
+    return sys.platform
 
 
 def _glibc_version() -> tuple[int, ...] | None:
@@ -51,17 +58,19 @@ def huge_pages_environment(
     *,
     thp_mode: str | None,
     glibc: tuple[int, ...] | None,
-    system: str = sys.platform,
+    system: str | None = None,
 ) -> dict[str, str] | None:
     """The environment to restart with so that glibc's malloc uses huge pages, or None where that would
     change nothing or is not wanted.
 
-    None when: not Linux with glibc ≥ 2.35; the kernel's mode is not `madvise` (with `always` every large
-    mapping gets huge pages already, with `never` none can); `GLIBC_TUNABLES` already names the tunable (the
-    user's own choice stands, `=0` included); or `CAIT_EQX_HUGE_PAGES=0`. Otherwise a copy of `environ` with
-    `glibc.malloc.hugetlb=1` appended to `GLIBC_TUNABLES`.
+    None when: not Linux (`system`, default `sys.platform`) with glibc ≥ 2.35; the kernel's mode is not
+    `madvise` (with `always` every large mapping gets huge pages already, with `never` none can);
+    `GLIBC_TUNABLES` already names the tunable (the user's own choice stands, `=0` included);
+    `CAIT_EQX_HUGE_PAGES=0`; or this process is itself the restarted one. Otherwise a copy of `environ` with
+    `glibc.malloc.hugetlb=1` appended to `GLIBC_TUNABLES` (and the restart marker set).
     """
-    if environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
+    system = _system() if system is None else system
+    if environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off") or RESTARTED in environ:
         return None
     if not system.startswith("linux") or glibc is None or glibc < _MIN_GLIBC or thp_mode != "madvise":
         return None
@@ -70,7 +79,22 @@ def huge_pages_environment(
         return None
     env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+    env[RESTARTED] = "1"
     return env
+
+
+def _interactive() -> bool:
+    """An interactive interpreter, a notebook kernel, a script read from stdin or a frozen application: a
+    restart would lose state, or has nothing to rerun."""
+    return bool(
+        sys.flags.interactive
+        or hasattr(sys, "ps1")
+        or "ipykernel" in sys.modules
+        or "IPython" in sys.modules
+        or bool(getattr(sys, "frozen", False))
+        or sys.argv[:1] in ([""], ["-"])
+        or not getattr(sys, "orig_argv", None)
+    )
 
 
 def restart_with_huge_pages() -> bool:
@@ -79,21 +103,28 @@ def restart_with_huge_pages() -> bool:
     does not return.
 
     Call it first thing in a training script run on the CPU, before any work that should not be done twice:
-    everything before the call runs again in the restarted process. `cait-eqx` does this by itself. It made
-    `cait_xxs24_224`'s train step 1.12× faster on the 2-core CPU machines of this project (see
-    `benchmarks/README.md`). Opt out with the environment variable `CAIT_EQX_HUGE_PAGES=0`, or by setting
-    `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` yourself.
+    everything before the call runs again in the restarted process, and nothing of the first start survives
+    (standard output and error are flushed; other open files, `atexit` handlers and `finally` blocks are not
+    run). The script is found again by the path it was started with, so do not `chdir` before the call if
+    that path is relative. `cait-eqx train` does this by itself. It made `cait_xxs24_224`'s train step 1.13×
+    faster on the 2-core CPU machines of this project (see `benchmarks/README.md`).
+
+    Does nothing in an interactive interpreter, a notebook kernel, a script read from stdin or a frozen
+    application, and at most once per process. Opt out with the environment variable
+    `CAIT_EQX_HUGE_PAGES=0`, or by setting `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` yourself.
     """
-    if sys.argv[:1] in ([""], ["-"]):  # an interactive session or a script read from stdin: nothing to rerun
+    if _interactive():
         return False
     env = huge_pages_environment(os.environ, thp_mode=transparent_huge_pages_mode(), glibc=_glibc_version())
     if env is None:
         return False
-    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             pass
-    os.execve(sys.executable, argv, env)
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except OSError:  # no usable interpreter path (embedded Python, a removed environment): carry on as we are
+        return False
     return True  # not reached: `execve` replaces the process

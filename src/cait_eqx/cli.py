@@ -162,8 +162,9 @@ def _add_train(subparsers) -> None:
             "model (model.safetensors), curves.png and summary.json. Without arguments it trains the default "
             f"small CaiT ({', '.join(f'{k}={v}' for k, v in DEFAULT_MODEL.items())}) on scikit-learn's "
             "digits upsampled to 16x16, and tests it on a fixed held-out fifth. Unset flags take these "
-            "defaults. On Linux it first restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
-            "(huge pages: faster large steps on the CPU); CAIT_EQX_HUGE_PAGES=0 keeps it from doing so."
+            "defaults. Where glibc >= 2.35 and the kernel's transparent huge pages are in madvise mode, it first "
+            "restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (faster large steps on the CPU); "
+            "CAIT_EQX_HUGE_PAGES=0 keeps it from doing so."
         ),
     )
     model = train.add_argument_group("model (a named variant, and/or the hyper-parameters)")
