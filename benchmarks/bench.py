@@ -139,6 +139,12 @@ def _thp_mode() -> str | None:
     return text[start + 1 : end] if 0 <= start < end else None
 
 
+def tunables_with_hugetlb(tunables: str, on: bool) -> str:
+    """`tunables` (a `GLIBC_TUNABLES` value) with `glibc.malloc.hugetlb` set to 1 (`on`) or 0, others kept."""
+    items = [i for i in tunables.split(":") if i and i.split("=", 1)[0] != HUGETLB]
+    return ":".join([*items, f"{HUGETLB}={1 if on else 0}"])
+
+
 def ensure_huge_pages(on: bool) -> None:
     """Make glibc's `glibc.malloc.hugetlb` tunable 1 (`on`) or 0 for this whole process, restarting it (same
     arguments, same process id) if the environment says otherwise: glibc reads it only at start-up."""
@@ -153,8 +159,8 @@ def ensure_huge_pages(on: bool) -> None:
             f"{os.environ.get('GLIBC_TUNABLES', '')!r}; this interpreter (glibc secure mode?) drops the tunable. "
             "Run without --huge-pages on, or with an interpreter that keeps GLIBC_TUNABLES."
         )
-    items = [i for i in items if i.split("=", 1)[0] != HUGETLB] + [f"{HUGETLB}={want}"]
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(items), **{_RESTARTED: "1"})
+    tunables = tunables_with_hugetlb(os.environ.get("GLIBC_TUNABLES", ""), on)
+    env = dict(os.environ, GLIBC_TUNABLES=tunables, **{_RESTARTED: "1"})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(sys.orig_argv), env)
@@ -820,8 +826,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both libraries (affinity + torch)")
     p.add_argument("--train-calls", type=int, default=3,
                    help="consecutive train steps per contender per round (at least): training runs its steps "
-                        "back to back, and the first step after the other contender ran pays for the memory "
-                        "that one left behind")
+                        "back to back, and a step that follows the other contender's is often slower")
     p.add_argument("--huge-pages", choices=("on", "off"), default="off",
                    help="on: run the whole process (both contenders) with glibc's malloc asking for transparent "
                         "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), as `cait-eqx train` does; off (the "

@@ -58,9 +58,8 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(config: str, setting: str, steps: int, threads: int) -> dict:
-    items = [i for i in os.environ.get("GLIBC_TUNABLES", "").split(":") if i and not i.startswith(bench.HUGETLB)]
-    items.append(f"{bench.HUGETLB}={1 if setting == 'on' else 0}")
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(items))
+    tunables = bench.tunables_with_hugetlb(os.environ.get("GLIBC_TUNABLES", ""), setting == "on")
+    env = dict(os.environ, GLIBC_TUNABLES=tunables)
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--worker",
            json.dumps(dict(config=config, steps=steps))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -83,10 +82,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    names = ["tiny"] if args.quick else [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = set(names) - {"xxs24", "small", "tiny"}
-    if unknown:
-        raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; choose from xxs24, small, tiny")
+    names = train_step_variants.config_names(args.only, args.quick)
     if args.quick:
         args.rounds, args.steps = 1, 2
     if args.rounds < 1 or args.steps < 1:

@@ -81,19 +81,25 @@ def make_call(spec: bench.Bench, variant: str, batch: int):
     return call
 
 
+def config_names(only: str, quick: bool) -> list[str]:
+    """The configurations an `--only` list names (the tiny one alone with `--quick`), checked."""
+    names = ["tiny"] if quick else [n.strip() for n in only.split(",") if n.strip()]
+    unknown = set(names) - {"xxs24", "small", "tiny"}
+    if unknown:
+        raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; choose from xxs24, small, tiny")
+    return names
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="xxs24,small", help="comma list of configurations: xxs24, small")
+    p.add_argument("--only", default="xxs24,small", help="comma list of configurations: xxs24, small, tiny")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     p.add_argument("--target-s", type=float, default=2.0, help="seconds per variant per round (≥ 1 call)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (affinity), as in bench.py")
     p.add_argument("--quick", action="store_true", help="CI mode: the tiny model, one round")
     args = p.parse_args(argv)
     bench.pin_threads(args.threads)
-    names = ["tiny"] if args.quick else [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = set(names) - {"xxs24", "small", "tiny"}
-    if unknown:
-        raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; choose from xxs24, small")
+    names = config_names(args.only, args.quick)
     if args.quick:
         args.rounds, args.target_s = 1, 0.05
 
