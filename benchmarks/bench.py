@@ -272,16 +272,18 @@ def traced_matmul_flops(jaxpr) -> int:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], Any]], rounds: int, target_s: float, min_calls: int = 1
+    fns: dict[str, Callable[[], Any]], rounds: int, target_s: float, min_calls: int = 1, round_warmup: int = 0
 ) -> dict[str, dict[str, Any]]:
     """Time each zero-argument callable (which must block until its result exists), interleaving them.
 
     Each is called once to warm up (its time is kept as `first_call_s`: compilation for the JIT contenders),
     once more to calibrate how many calls (at least `min_calls`) make one round of about `target_s`, then
-    `rounds` rounds in alternating order. Returns per contender: seconds per call of each round, the median,
-    and `first_call_s`.
+    `rounds` rounds in alternating order. Each round of a contender starts with `round_warmup` untimed calls
+    (their mean time is kept as `round_warmup_s`, one entry per round), then times its calls back to back.
+    Returns per contender: seconds per timed call of each round, the median, `first_call_s` and
+    `round_warmup_s`.
     """
-    first, per_call, reps = {}, {}, {}
+    first, per_call, reps, warm = {}, {}, {}, {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
@@ -291,17 +293,27 @@ def interleaved(
         fn()
         single = time.perf_counter() - t0
         reps[name] = max(min_calls, 1, round(target_s / max(single, 1e-9)))
-        per_call[name] = []
+        per_call[name], warm[name] = [], []
     names = list(fns)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             fn = fns[name]
+            if round_warmup:
+                t0 = time.perf_counter()
+                for _ in range(round_warmup):
+                    fn()
+                warm[name].append((time.perf_counter() - t0) / round_warmup)
             t0 = time.perf_counter()
             for _ in range(reps[name]):
                 fn()
             per_call[name].append((time.perf_counter() - t0) / reps[name])
     return {
-        name: dict(seconds=per_call[name], median_s=statistics.median(per_call[name]), first_call_s=first[name])
+        name: dict(
+            seconds=per_call[name],
+            median_s=statistics.median(per_call[name]),
+            first_call_s=first[name],
+            round_warmup_s=warm[name],
+        )
         for name in names
     }
 
@@ -509,7 +521,7 @@ def run_throughput(bench: Bench, args, ceiling_gflops: float) -> tuple[list[dict
             fns[name] = runner.inference(x) if workload == "inference" else runner.train(x, y)
         _log(f"[{bench.key}] {workload} batch {batch}: timing {', '.join(fns)} ...")
         min_calls = args.train_calls if workload == "train" else 1
-        timings = interleaved(fns, args.rounds, args.target_s, min_calls)
+        timings = interleaved(fns, args.rounds, args.target_s, min_calls, args.round_warmup)
         gflop = gflop_fwd * (3 if workload == "train" else 1)
         for name, t in timings.items():
             ips = batch / t["median_s"]
@@ -524,6 +536,7 @@ def run_throughput(bench: Bench, args, ceiling_gflops: float) -> tuple[list[dict
                     median_step_s=t["median_s"],
                     step_s=t["seconds"],
                     first_call_s=t["first_call_s"],
+                    round_warmup_s=t["round_warmup_s"],
                     gflop_per_image=gflop,
                     gflops=gflop * ips,
                     fraction_of_ceiling=gflop * ips / ceiling_gflops,
@@ -727,7 +740,10 @@ def markdown(results: dict) -> str:
         lines.append(
             f"Machine: {meta.get('cpu', '?')}, {meta.get('threads')} threads; jax {meta.get('jax')}, equinox "
             f"{meta.get('equinox')}, torch {meta.get('torch')}, timm {meta.get('timm')}; float32; medians of "
-            f"{meta.get('rounds')} interleaved rounds."
+            f"{meta.get('rounds')} interleaved rounds"
+            + (f", each opening with {meta['round_warmup_calls']} untimed call(s) per contender"
+               if meta.get("round_warmup_calls") else "")
+            + "."
             + (f" GLIBC_TUNABLES={meta['glibc_tunables']} (both contenders), transparent huge pages "
                f"`{meta.get('transparent_huge_pages')}`." if meta.get("glibc_tunables") else "")
         )
@@ -825,8 +841,12 @@ def parse_args(argv=None):
     p.add_argument("--compile-rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both libraries (affinity + torch)")
     p.add_argument("--train-calls", type=int, default=3,
-                   help="consecutive train steps per contender per round (at least): training runs its steps "
-                        "back to back, and a step that follows the other contender's is often slower")
+                   help="timed consecutive train steps per contender per round (at least): training runs its "
+                        "steps back to back")
+    p.add_argument("--round-warmup", type=int, default=1,
+                   help="untimed calls at the start of every round of every contender (default 1): the first "
+                        "call after a pause can pay for memory the machine took back while the process was "
+                        "idle (see benchmarks/README.md); 0 times every call")
     p.add_argument("--huge-pages", choices=("on", "off"), default="off",
                    help="on: run the whole process (both contenders) with glibc's malloc asking for transparent "
                         "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), as `cait-eqx train` does; off (the "
@@ -843,6 +863,8 @@ def main(argv=None) -> int:
     if args.table:
         print(markdown(merge(args.table)), end="")
         return 0
+    if args.round_warmup < 0:
+        raise SystemExit(f"--round-warmup must be 0 or more, got {args.round_warmup}")
     if args.train_calls < 1:
         raise SystemExit(f"--train-calls must be at least 1, got {args.train_calls}")
     ensure_huge_pages(args.huge_pages == "on")
@@ -896,6 +918,7 @@ def main(argv=None) -> int:
             glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
             transparent_huge_pages=_thp_mode(),
             train_calls_per_round=args.train_calls,
+            round_warmup_calls=args.round_warmup,
             rounds=args.rounds,
             quick=args.quick,
         ),

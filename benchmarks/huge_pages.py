@@ -3,7 +3,10 @@
 glibc reads its tunables once, at start-up, so the two settings cannot share a process: each round starts one
 fresh worker process per setting (alternating which goes first), and each worker compiles the step, runs two
 warm-up steps, then times `--steps` consecutive steps. Besides seconds per step it reports, from `getrusage`,
-the minor page faults and the kernel (system) CPU seconds per step: what the setting acts on. The step is
+the minor page faults and the kernel (system) CPU seconds per step: what the setting acts on. With `--idle`,
+each worker then sleeps for each of the given pauses in turn and times the one step that follows it: on a
+machine that takes back memory a process left free for a while (a VM with free page reporting, as here) that
+step pays for it. The step is
 `train_step_variants.py`'s `current` (`bench.py`'s step: forward, backward, AdamW, donated buffers; random
 weights; no timm in the process).
 
@@ -45,6 +48,13 @@ def worker(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
     after = resource.getrusage(resource.RUSAGE_SELF)
     n = spec["steps"]
+    after_idle = []
+    for pause in spec.get("idle", []):
+        time.sleep(pause)
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        call()
+        dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        after_idle.append(dict(pause_s=pause, step_s=dt, system_s=r1.ru_stime - r0.ru_stime))
     return dict(
         config=conf.key,
         title=conf.title,
@@ -54,14 +64,15 @@ def worker(spec: dict) -> dict:
         faults_per_step=(after.ru_minflt - before.ru_minflt) / n,
         system_s_per_step=(after.ru_stime - before.ru_stime) / n,
         user_s_per_step=(after.ru_utime - before.ru_utime) / n,
+        after_idle=after_idle,
     )
 
 
-def run_worker(config: str, setting: str, steps: int, threads: int) -> dict:
+def run_worker(config: str, setting: str, steps: int, threads: int, idle: list[float] = ()) -> dict:
     tunables = bench.tunables_with_hugetlb(os.environ.get("GLIBC_TUNABLES", ""), setting == "on")
     env = dict(os.environ, GLIBC_TUNABLES=tunables)
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--worker",
-           json.dumps(dict(config=config, steps=steps))]
+           json.dumps(dict(config=config, steps=steps, idle=list(idle)))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
@@ -74,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds; each starts one process per setting")
     p.add_argument("--steps", type=int, default=5, help="timed consecutive steps per process (median kept)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (affinity), as in bench.py")
+    p.add_argument("--idle", default="", metavar="S,S,...",
+                   help="after the timed steps, pause this many seconds (each in turn) and time the step after "
+                        "each pause, e.g. 0,1,2,5")
     p.add_argument("--quick", action="store_true", help="CI mode: the tiny model, one round, two steps")
     p.add_argument("--json", metavar="PATH", help="also write every worker's measurements as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -87,6 +101,12 @@ def main(argv=None) -> int:
         args.rounds, args.steps = 1, 2
     if args.rounds < 1 or args.steps < 1:
         raise SystemExit("--rounds and --steps must be at least 1")
+    try:
+        idle = [float(v) for v in args.idle.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--idle: expected comma-separated seconds such as 0,1,2,5, got {args.idle!r}") from None
+    if any(not 0 <= v <= 600 for v in idle):
+        raise SystemExit(f"--idle: every pause must be between 0 and 600 seconds, got {args.idle!r}")
 
     print(f"Transparent huge pages: `{bench._thp_mode()}`; {args.threads} threads; medians of {args.rounds} rounds "
           f"of {args.steps} steps.\n")
@@ -104,7 +124,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
                 print(f"[{name}] round {r + 1}: {setting} ...", file=sys.stderr, flush=True)
-                runs[setting].append(run_worker(name, setting, args.steps, args.threads))
+                runs[setting].append(run_worker(name, setting, args.steps, args.threads, idle))
                 results["runs"].append(dict(runs[setting][-1], setting=setting, round=r))
         med = {s: {k: statistics.median(run[k] for run in runs[s]) for k in
                    ("step_s", "faults_per_step", "system_s_per_step")} for s in SETTINGS}
@@ -113,6 +133,19 @@ def main(argv=None) -> int:
             print(f"| {first['title']} | {first['batch']} | {1 if s == 'on' else 0} | {m['step_s']:#.4g} | "
                   f"{first['batch'] / m['step_s']:.1f} | {m['faults_per_step']:.0f} | {m['system_s_per_step']:.3f} "
                   f"| {med['off']['step_s'] / m['step_s']:.2f}× |")
+    if idle:
+        print("\nThe step after an idle pause (medians over rounds):\n")
+        print("| config | batch | glibc.malloc.hugetlb | pause s | s / step | kernel s / step |")
+        print("|---|---|---|---|---|---|")
+        for name in names:
+            for s in SETTINGS:
+                rows = [r for r in results["runs"] if r["config"] == name and r["setting"] == s]
+                for i, pause in enumerate(idle):
+                    step = statistics.median(r["after_idle"][i]["step_s"] for r in rows)
+                    sys_s = statistics.median(r["after_idle"][i]["system_s"] for r in rows)
+                    print(f"| {rows[0]['title']} | {rows[0]['batch']} | {1 if s == 'on' else 0} | {pause:g} | "
+                          f"{step:#.4g} | {sys_s:.3f} |")
+    results["meta"]["idle_s"] = idle
     if args.json:
         bench.write_json_atomic(args.json, results)
     return 0

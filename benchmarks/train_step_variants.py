@@ -5,7 +5,13 @@ The figures in `benchmarks/README.md` ("Where the time goes") come from this scr
 - `current`: the package as it is (the talking-heads mixes written out as scaled sums of maps);
 - `head-mix product`: the mixes as a product over the head axis (`_layers.UNROLL_HEAD_MIX = 0` while tracing);
 - `no talking heads`: the same model without the mixes (`talking_heads=False`): a bound on what they cost;
-- `two half-batches`: the loss summed over two independent halves of the batch, which XLA can run side by side.
+- `two half-batches`: the loss summed over two independent halves of the batch, which XLA can run side by side;
+- `erfc GELU`: the MLP's GELU as `jax.nn.gelu(x, approximate=False)` writes it, with `erfc`, instead of
+  `_layers.gelu`'s `erf` (`_layers.gelu` swapped while tracing);
+- `indexed qkv`: `q, k, v` taken by indexing a `(tokens, 3, heads, dim_head)` view of the qkv product instead
+  of `_layers._split_qkv`'s `split` (swapped while tracing).
+
+Each round of each variant starts with one untimed call (as in `bench.py`, see `--round-warmup` there).
 
 The step is `bench.py`'s (forward, backward, AdamW, donated buffers), the configurations are its `xxs24` and
 `small`. Run `python benchmarks/train_step_variants.py --help`.
@@ -21,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench  # noqa: E402
 
-VARIANTS = ("current", "head-mix product", "no talking heads", "two half-batches")
+VARIANTS = ("current", "head-mix product", "no talking heads", "two half-batches", "erfc GELU", "indexed qkv")
 
 
 def _step_fn(variant: str, optim):
@@ -72,13 +78,28 @@ def make_call(spec: bench.Bench, variant: str, batch: int):
         state[0], state[1], loss = step((x, y), state[0], state[1])
         loss.block_until_ready()
 
-    saved = _layers.UNROLL_HEAD_MIX
-    _layers.UNROLL_HEAD_MIX = 0 if variant == "head-mix product" else saved
+    saved = _layers.UNROLL_HEAD_MIX, _layers.gelu, _layers._split_qkv
+    _layers.UNROLL_HEAD_MIX = 0 if variant == "head-mix product" else saved[0]
+    if variant == "erfc GELU":
+        _layers.gelu = _erfc_gelu
+    if variant == "indexed qkv":
+        _layers._split_qkv = _indexed_qkv
     try:
         call()  # traces and compiles now, under this variant's setting
     finally:
-        _layers.UNROLL_HEAD_MIX = saved
+        _layers.UNROLL_HEAD_MIX, _layers.gelu, _layers._split_qkv = saved
     return call
+
+
+def _indexed_qkv(qkv, heads, dim_head):
+    qkv = qkv.reshape(qkv.shape[0], 3, heads, dim_head)
+    return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
+
+def _erfc_gelu(x):
+    import jax
+
+    return jax.nn.gelu(x, approximate=False)
 
 
 def config_names(only: str, quick: bool) -> list[str]:
@@ -96,8 +117,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     p.add_argument("--target-s", type=float, default=2.0, help="seconds per variant per round (≥ 1 call)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (affinity), as in bench.py")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma list of variants to time; `current` is always timed (the reference)")
     p.add_argument("--quick", action="store_true", help="CI mode: the tiny model, one round")
     args = p.parse_args(argv)
+    variants = ["current"] + [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "current"]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"--variants: unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     bench.pin_threads(args.threads)
     names = config_names(args.only, args.quick)
     if args.quick:
@@ -108,10 +135,10 @@ def main(argv=None) -> int:
     for name in names:
         spec = bench.BENCHES[name]
         batch = spec.train_batch
-        calls = {variant: make_call(spec, variant, batch) for variant in VARIANTS}
-        timings = bench.interleaved(calls, args.rounds, args.target_s)
+        calls = {variant: make_call(spec, variant, batch) for variant in variants}
+        timings = bench.interleaved(calls, args.rounds, args.target_s, round_warmup=1)
         base = timings["current"]["median_s"]
-        for variant in VARIANTS:
+        for variant in variants:
             t = timings[variant]["median_s"]
             print(f"| {spec.title} | {batch} | {variant} | {t:.4g} | {batch / t:.4g} | {base / t:.2f}× |")
     return 0

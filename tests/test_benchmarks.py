@@ -175,6 +175,11 @@ def test_quick_run_records_its_allocator_settings(quick):
     # The caller asked for huge pages; `--huge-pages off` (the default) restarted the process without them.
     assert meta["glibc_tunables"] == "glibc.malloc.hugetlb=0"
     assert meta["train_calls_per_round"] == 3
+    assert meta["round_warmup_calls"] == 1
+    # Every row keeps the untimed first call of each of its rounds, so what the median leaves out is on record.
+    for r in results["throughput"]:
+        assert len(r["round_warmup_s"]) == len(r["step_s"]) == meta["rounds"]
+        assert all(_finite_positive(t) for t in r["round_warmup_s"]), r
     rendered = bench.markdown({"meta": {**meta, "glibc_tunables": "glibc.malloc.hugetlb=1"}})
     assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (both contenders)" in rendered.splitlines()[0]
 
@@ -207,18 +212,87 @@ def test_huge_pages_setting_is_enforced_both_ways(tmp_path):
         assert starts == [f"pid {pid}"] * (1 if start == expected else 2), proc.stdout
 
 
-def test_huge_pages_script_quick_mode():
+def test_interleaved_leaves_each_rounds_warmup_calls_out_of_the_timing():
+    """A call that is slow only because it opens a round (here: the first call of every round sleeps) must show
+    in `round_warmup_s`, not in the timed seconds; every contender gets the same number of calls."""
+    import time
+
+    calls = {"a": 0, "b": 0}
+    slow = 0.05
+
+    def make(name):
+        def fn():
+            i = calls[name]
+            calls[name] += 1
+            # Call 0 warms up, call 1 calibrates; then each round is 1 warm-up + 3 timed calls.
+            if i >= 2 and (i - 2) % 4 == 0:
+                time.sleep(slow)
+
+        return fn
+
+    out = bench.interleaved({"a": make("a"), "b": make("b")}, rounds=3, target_s=0.0, min_calls=3, round_warmup=1)
+    assert calls == {"a": 2 + 3 * 4, "b": 2 + 3 * 4}
+    for name in ("a", "b"):
+        assert len(out[name]["seconds"]) == len(out[name]["round_warmup_s"]) == 3
+        assert all(t >= slow for t in out[name]["round_warmup_s"]), out[name]
+        assert all(t < slow / 5 for t in out[name]["seconds"]), out[name]
+    # Without warm-up calls the slow call is timed: the same pattern then lands in the timed seconds.
+    calls.update(a=0, b=0)
+
+    def every_round_opens_slow(name):
+        def fn():
+            i = calls[name]
+            calls[name] += 1
+            if i >= 2 and (i - 2) % 3 == 0:
+                time.sleep(slow)
+
+        return fn
+
+    out = bench.interleaved({"a": every_round_opens_slow("a")}, rounds=2, target_s=0.0, min_calls=3)
+    assert out["a"]["round_warmup_s"] == [] and all(t >= slow / 3 for t in out["a"]["seconds"])
+
+
+def _tables(stdout):
+    """The markdown tables of a script's output, each as a list of rows of cells (header and rule dropped)."""
+    tables, current = [], None
+    for line in stdout.splitlines():
+        if line.startswith("| "):
+            if current is None:
+                current = []
+                tables.append(current)
+            current.append([c.strip() for c in line.split("|")[1:-1]])
+        elif not line.startswith("|---"):
+            current = None
+    return [t[1:] for t in tables]
+
+
+def test_huge_pages_script_quick_mode(tmp_path):
     """`huge_pages.py --quick` (behind the README's huge-page figures) runs a worker process per setting and
-    prints one sane row each, `off` being the 1.00× reference."""
+    prints one sane row each, `off` being the 1.00× reference; with `--idle` it also times the step after each
+    pause, in a second table and in the JSON."""
     script = ROOT / "benchmarks" / "huge_pages.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+    path = tmp_path / "hp.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--idle", "0,0.2", "--json", str(path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
-    assert [cells[2].strip() for cells in rows] == ["0", "1"]
-    for cells in rows:
+    steps, idle = _tables(proc.stdout)
+    assert [cells[2] for cells in steps] == ["0", "1"]
+    for cells in steps:
         seconds, images_per_s = float(cells[3]), float(cells[4])
         assert seconds > 0 and images_per_s == pytest.approx(int(cells[1]) / seconds, rel=0.01)
         float(cells[5]), float(cells[6])  # faults and kernel seconds are numbers
-    off, on = (float(cells[3]) for cells in rows)
-    assert rows[1][7].strip() == f"{off / on:.2f}×"
+    off, on = (float(cells[3]) for cells in steps)
+    assert steps[1][7] == f"{off / on:.2f}×"
+    assert [(cells[2], cells[3]) for cells in idle] == [("0", "0"), ("0", "0.2"), ("1", "0"), ("1", "0.2")]
+    assert all(float(cells[4]) > 0 and float(cells[5]) >= 0 for cells in idle)
+    results = json.loads(path.read_text())
+    assert results["meta"]["idle_s"] == [0.0, 0.2]
+    for run in results["runs"]:
+        assert [a["pause_s"] for a in run["after_idle"]] == [0.0, 0.2] and all(a["step_s"] > 0 for a in run["after_idle"])
+
+
+def test_huge_pages_script_rejects_a_bad_idle_list():
+    script = ROOT / "benchmarks" / "huge_pages.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--idle", "1,two"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "--idle: expected comma-separated seconds" in proc.stderr

@@ -120,3 +120,26 @@ def test_every_block_and_head_mix_matters(name, getkey):
             model, lambda m, mix=mix: getattr(m.blocks.attn, mix), lambda a, key=key: a + jax.random.normal(key, a.shape)
         )
         assert changes(perturbed) > 1e-3, f"talking-heads {mix} does not affect the logits"
+
+
+def test_gelu_is_torchs_exact_gelu():
+    """`_layers.gelu` (the MLP's activation) is the exact, erf-based GELU of `torch.nn.GELU()`, not the tanh
+    approximation; it keeps a low-precision dtype, and its derivative is jax.nn.gelu's (exact) one.
+
+    What would be wrong: the tanh approximation differs by up to ~5e-4 near |x| = 2, far above this tolerance;
+    a float32 constant would silently promote bfloat16 activations."""
+    import torch
+
+    from cait_eqx._layers import gelu
+
+    x = np.linspace(-10, 10, 40001, dtype=np.float32)
+    ours = np.asarray(gelu(jnp.asarray(x)))
+    ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    tanh = np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=True))
+    # A few float32 ulps of the output, absolute, everywhere (values reach 10).
+    assert np.abs(ours - ref).max() <= 2e-6
+    assert np.abs(tanh - ref).max() > 1e-4  # the check can tell the approximation apart
+    assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+    grads = jax.vmap(jax.grad(gelu))(jnp.asarray(x))
+    expected = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grads), np.asarray(expected), atol=2e-6)

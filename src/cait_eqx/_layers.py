@@ -220,15 +220,42 @@ class Mlp(eqx.Module):
         self, x: Float[Array, "*tokens dim"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
     ) -> Float[Array, "*tokens dim"]:
         k1, k2 = split_optional(key, 2)
-        x = jax.nn.gelu(checkpoint_name(self.fc1(x), "fc1"), approximate=False)
+        x = gelu(checkpoint_name(self.fc1(x), "fc1"))
         x = self.drop(x, key=k1, inference=inference)
         x = checkpoint_name(self.fc2(x), "fc2")
         return self.drop(x, key=k2, inference=inference)
 
 
+def gelu(x: Array) -> Array:
+    """The exact GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2`, in the dtype of `x`.
+
+    The same function as `jax.nn.gelu(x, approximate=False)`, written with `erf` as PyTorch's `nn.GELU` is (so
+    it rounds like timm's), where JAX's is written with `erfc(-x / √2)`. XLA's CPU backend evaluates float32
+    `erf` as one polynomial ratio, while its `erfc` also takes an exponential and a branch; the backward pass
+    recomputes this for every block, and the training step is faster with `erf` (`benchmarks/README.md`,
+    variant `erfc GELU` of `benchmarks/train_step_variants.py`). For very negative `x` the `erf` form loses
+    relative accuracy that `erfc` keeps, on values below 1e-6 in magnitude, exactly as PyTorch's does.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
 def _softmax32(logits: Array) -> Array:
     """Softmax over the last axis, computed in float32 and cast back."""
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+
+
+def _split_qkv(qkv: Array, heads: int, dim_head: int) -> tuple[Array, Array, Array]:
+    """Cut the `(tokens, 3 * heads * dim_head)` output of the fused qkv product into `q, k, v`, each
+    `(tokens, heads, dim_head)`, in timm's order (`q` first, heads major within each).
+
+    Written as one `split` of the feature axis, whose gradient is one `concatenate`. Indexing a
+    `(tokens, 3, heads, dim_head)` view instead gives three zero-padded copies in the backward pass that XLA's
+    CPU backend writes out and adds, once for each product that reads the gradient, which made the training
+    step slower (`benchmarks/README.md`, variant `indexed qkv` of `benchmarks/train_step_variants.py`).
+    """
+    n = qkv.shape[0]
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    return q.reshape(n, heads, dim_head), k.reshape(n, heads, dim_head), v.reshape(n, heads, dim_head)
 
 
 # Up to this many heads the talking-heads mixes are written out as sums of scaled maps (see `_mix_heads`): the
@@ -314,8 +341,8 @@ class TalkingHeadAttention(eqx.Module):
     def attention_weights(self, x: Float[Array, "tokens dim"]) -> tuple[Array, Array]:
         """The attention maps `(heads, tokens, tokens)` after `proj_w` (before dropout), and the values."""
         n = x.shape[0]
-        qkv = checkpoint_name(self.qkv(x), "qkv").reshape(n, 3, self.heads, self.dim_head)
-        q, k, v = qkv[:, 0] * jnp.asarray(self.scale, x.dtype), qkv[:, 1], qkv[:, 2]
+        q, k, v = _split_qkv(checkpoint_name(self.qkv(x), "qkv"), self.heads, self.dim_head)
+        q = q * jnp.asarray(self.scale, x.dtype)
         logits = jnp.einsum("qhd,khd->hqk", q, k)
         if self.proj_l is not None:
             logits = _mix_heads(self.proj_l, logits)
