@@ -280,8 +280,8 @@ def interleaved(
     once more to calibrate how many calls (at least `min_calls`) make one round of about `target_s`, then
     `rounds` rounds in alternating order. Each round of a contender starts with `round_warmup` untimed calls
     (their mean time is kept as `round_warmup_s`, one entry per round), then times its calls back to back.
-    Returns per contender: seconds per timed call of each round, the median, `first_call_s` and
-    `round_warmup_s`.
+    Returns per contender: seconds per timed call of each round, the median, `first_call_s`, `round_warmup_s`
+    and `timed_calls_per_round`.
     """
     first, per_call, reps, warm = {}, {}, {}, {}
     for name, fn in fns.items():
@@ -313,6 +313,7 @@ def interleaved(
             median_s=statistics.median(per_call[name]),
             first_call_s=first[name],
             round_warmup_s=warm[name],
+            timed_calls_per_round=reps[name],
         )
         for name in names
     }
@@ -537,6 +538,8 @@ def run_throughput(bench: Bench, args, ceiling_gflops: float) -> tuple[list[dict
                     step_s=t["seconds"],
                     first_call_s=t["first_call_s"],
                     round_warmup_s=t["round_warmup_s"],
+                    timed_calls_per_round=t["timed_calls_per_round"],
+                    round_warmup_calls=args.round_warmup,
                     gflop_per_image=gflop,
                     gflops=gflop * ips,
                     fraction_of_ceiling=gflop * ips / ceiling_gflops,
@@ -714,8 +717,19 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
+def images_per_s_counting_warmup(row: dict) -> float | None:
+    """A throughput row's images/s had each round's untimed opening calls been timed too: the median over
+    rounds of the mean over all of the round's calls. None where the row has no warm-up calls on record."""
+    w, n, warm = row.get("round_warmup_calls"), row.get("timed_calls_per_round"), row.get("round_warmup_s")
+    if not (w and n and warm and len(warm) == len(row["step_s"])):
+        return None
+    means = [(w * a + n * b) / (w + n) for a, b in zip(warm, row["step_s"], strict=True)]
+    return row["batch"] / statistics.median(means)
+
+
 def ratio_rows(results: dict) -> list[dict]:
-    """One row per (config, workload, batch): images/s of every contender and cait_eqx's ratios."""
+    """One row per (config, workload, batch): images/s of every contender and cait_eqx's ratios; also the ratio
+    to timm eager counting each round's untimed opening calls (`images_per_s_counting_warmup`), where known."""
     grouped: dict[tuple, dict] = {}
     for r in results.get("throughput", []):
         k = (r["config"], r["workload"], r["batch"])
@@ -729,6 +743,8 @@ def ratio_rows(results: dict) -> list[dict]:
             row[c + "_fraction"] = g[c]["fraction_of_ceiling"] if c in g else None
         for c in ("timm", "timm_compile"):
             row["ratio_vs_" + c] = row["cait_eqx"] / row[c] if row.get(c) and row.get("cait_eqx") else None
+        both = [images_per_s_counting_warmup(g[c]) if c in g else None for c in ("cait_eqx", "timm")]
+        row["ratio_vs_timm_counting_warmup"] = both[0] / both[1] if None not in both else None
         out.append(row)
     return out
 
@@ -758,7 +774,10 @@ def markdown(results: dict) -> str:
     rows = ratio_rows(results)
     if rows:
         has_compile = any(r["timm_compile"] is not None for r in rows)
+        has_warmup = any(r["ratio_vs_timm_counting_warmup"] is not None for r in rows)
         head = ["config", "workload", "batch", "cait_eqx img/s", "timm eager img/s", "cait_eqx / timm"]
+        if has_warmup:
+            head += ["… counting each round's first call"]
         if has_compile:
             head += ["timm compile img/s", "cait_eqx / compile"]
         head += ["cait_eqx % ceiling", "timm % ceiling"]
@@ -766,6 +785,9 @@ def markdown(results: dict) -> str:
         for r in rows:
             cells = [r["title"], r["workload"], str(r["batch"]), _fmt(r["cait_eqx"]), _fmt(r["timm"]),
                      _fmt(r["ratio_vs_timm"]) + "×"]
+            if has_warmup:
+                w = r["ratio_vs_timm_counting_warmup"]
+                cells += [_fmt(w) + "×" if w is not None else "–"]
             if has_compile:
                 cells += [_fmt(r["timm_compile"]), _fmt(r["ratio_vs_timm_compile"]) + "×"]
             cells += [_pct(r["cait_eqx_fraction"]), _pct(r["timm_fraction"])]

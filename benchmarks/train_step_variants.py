@@ -20,6 +20,7 @@ The step is `bench.py`'s (forward, backward, AdamW, donated buffers), the config
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -64,7 +65,6 @@ def make_call(spec: bench.Bench, variant: str, batch: int):
     import jax.random as jr
 
     import cait_eqx
-    from cait_eqx import _layers
 
     kwargs = spec.eqx_kwargs() | ({"talking_heads": False} if variant == "no talking heads" else {})
     model = cait_eqx.CaiT(**kwargs, key=jr.key(0))
@@ -78,17 +78,28 @@ def make_call(spec: bench.Bench, variant: str, batch: int):
         state[0], state[1], loss = step((x, y), state[0], state[1])
         loss.block_until_ready()
 
+    with traced_as(variant):
+        call()  # traces and compiles now, under this variant's setting; later calls reuse that program
+    return call
+
+
+@contextlib.contextmanager
+def traced_as(variant: str):
+    """While inside, `cait_eqx._layers` traces as `variant` does (the module settings it swaps are restored on
+    exit). Only tracing reads them: a program compiled inside keeps the variant's form when called later."""
+    from cait_eqx import _layers
+
     saved = _layers.UNROLL_HEAD_MIX, _layers.gelu, _layers._split_qkv
-    _layers.UNROLL_HEAD_MIX = 0 if variant == "head-mix product" else saved[0]
+    if variant == "head-mix product":
+        _layers.UNROLL_HEAD_MIX = 0
     if variant == "erfc GELU":
         _layers.gelu = _erfc_gelu
     if variant == "indexed qkv":
         _layers._split_qkv = _indexed_qkv
     try:
-        call()  # traces and compiles now, under this variant's setting
+        yield
     finally:
         _layers.UNROLL_HEAD_MIX, _layers.gelu, _layers._split_qkv = saved
-    return call
 
 
 def _indexed_qkv(qkv, heads, dim_head):
@@ -121,7 +132,7 @@ def main(argv=None) -> int:
                    help="comma list of variants to time; `current` is always timed (the reference)")
     p.add_argument("--quick", action="store_true", help="CI mode: the tiny model, one round")
     args = p.parse_args(argv)
-    variants = ["current"] + [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "current"]
+    variants = list(dict.fromkeys(["current"] + [v.strip() for v in args.variants.split(",") if v.strip()]))
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"--variants: unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")

@@ -167,6 +167,32 @@ def test_train_step_variants_quick_mode_prints_every_variant():
     assert rows[0][5].strip() == "1.00×"
 
 
+def test_each_variant_traces_differently_and_is_undone():
+    """`train_step_variants.traced_as(v)` must change what the model traces to (else a variant row would time
+    the current code under another name), and leave the package as it was on exit."""
+    import jax
+    import jax.numpy as jnp
+    import train_step_variants
+
+    import cait_eqx
+
+    model = cait_eqx.CaiT(**bench.BENCHES["tiny"].eqx_kwargs(), key=jax.random.key(0))
+    image = jnp.ones((3, model.config.image_size[0], model.config.image_size[1]))
+
+    import equinox as eqx
+
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def program():
+        return str(jax.make_jaxpr(jax.grad(lambda p: eqx.combine(p, static)(image).sum()))(params))
+
+    current = program()
+    for variant in ("head-mix product", "erfc GELU", "indexed qkv"):
+        with train_step_variants.traced_as(variant):
+            assert program() != current, variant
+        assert program() == current, f"{variant} was not undone"
+
+
 def test_quick_run_records_its_allocator_settings(quick):
     """Both contenders run under the same glibc tunables, and the JSON says which: by default glibc's own
     setting (`--huge-pages off`), even when the caller's environment asked for huge pages."""
@@ -180,6 +206,21 @@ def test_quick_run_records_its_allocator_settings(quick):
     for r in results["throughput"]:
         assert len(r["round_warmup_s"]) == len(r["step_s"]) == meta["rounds"]
         assert all(_finite_positive(t) for t in r["round_warmup_s"]), r
+        assert r["round_warmup_calls"] == 1 and r["timed_calls_per_round"] >= (3 if r["workload"] == "train" else 1)
+    # ... and the table shows the ratio as it would be had those calls been timed too.
+    for row in bench.ratio_rows(results):
+        eqx, timm = (next(r for r in results["throughput"] if (r["workload"], r["batch"], r["contender"]) ==
+                          (row["workload"], row["batch"], c)) for c in ("cait_eqx", "timm"))
+
+        def counting_warmup(r):
+            n = r["timed_calls_per_round"]
+            means = sorted((w + n * t) / (1 + n) for w, t in zip(r["round_warmup_s"], r["step_s"], strict=True))
+            return r["batch"] / means[len(means) // 2]  # one round in quick mode: its mean
+
+        assert row["ratio_vs_timm_counting_warmup"] == pytest.approx(counting_warmup(eqx) / counting_warmup(timm))
+        line = next(ln for ln in stdout.splitlines() if f"| {row['workload']} | {row['batch']} |" in ln)
+        assert line.split("|")[7].strip() == f"{row['ratio_vs_timm_counting_warmup']:.2f}×"
+    assert "… counting each round's first call" in stdout
     rendered = bench.markdown({"meta": {**meta, "glibc_tunables": "glibc.malloc.hugetlb=1"}})
     assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (both contenders)" in rendered.splitlines()[0]
 
@@ -212,44 +253,36 @@ def test_huge_pages_setting_is_enforced_both_ways(tmp_path):
         assert starts == [f"pid {pid}"] * (1 if start == expected else 2), proc.stdout
 
 
-def test_interleaved_leaves_each_rounds_warmup_calls_out_of_the_timing():
-    """A call that is slow only because it opens a round (here: the first call of every round sleeps) must show
-    in `round_warmup_s`, not in the timed seconds; every contender gets the same number of calls."""
-    import time
+def test_interleaved_leaves_each_rounds_warmup_calls_out_of_the_timing(monkeypatch):
+    """Each contender's round is its warm-up call(s) then its timed calls, back to back; a call that is slow only
+    because it opens a round shows in `round_warmup_s`, not in the timed seconds. A fake clock makes it exact:
+    every call takes 1 s, except the first of each round (after warm-up and calibration), which takes 100 s."""
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    log, calls = [], {}
 
-    calls = {"a": 0, "b": 0}
-    slow = 0.05
+    def opens_slow(name, per_round):
+        calls[name] = 0
 
-    def make(name):
         def fn():
             i = calls[name]
             calls[name] += 1
-            # Call 0 warms up, call 1 calibrates; then each round is 1 warm-up + 3 timed calls.
-            if i >= 2 and (i - 2) % 4 == 0:
-                time.sleep(slow)
+            log.append(name)
+            clock[0] += 100.0 if i >= 2 and (i - 2) % per_round == 0 else 1.0
 
         return fn
 
-    out = bench.interleaved({"a": make("a"), "b": make("b")}, rounds=3, target_s=0.0, min_calls=3, round_warmup=1)
-    assert calls == {"a": 2 + 3 * 4, "b": 2 + 3 * 4}
+    fns = {"a": opens_slow("a", 4), "b": opens_slow("b", 4)}
+    out = bench.interleaved(fns, rounds=3, target_s=0.0, min_calls=3, round_warmup=1)
+    # Warm-up, calibration, then rounds in alternating order, each contender's calls back to back.
+    assert log == ["a", "b", "a", "b"] + ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4 + ["a"] * 4 + ["b"] * 4
     for name in ("a", "b"):
-        assert len(out[name]["seconds"]) == len(out[name]["round_warmup_s"]) == 3
-        assert all(t >= slow for t in out[name]["round_warmup_s"]), out[name]
-        assert all(t < slow / 5 for t in out[name]["seconds"]), out[name]
-    # Without warm-up calls the slow call is timed: the same pattern then lands in the timed seconds.
-    calls.update(a=0, b=0)
-
-    def every_round_opens_slow(name):
-        def fn():
-            i = calls[name]
-            calls[name] += 1
-            if i >= 2 and (i - 2) % 3 == 0:
-                time.sleep(slow)
-
-        return fn
-
-    out = bench.interleaved({"a": every_round_opens_slow("a")}, rounds=2, target_s=0.0, min_calls=3)
-    assert out["a"]["round_warmup_s"] == [] and all(t >= slow / 3 for t in out["a"]["seconds"])
+        assert out[name]["round_warmup_s"] == [100.0] * 3
+        assert out[name]["seconds"] == [1.0] * 3 and out[name]["median_s"] == 1.0
+        assert out[name]["timed_calls_per_round"] == 3 and out[name]["first_call_s"] == 1.0
+    # Without warm-up calls the same slow opening call is timed: (100 + 1 + 1) / 3 per call.
+    out = bench.interleaved({"c": opens_slow("c", 3)}, rounds=2, target_s=0.0, min_calls=3)
+    assert out["c"]["round_warmup_s"] == [] and out["c"]["seconds"] == [pytest.approx(34.0)] * 2
 
 
 def _tables(stdout):

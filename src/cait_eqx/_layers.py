@@ -340,7 +340,6 @@ class TalkingHeadAttention(eqx.Module):
 
     def attention_weights(self, x: Float[Array, "tokens dim"]) -> tuple[Array, Array]:
         """The attention maps `(heads, tokens, tokens)` after `proj_w` (before dropout), and the values."""
-        n = x.shape[0]
         q, k, v = _split_qkv(checkpoint_name(self.qkv(x), "qkv"), self.heads, self.dim_head)
         q = q * jnp.asarray(self.scale, x.dtype)
         logits = jnp.einsum("qhd,khd->hqk", q, k)
