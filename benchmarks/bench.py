@@ -866,9 +866,9 @@ def parse_args(argv=None):
                    help="timed consecutive train steps per contender per round (at least): training runs its "
                         "steps back to back")
     p.add_argument("--round-warmup", type=int, default=1,
-                   help="untimed calls at the start of every round of every contender (default 1): the first "
-                        "call after a pause can pay for memory the machine took back while the process was "
-                        "idle (see benchmarks/README.md); 0 times every call")
+                   help="untimed calls at the start of every round of every contender (default 1): on these "
+                        "machines the first call after a pause is slower, which a training loop does not pay "
+                        "(see benchmarks/README.md; the table's last ratio column counts it); 0 times every call")
     p.add_argument("--huge-pages", choices=("on", "off"), default="off",
                    help="on: run the whole process (both contenders) with glibc's malloc asking for transparent "
                         "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), as `cait-eqx train` does; off (the "

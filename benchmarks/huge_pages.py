@@ -4,9 +4,8 @@ glibc reads its tunables once, at start-up, so the two settings cannot share a p
 fresh worker process per setting (alternating which goes first), and each worker compiles the step, runs two
 warm-up steps, then times `--steps` consecutive steps. Besides seconds per step it reports, from `getrusage`,
 the minor page faults and the kernel (system) CPU seconds per step: what the setting acts on. With `--idle`,
-each worker then sleeps for each of the given pauses in turn and times the one step that follows it: on a
-machine that takes back memory a process left free for a while (a VM with free page reporting, as here) that
-step pays for it. The step is
+each worker then sleeps for each of the given pauses in turn and times the one step that follows it: on these
+machines (VMs with free page reporting, the likely cause) that step is slower with huge pages. The step is
 `train_step_variants.py`'s `current` (`bench.py`'s step: forward, backward, AdamW, donated buffers; random
 weights; no timm in the process).
 
