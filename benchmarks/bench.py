@@ -12,8 +12,8 @@ Measured:
   `cait_m48_448` structure, and torch.compile's first-call cost with `--compile`;
 - peak resident memory of each contender in a fresh subprocess.
 
-With `--huge-pages on` the whole process (so both contenders) runs with glibc's `glibc.malloc.hugetlb=1`: see
-`cait_eqx.restart_with_huge_pages` and the README here for what it changes and by how much.
+With `--huge-pages on` the whole measurement (so both contenders) runs with glibc's `glibc.malloc.hugetlb=1`, in
+a child process started with it: see the README here ("Allocator") for what it changes and by how much.
 
 Run `python benchmarks/bench.py --help`; `benchmarks/README.md` has the commands and the results.
 """
@@ -128,8 +128,7 @@ _RESTARTED = "CAIT_EQX_BENCH_RESTARTED"
 
 
 def _thp_mode() -> str | None:
-    """The kernel's transparent-huge-page mode, as `cait_eqx.restart_with_huge_pages` reads it (without
-    importing cait_eqx, and so JAX, before `pin_threads`)."""
+    """The kernel's transparent-huge-page mode (`always`, `madvise` or `never`), or None where unknown."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             text = f.read()
@@ -146,8 +145,12 @@ def tunables_with_hugetlb(tunables: str, on: bool) -> str:
 
 
 def ensure_huge_pages(on: bool) -> None:
-    """Make glibc's `glibc.malloc.hugetlb` tunable 1 (`on`) or 0 for this whole process, restarting it (same
-    arguments, same process id) if the environment says otherwise: glibc reads it only at start-up."""
+    """Return if glibc's `glibc.malloc.hugetlb` tunable is already 1 (`on`) or 0 in this process; otherwise run
+    this same command in a child process whose environment sets it, and exit with the child's status.
+
+    glibc reads its tunables only at start-up, so a process cannot change its own; the child is started with
+    the tunable (this process is not re-executed) and does all the work, with this process's standard streams.
+    """
     items = [i for i in os.environ.get("GLIBC_TUNABLES", "").split(":") if i]
     current = next((i.split("=", 1)[1] for i in items if i.split("=", 1)[0] == HUGETLB), "0")
     want = "1" if on else "0"
@@ -155,7 +158,7 @@ def ensure_huge_pages(on: bool) -> None:
         return
     if _RESTARTED in os.environ:  # glibc's secure mode (setuid/capabilities) erases the tunable: do not loop
         raise SystemExit(
-            f"--huge-pages {'on' if on else 'off'}: the restarted process still has GLIBC_TUNABLES="
+            f"--huge-pages {'on' if on else 'off'}: the child process still has GLIBC_TUNABLES="
             f"{os.environ.get('GLIBC_TUNABLES', '')!r}; this interpreter (glibc secure mode?) drops the tunable. "
             "Run without --huge-pages on, or with an interpreter that keeps GLIBC_TUNABLES."
         )
@@ -163,7 +166,7 @@ def ensure_huge_pages(on: bool) -> None:
     env = dict(os.environ, GLIBC_TUNABLES=tunables, **{_RESTARTED: "1"})
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), env)
+    raise SystemExit(subprocess.run([sys.executable, *sys.orig_argv[1:]], env=env).returncode)
 
 
 def _proc_status_mb(field: str) -> float:
@@ -871,9 +874,9 @@ def parse_args(argv=None):
                         "(see benchmarks/README.md; the table's last ratio column counts it); 0 times every call")
     p.add_argument("--huge-pages", choices=("on", "off"), default="off",
                    help="on: run the whole process (both contenders) with glibc's malloc asking for transparent "
-                        "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), as `cait-eqx train` does; off (the "
-                        "default): glibc's default, as a plain process has it. The process restarts itself to "
-                        "set either")
+                        "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1); off (the default): glibc's default, "
+                        "as a plain process has it. Where the environment says otherwise, the measurement runs "
+                        "in a child process started with the setting")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier --json files")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)

@@ -6,7 +6,7 @@ evaluation with its confusion matrix, the saved model and the curves.
 
     python examples/train_digits.py --out runs/digits          # about two minutes on 2 CPU cores
     python examples/train_digits.py --out runs/digits --resume # continue an interrupted run exactly
-    python examples/train_digits.py --quick --out /tmp/quick   # a few steps (CI)
+    python examples/train_digits.py --quick --out /tmp/quick   # six epochs (CI): well above chance
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
-import numpy as np
 from beartype import beartype
 from jaxtyping import jaxtyped
 
@@ -44,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--quick", action="store_true", help="two epochs on 256 images (CI)")
+    parser.add_argument("--quick", action="store_true", help="six epochs (CI)")
     args = parser.parse_args(argv)
 
     # 1,797 digits upsampled from 8x8 to 16x16 (the `cait-eqx train` default), a fixed stratified split.
     train, test = train_test_split(load_digits(image_size=16), test_fraction=0.2, seed=0)
     if args.quick:
-        train, args.epochs = train.subset(np.arange(256)), 2
+        args.epochs = 6  # the fewest that reliably learn: tests/test_examples.py checks the accuracy
     model = build(train, seed=args.seed)
     print(f"{model.num_params:,} parameters; {len(train)} training and {len(test)} test images")
 

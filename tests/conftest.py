@@ -1,4 +1,8 @@
-"""Test configuration: explicit broadcasting only, 8 CPU devices, and runtime type checking switched on."""
+"""Test configuration: explicit broadcasting only, 8 CPU devices, runtime type checking on, shared fixtures.
+
+Fixtures: `getkey` (fresh PRNG keys), `tiny_config` (the keywords of the small CaiT most tests build) and
+`tiny_model` (that CaiT, built once per session).
+"""
 
 import os
 
@@ -13,6 +17,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # tests/test_model.py::test_model_runs_under_strict_dtype_promotion rather than globally.
 
 import itertools  # noqa: E402
+from types import MappingProxyType  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -27,3 +32,23 @@ def getkey():
     counter = itertools.count()
     base = jax.random.key(1234)
     return lambda: jax.random.fold_in(base, next(counter))
+
+
+# 16x16 RGB images in 4x4 patches (a 4x4 grid), 2 SA + 2 CA blocks, 4 heads of 8: every code path of the
+# model, compiled in seconds. Read-only, so no test can change it for the others; derive with
+# `dict(tiny_config, depth=3)`.
+TINY_CONFIG = MappingProxyType(
+    dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=2, cls_depth=2, heads=4, mlp_dim=64)
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The `CaiT` keywords of the small model most tests use (a read-only mapping)."""
+    return TINY_CONFIG
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    """`CaiT(**tiny_config, key=jax.random.key(0))`, built once (immutable, like every Equinox module)."""
+    return cait_eqx.CaiT(**tiny_config, key=jax.random.key(0))

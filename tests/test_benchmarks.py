@@ -226,8 +226,9 @@ def test_quick_run_records_its_allocator_settings(quick):
 
 
 def test_huge_pages_setting_is_enforced_both_ways(tmp_path):
-    """`--huge-pages off` in an environment that asks for huge pages restarts the process without them (and the
-    other way round): the setting the JSON reports is the one the process ran under."""
+    """`--huge-pages off` in an environment that asks for huge pages runs the measurement in a child process
+    started without them (and the other way round), never by re-executing itself: the setting the JSON reports
+    is the one the process that measured ran under, and the parent exits with the child's status."""
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import os, sys\n"
@@ -235,7 +236,8 @@ def test_huge_pages_setting_is_enforced_both_ways(tmp_path):
         "import bench\n"
         "print('pid', os.getpid(), flush=True)\n"
         "bench.ensure_huge_pages(sys.argv[1] == 'on')\n"
-        "print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''))\n"
+        "print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), flush=True)\n"
+        "sys.exit(int(sys.argv[2]))\n"
     )
     for setting, start, expected in [
         ("off", "x.y=2:glibc.malloc.hugetlb=1", "x.y=2:glibc.malloc.hugetlb=0"),
@@ -243,14 +245,18 @@ def test_huge_pages_setting_is_enforced_both_ways(tmp_path):
         ("on", "glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=1"),
     ]:
         env = dict(os.environ, GLIBC_TUNABLES=start)
-        proc = subprocess.run([sys.executable, str(probe), setting], capture_output=True, text=True, env=env,
+        proc = subprocess.run([sys.executable, str(probe), setting, "3"], capture_output=True, text=True, env=env,
                               timeout=120)
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 3, proc.stderr  # the child's status, passed on
         *starts, last = proc.stdout.strip().splitlines()
         pid, _, tunables = last.partition(" ")
         assert tunables == expected, (setting, start, proc.stdout)
-        # Restarted in place (same process) exactly when the setting had to change.
-        assert starts == [f"pid {pid}"] * (1 if start == expected else 2), proc.stdout
+        # The work is done once, under the wanted setting: by this process where it had it already, else by one
+        # child process (another process id: nothing was re-executed in place).
+        if start == expected:
+            assert starts == [f"pid {pid}"], proc.stdout
+        else:
+            assert len(starts) == 2 and starts[1] == f"pid {pid}" and starts[0] != starts[1], proc.stdout
 
 
 def test_interleaved_leaves_each_rounds_warmup_calls_out_of_the_timing(monkeypatch):
@@ -329,3 +335,85 @@ def test_huge_pages_script_rejects_a_bad_idle_list():
     proc = subprocess.run([sys.executable, str(script), "--quick", "--idle", "1,two"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0 and "--idle: expected comma-separated seconds" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """One JAX compilation cache for the quick runs below, so that only their first worker compiles the
+    model's set-up (each worker is a fresh process)."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def test_allocator_script_quick_mode(tmp_path, jax_cache):
+    """`allocator.py --quick` (behind the README's allocator table) runs one fresh worker per setting, each
+    under exactly its setting: the huge-page tunable in the environment it started with for `hugetlb` and
+    `both`, the `mallopt` settings applied in-process for `reuse` and `both`; the table renders the JSON."""
+    import allocator
+
+    script = ROOT / "benchmarks" / "allocator.py"
+    path = tmp_path / "allocator.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--jax-cache", str(jax_cache), "--json", str(path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1"),  # the workers' own settings must win
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(path.read_text())
+    (table,) = _tables(proc.stdout)
+    assert [cells[2] for cells in table] == list(allocator.DEFAULT_SETTINGS)
+    for cells in table:
+        assert float(cells[3]) > 0 and float(cells[5]) >= 0 and float(cells[6]) >= 0
+        assert all(float(c) > 50 for c in cells[7:11]), cells  # MB of a Python process with JAX loaded
+    assert table[0][4] == "1.00×"
+    runs = {r["setting"]: r for r in results["runs"]}
+    glibc = results["meta"]["libc"].startswith("glibc")
+    for setting, r in runs.items():
+        hugetlb = setting in ("hugetlb", "both")
+        assert r["glibc_tunables"] == f"glibc.malloc.hugetlb={int(hugetlb)}", r["glibc_tunables"]
+        assert bool(r["allocator"]["applied"]) == (glibc and setting in ("reuse", "both")), r["allocator"]
+        assert len(r["step_times_s"]) == results["meta"]["steps"] == 3 and r["step_s"] in r["step_times_s"]
+        assert (r["first_third_s"], r["last_third_s"]) == (r["step_times_s"][0], r["step_times_s"][-1])
+        assert r["steady_peak_mb"] >= r["rss_before_steps_mb"] * 0.99
+        if glibc:
+            assert r["heap_after_steps"]["heap_mb"] > 0 and isinstance(r["trim_released"], bool)
+    proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and _tables(proc.stdout) == [table], proc.stderr
+
+
+def test_allocator_script_rejects_an_unknown_setting():
+    script = ROOT / "benchmarks" / "allocator.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--settings", "default,fast"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "--settings: unknown or no setting(s) ['fast']" in proc.stderr
+
+
+def test_remat_script_quick_mode(tmp_path, jax_cache):
+    """`remat.py --quick` (behind the README's rematerialisation table) runs one fresh worker per policy, and
+    the policy reaches the compiled program: XLA's scratch memory for a step that keeps nothing for the
+    backward pass (`full`) is smaller than for one that keeps everything (`none`)."""
+    import remat
+
+    import cait_eqx
+
+    assert remat.POLICIES == tuple(cait_eqx.REMAT_POLICIES)
+    script = ROOT / "benchmarks" / "remat.py"
+    path = tmp_path / "remat.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--jax-cache", str(jax_cache), "--json", str(path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (table,) = _tables(proc.stdout)
+    assert [cells[2] for cells in table] == list(remat.POLICIES)
+    assert table[0][4] == "1.00×"
+    for cells in table:
+        assert float(cells[3]) > 0 and float(cells[5]) > 0 and float(cells[8]) > 0
+    runs = {r["policy"]: r for r in json.loads(path.read_text())["runs"]}
+    assert set(runs) == set(remat.POLICIES)
+    assert runs["full"]["temp_mb"] < runs["none"]["temp_mb"], {p: r["temp_mb"] for p, r in runs.items()}
+    for r in runs.values():
+        assert r["allocator"]["mode"] == "auto" and len(r["step_times_s"]) == 2
+    proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and _tables(proc.stdout) == [table], proc.stderr

@@ -1,5 +1,7 @@
-"""The `cait-eqx` command: quick training run (as in CI), evaluate, resume, usage errors, Ctrl-C."""
+"""The `cait-eqx` command: quick training run (as in CI), evaluate, resume, usage errors, Ctrl-C, and flags
+made from the config dataclasses (a field without its flag, or a flag without a field, fails here)."""
 
+import argparse
 import json
 import os
 import shutil
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cait_eqx import cli
+import cait_eqx
+from cait_eqx import cli, training
 
 METRIC_KEYS = {
     "train": {"step", "epoch", "split", "loss", "accuracy", "lr", "images_per_s"},
@@ -151,6 +154,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert "Traceback" not in err and f"cait-eqx train --resume {run_dir}" in err
+    # The stop is cooperative: no exception swallowed inside JAX, no C++ abort on the way out.
+    assert "Exception ignored" not in err and "terminate called" not in err, err
+    assert "checkpoint saved in" in err
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*.json"))
     assert checkpoints
     stopped_at = json.loads(checkpoints[-1].read_text())["step"]
@@ -171,3 +177,169 @@ def test_help_and_subcommands_exist(capsys):
     out = capsys.readouterr().out
     for command in ("train", "evaluate", "attention", "plot"):
         assert command in out
+
+
+# ------------------------------------------------------------------------------- flags from the configs
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return subparsers.choices[name]
+
+
+def _config_flags() -> dict[str, str]:
+    """Every command-line field of `CaiTConfig` and `TrainConfig` → its flag."""
+    flags = {}
+    for config_class in (cait_eqx.CaiTConfig, training.TrainConfig):
+        for name, spec in cait_eqx.hyperparameters(config_class).items():
+            if spec.cli:
+                assert name not in flags, f"two configs declare `{name}`: their flags would collide"
+                flags[name] = cait_eqx.flag_name(name, spec)
+    return flags
+
+
+def test_every_config_field_has_exactly_its_flag_and_every_other_flag_is_declared():
+    train = _subparser("train")
+    actions = {a.dest: a for a in train._actions if a.option_strings and a.dest != "help"}
+    fields = _config_flags()
+    for name, flag in fields.items():
+        assert name in actions, f"config field `{name}` has no flag {flag}"
+        action = actions[name]
+        negated = [f"--no-{flag[2:]}"] if isinstance(action, argparse.BooleanOptionalAction) else []
+        assert action.option_strings == [flag, *negated], (name, action.option_strings)
+        assert action.default is None  # not given = the config's own default
+    # Every other flag is one the command declares as its own (data, run, devices, --model).
+    others = {action.option_strings[0] for dest, action in actions.items() if dest not in fields}
+    assert others == set(cli.train.NON_CONFIG_FLAGS)
+    assert not set(cli.train.NON_CONFIG_FLAGS) & set(fields.values())
+    # Fields the data decide have no flag.
+    for config_class in (cait_eqx.CaiTConfig, training.TrainConfig):
+        for name, spec in cait_eqx.hyperparameters(config_class).items():
+            assert spec.cli or name not in actions, name
+    assert "num_classes" not in actions and "channels" not in actions
+    # The spec's help, metavar and type are the flag's.
+    specs = {
+        **cait_eqx.hyperparameters(cait_eqx.CaiTConfig), **cait_eqx.hyperparameters(training.TrainConfig)
+    }
+    for name in fields.keys() - {"image_size"}:  # `--image-size` explains its data side
+        action = actions[name]
+        assert action.help.startswith(specs[name].help.replace("%", "%%")), name
+        if action.choices is None and action.nargs != 0:
+            assert action.metavar == specs[name].metavar, name
+
+
+def test_new_config_fields_come_with_their_flags_into_the_run_config(tmp_path):
+    parser = cli.build_parser()
+    argv = ["train", "--cls-mlp-dim", "48", "--no-talking-heads", "--no-qkv-bias", "--dtype", "float32",
+            "--remat", "full", "--mixup", "0.2", "--cutmix", "1", "--flip", "--image-size", "24",
+            "--eval-batch-size", "7", "--out", str(tmp_path)]
+    config = cli.train.run_config(parser.parse_args(argv), parser)
+    assert config.model["cls_mlp_dim"] == 48 and config.model["talking_heads"] is False
+    assert config.model["qkv_bias"] is False and config.model["dtype"] == "float32"
+    assert config.model["image_size"] == 24 and config.image_size == 24  # square: one int, as always
+    assert config.train.remat == "full" and config.train.mixup_alpha == 0.2 and config.train.cutmix_alpha == 1
+    assert config.train.flip is True and config.train.eval_batch_size == 7
+    # Not given: the defaults of the default model and of `TrainConfig`.
+    plain = cli.train.run_config(parser.parse_args(["train"]), parser)
+    assert {k: plain.model[k] for k in training.DEFAULT_MODEL} == training.DEFAULT_MODEL
+    assert plain.train == training.TrainConfig() and plain.image_size == 16
+
+
+def test_a_non_square_image_size_reaches_the_data_and_the_model(tmp_path):
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--image-size", "16X24", "--quick", "--out", str(tmp_path)])
+    config = cli.train.run_config(args, parser)
+    assert config.model["image_size"] == (16, 24) and config.image_size == (16, 24)
+    # Written to RUN_DIR/config.json and read back as the same run.
+    (tmp_path / training.Run.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    assert training.Run(tmp_path).config() == config
+    train_data, _ = training.load_run_data(config)
+    assert train_data.image_size == (16, 24)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--image-size", "16x"], "--image-size: expected S or HxW"),
+        (["train", "--dtype", "int8"], "--dtype: must be one of"),
+        (["train", "--remat", "some"], "--remat: invalid choice: 'some'"),
+        (["train", "--cls-mlp-dim", "0"], "--cls-mlp-dim: must be >= 1"),
+        (["train", "--allocator", "huge"], "--allocator: invalid choice: 'huge'"),
+    ],
+)
+def test_new_flags_are_checked_as_their_fields(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_help_imports_no_jax():
+    """`cait-eqx --help` and `cait-eqx train --help` answer without importing JAX (seconds of start-up)."""
+    code = (
+        "import sys\n"
+        "from cait_eqx.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['evaluate', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, exit.code\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'jax', 'jaxlib', 'equinox', 'optax'}))\n"
+    )
+    env = dict(os.environ, CAIT_EQX_TYPECHECK="1")  # the default: checking on must not pull JAX in either
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert "--talking-heads, --no-talking-heads" in proc.stdout and "--allocator" in proc.stdout
+    assert out[-1] == "[]", f"building the parser imported {out[-1]}"
+
+
+# ------------------------------------------------------------------------------------------- allocator
+
+
+def test_the_allocator_is_set_first_in_train_and_only_there(monkeypatch, tmp_path, capsys):
+    """`--allocator` reaches `configure_allocator` before JAX's devices are touched; other commands never."""
+    from cait_eqx import parallel
+
+    calls = []
+    monkeypatch.setattr(training, "configure_allocator", lambda mode: calls.append(f"allocator {mode}"))
+    monkeypatch.setattr(parallel, "initialize_distributed", lambda *args: calls.append("devices"))
+    # The unknown variant is found after the allocator is set: proof that the command ran past parsing.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--allocator", "reuse", "--model", "cait_xxs25_224", "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "Did you mean 'cait_xxs24_224'" in capsys.readouterr().err
+    assert calls == ["allocator reuse", "devices"]
+    calls.clear()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model", "cait_xxs25_224"])
+    assert calls == ["allocator auto", "devices"]  # "auto" by default
+    calls.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", str(tmp_path)])  # an existing directory that holds no run: reaches `evaluate`
+    assert exit_info.value.code == 2 and "No run configuration" in capsys.readouterr().err
+    assert cli.main(["train", "--list-models"]) == 0
+    assert calls == []
+
+
+def test_an_interrupt_outside_the_training_loop_says_what_to_do(monkeypatch, tmp_path, capsys):
+    """Ctrl-C while the data load (no run yet) or after the run has started: exit 130 and the next step."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "load_run_data", interrupted)
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--quick", "--allocator", "default", "--out", str(run_dir)]) == 130
+    err = capsys.readouterr().err
+    expected = f"the run had not started (no {run_dir / 'config.json'} yet): start it again"
+    assert err == f"cait-eqx: interrupted; {expected}\n", err
+    monkeypatch.undo()
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(training.RunConfig().to_dict()))
+    monkeypatch.setattr(training, "train_run", interrupted)
+    assert cli.main(["train", "--resume", str(run_dir), "--allocator", "default", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"cait-eqx: interrupted; continue from its newest checkpoint with: "
+                        f"cait-eqx train --resume {run_dir}\n"), err

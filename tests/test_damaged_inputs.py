@@ -369,10 +369,16 @@ def _bad_values(action: argparse.Action) -> list[str]:
         return ["many", "2.5", "1e3", str(minimum - 1), ""]
     if kind == "number":  # every numeric range of the CLI starts at 0
         return ["fast", "nan", "inf", "-1", "1e400", ""]
-    if kind == "_dataset_spec":
+    if kind == "dataset_spec":
         return ["cifar10", "folder:", "folder:/no/such/folder", "npz:/no/such/file.npz", "digits:extra"]
-    if kind == "_existing_dir":
+    if kind == "existing_dir":
         return ["/no/such/run"]
+    if kind == "imagesize":  # `--image-size S` or `HxW`
+        return ["0", "16x", "axb", "4x4x4", "16x0", ""]
+    if kind == "dtype":
+        return ["int8", "bf16", ""]
+    if kind == "mesh_spec":
+        return ["data=0", "tp=2", "data=2,data=2", ""]
     return []
 
 
@@ -407,7 +413,12 @@ BAD_FLAGS = _all_bad_flags()
 
 def test_every_bad_flag_value_is_a_one_line_usage_error_naming_the_flag(capsys):
     assert len(BAD_FLAGS) > 150  # every option of every sub-command, several bad values each
-    for command, argv, flag in BAD_FLAGS:
+    # Every checked flag (also one made from a new config field) has bad values to try.
+    for command, sub in _subcommands().items():
+        for action in sub._actions:
+            if action.type not in (None, str, Path) or action.choices is not None:
+                assert _bad_values(action), (command, action.option_strings, action.type)
+    for _, argv, flag in BAD_FLAGS:
         message = _usage_error(argv, capsys)
         assert flag in message, (argv, message)
 
@@ -425,7 +436,7 @@ def unfinished_run(tmp_path_factory):
 
 def test_values_that_only_fail_together_are_usage_errors(tmp_path, unfinished_run, capsys):
     cases = [
-        (["train", "--lr", "0.01", "--min-lr", "0.1"], "`min_lr` must be in"),
+        (["train", "--lr", "0.01", "--min-lr", "0.1"], "`min_lr` must be at most `lr` (0.01)"),
         (["train", "--batch-size", "60", "--mesh", "data=8"], "--batch-size sets the global batch"),
         (["train", "--image-size", "10"], "not divisible by `patch_size` 4"),
         (["train", "--model", "cait_xxs24_224", "--image-size", "100"], "not divisible by `patch_size` 16"),

@@ -96,26 +96,35 @@ def _wait_for_step(process: subprocess.Popen, run_dir: Path, after: int, target:
     return True
 
 
-def test_killed_runs_resume_to_exactly_the_uninterrupted_model(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The run that is never interrupted: every interrupted run must end with its bytes."""
+    reference = tmp_path_factory.mktemp("faults") / "reference"
+    done = subprocess.run([_script(), *RUN, "--out", str(reference)], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr
+    return reference
+
+
+# 2805159009: stops that, while a second Ctrl-C still raised `KeyboardInterrupt` from the signal handler,
+# could land it in JAX's garbage-collection callback ("Exception ignored in: _xla_gc_callback ..."), and
+# failed this test on a clean clone. A failing random seed is printed: add it here to keep it.
+@pytest.mark.parametrize("seed", [2805159009, None], ids=["seed-2805159009", "random-seed"])
+def test_killed_runs_resume_to_exactly_the_uninterrupted_model(tmp_path, reference, seed):
     """SIGKILL at a random moment, then SIGTERM, then a double Ctrl-C, resuming after each: same final bytes.
 
     The moments are random steps of the 132 (plus a random few milliseconds, so a stop lands anywhere in a
     step, an evaluation or a checkpoint write), drawn from a seed printed with any failure.
     """
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     rng = random.Random(seed)
     first = rng.randint(4, 40)
     second = rng.randint(first + 10, 80)
     targets = [first, second, rng.randint(second + 10, 118)]
     note = f"(stops at steps {targets} drawn with random.Random({seed}))"
 
-    reference = tmp_path / "reference"
-    done = subprocess.run([_script(), *RUN, "--out", str(reference)], capture_output=True, text=True, env=ENV)
-    assert done.returncode == 0, done.stderr
-
     run = tmp_path / "run"
     stops = [(signal.SIGKILL,), (signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)]
-    for number, (signals, target) in enumerate(zip(stops, targets)):
+    for number, (signals, target) in enumerate(zip(stops, targets, strict=True)):
         argv = [*RUN, "--out", str(run)] if number == 0 else ["train", "--resume", str(run), "--no-progress"]
         before = _newest_step(run) if run.exists() else 0
         process = _start(argv)
@@ -136,8 +145,9 @@ def test_killed_runs_resume_to_exactly_the_uninterrupted_model(tmp_path):
             if process.returncode == 130:
                 assert f"cait-eqx train --resume {run}" in err, err
         else:
-            # A double Ctrl-C: the first asks for a checkpoint, the second stops at once; either way exit
-            # status 130 with the way to resume, never a C++ abort at interpreter teardown (status -6).
+            # A double Ctrl-C: the first asks for a checkpoint, the second to stop at once (without the
+            # checkpoint or evaluation still to come); either way exit status 130 with the way to resume,
+            # never a traceback nor a C++ abort at interpreter teardown (status -6).
             assert process.returncode == 130, f"{process.returncode} {err} {note}"
             assert f"cait-eqx train --resume {run}" in err, f"{err} {note}"
         intact = _assert_nothing_half_written(run)

@@ -2,16 +2,19 @@
 
 What would be wrong if these fail: a round trip that changes a single bit, a dtype or a config field; a
 file timm cannot read; a save that, interrupted, leaves a half-written file (or none) under the target name;
-a file of a newer format read as if it were ours; `pretrained=True` that hangs or retries for long without a
+a file of a newer format read as if it were ours; a written file (model, checkpoint, run directory) that
+gets other permissions than any new file of the user; `pretrained=True` that hangs or retries for long without a
 network, or whose error does not say how to pass a local file; a cached download whose hash is not checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -24,12 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-import safetensors.torch
-import torch
-from _timm_utils import relative_error
-from timm.models.cait import Cait
 
 import cait_eqx
+from cait_eqx._atomic import atomic_write_bytes
 from cait_eqx._io import FORMAT_VERSION
 
 
@@ -77,9 +77,19 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, getkey, dtype):
     _assert_bit_exact(cait_eqx.load_timm(path), model)
 
 
+@pytest.mark.torch
 def test_our_file_is_a_timm_checkpoint(tmp_path, getkey):
+    import safetensors.torch
+    import torch
+    from _timm_utils import relative_error
+    from timm.models.cait import Cait
+
     model = eqx.nn.inference_mode(_random_model(getkey()))
     path = cait_eqx.save(tmp_path / "model.safetensors", model)
+    # torch's safetensors reader gets exactly our tensors' bytes.
+    torch_tensors = safetensors.torch.load_file(path)
+    for key, value in cait_eqx.to_timm_state_dict(model).items():
+        assert np.asarray(value).tobytes() == torch_tensors[key].numpy().tobytes(), key
     cfg = model.config
     reference = Cait(img_size=cfg.image_size, patch_size=8, num_classes=5, embed_dim=48, depth=2, num_heads=4,
                      mlp_ratio=2.0, mlp_ratio_token_only=64 / 48).eval()
@@ -153,9 +163,6 @@ def test_the_same_model_saved_in_two_processes_gives_the_same_bytes(tmp_path):
     assert offsets[-1][1] == len(blobs[0]) - 8 - length
     with safetensors.safe_open(str(paths[0]), framework="numpy") as handle:
         assert json.loads(handle.metadata()["cait_eqx.config"])["init_values"] == 0.5
-    torch_tensors = safetensors.torch.load_file(paths[0])
-    for key, value in cait_eqx.to_timm_state_dict(cait_eqx.load(paths[0])).items():
-        assert np.asarray(value).tobytes() == torch_tensors[key].numpy().tobytes(), key
 
 
 def test_files_that_are_not_ours_are_refused_with_the_reason(tmp_path, getkey):
@@ -181,6 +188,75 @@ def test_files_that_are_not_ours_are_refused_with_the_reason(tmp_path, getkey):
     with pytest.raises(ValueError, match=r"dtype float32, but .* another dtype"):
         cait_eqx.save(tmp_path / "cast.safetensors", jax.tree_util.tree_map(
             lambda x: x.astype(jnp.bfloat16) if eqx.is_array(x) else x, model))
+
+
+# ------------------------------------------------------------------------------ 3. permissions of our files
+
+
+@contextlib.contextmanager
+def _umask(mask: int):
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_files_we_write_get_the_permissions_of_any_new_file(tmp_path, tiny_model, umask):
+    """`save`, checkpoints and a run directory: `0o666` less the umask, as `open(path, "w")` gives a new file.
+
+    What would be wrong: the temporary file's private `0o600` (what `tempfile.mkstemp` creates) kept after
+    the rename, so a model saved under umask 022 cannot be read by the user's group or a web server.
+    """
+    from cait_eqx.data import load_digits, train_test_split
+    from cait_eqx.training import RunConfig, TrainConfig, save_checkpoint, train_run
+
+    train, test = train_test_split(load_digits(image_size=8), test_fraction=0.2, seed=0)
+    config = RunConfig(
+        model=dict(patch_size=4, dim=16, depth=1, cls_depth=1, heads=2, mlp_dim=16),
+        image_size=8,
+        train=TrainConfig(epochs=1, batch_size=16, eval_batch_size=64),
+    )
+    with _umask(umask):
+        plain = tmp_path / "plain.txt"
+        plain.write_text("the mode any new file of the user gets\n")
+        saved = cait_eqx.save(tmp_path / "model.safetensors", tiny_model)
+        save_checkpoint(tmp_path / "checkpoints", model=tiny_model, opt_state=(), key=jax.random.key(0),
+                        step=1, epoch=0, batch_index=1, shuffle_seed=0)
+        train_run(config, tmp_path / "run", progress=False, max_steps=1, data=(train.subset(np.arange(32)),
+                                                                            test.subset(np.arange(64))))
+    expected = 0o666 & ~umask
+    assert _mode(plain) == expected
+    written = [saved, *(tmp_path / "checkpoints").iterdir(), *(tmp_path / "run").rglob("*")]
+    files = [path for path in written if path.is_file()]
+    assert {"config.json", "metrics.jsonl"} <= {path.name for path in files}
+    assert any(path.parent.name == "checkpoints" and path.suffix == ".eqx" for path in files)
+    for path in files:
+        assert _mode(path) == expected, f"{path}: {oct(_mode(path))}, expected {oct(expected)}"
+    for path in written:
+        if path.is_dir():
+            assert _mode(path) == 0o777 & ~umask, f"{path}: {oct(_mode(path))}"
+    assert not [path for path in written if path.name.endswith(".tmp")]
+
+
+def test_a_rewritten_file_keeps_its_mode(tmp_path, tiny_model):
+    """Saving over a file keeps the permissions its owner gave it, as writing it in place would."""
+    path = cait_eqx.save(tmp_path / "model.safetensors", tiny_model)
+    for mode in (0o600, 0o640, 0o444):
+        os.chmod(path, mode)
+        cait_eqx.save(path, tiny_model)
+        assert _mode(path) == mode
+    with _umask(0o022):
+        notes = tmp_path / "notes.json"
+        atomic_write_bytes(notes, b"{}")
+        os.chmod(notes, 0o600)
+        atomic_write_bytes(notes, b"{}\n")
+        assert _mode(notes) == 0o600 and notes.read_bytes() == b"{}\n"
 
 
 # ------------------------------------------------------------------------------------------------- 4. hub

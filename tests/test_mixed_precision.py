@@ -17,7 +17,8 @@ import pytest
 
 import cait_eqx
 from cait_eqx import data, training
-from cait_eqx.cli import _run_config, build_parser
+from cait_eqx.cli import build_parser
+from cait_eqx.cli.train import run_config
 
 TOLERANCE = 1e-2  # issue 8: max |Δ logit| / max |logit| of bfloat16 against float32 computation
 
@@ -201,7 +202,7 @@ def test_fit_with_bf16_compute_lowers_the_loss_on_digits(bf16_fit):
 def test_compute_dtype_is_in_the_run_config_and_the_cli(tmp_path):
     parser = build_parser()
     args = parser.parse_args(["train", "--quick", "--compute-dtype", "bfloat16", "--out", str(tmp_path)])
-    config = _run_config(args, parser)
+    config = run_config(args, parser)
     assert config.train.compute_dtype == "bfloat16"
     # Written to and read back from RUN_DIR/config.json, which `--resume` trains with.
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))

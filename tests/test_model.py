@@ -11,8 +11,6 @@ import pytest
 
 import cait_eqx
 
-SMALL = dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=2, cls_depth=2, heads=4, mlp_dim=64)
-
 
 def _image(key, shape=(3, 16, 16)):
     return jax.random.normal(key, shape)
@@ -21,20 +19,20 @@ def _image(key, shape=(3, 16, 16)):
 # ------------------------------------------------------------------------------------------ initialisation
 
 
-def test_output_depends_on_input_at_init(getkey):
+def test_output_depends_on_input_at_init(tiny_config, getkey):
     # The Flax port's zero-initialised head mixes made the logits ignore the image; ours must not.
-    model = cait_eqx.CaiT(**SMALL, key=getkey())
+    model = cait_eqx.CaiT(**tiny_config, key=getkey())
     a, b = model(_image(getkey())), model(_image(getkey()))
     assert float(jnp.max(jnp.abs(a - b))) > 1e-4 * float(jnp.max(jnp.abs(a)))
 
 
-def test_every_parameter_gets_a_gradient_at_init(getkey):
+def test_every_parameter_gets_a_gradient_at_init(tiny_config, getkey):
     """Every leaf (every row of the stacked SA blocks) gets a non-zero gradient, except `proj_l`'s bias.
 
     `proj_l`'s bias adds the same number to every logit of a head before the softmax, which the softmax
     cancels: its gradient is exactly zero in the official model too.
     """
-    model = cait_eqx.CaiT(**SMALL, key=getkey())
+    model = cait_eqx.CaiT(**tiny_config, key=getkey())
     images = jax.vmap(_image)(jax.random.split(getkey(), 4))
     labels = jnp.arange(4)
 
@@ -58,8 +56,8 @@ def test_every_parameter_gets_a_gradient_at_init(getkey):
             assert float(jnp.max(jnp.abs(leaf))) > 0, f"{name} has zero gradient"
 
 
-def test_initialisation_statistics(getkey):
-    model = cait_eqx.CaiT(**SMALL, key=getkey())
+def test_initialisation_statistics(tiny_config, getkey):
+    model = cait_eqx.CaiT(**tiny_config, key=getkey())
     # Head mixes are random (std .02), never zero; biases start at zero; LayerNorm at (1, 0).
     for mix in (model.blocks.attn.proj_l, model.blocks.attn.proj_w):
         assert mix is not None
@@ -75,22 +73,24 @@ def test_initialisation_statistics(getkey):
 # ------------------------------------------------------------------------------------------ LayerScale rule
 
 
-@pytest.mark.parametrize("depth,expected", [(1, 0.1), (12, 0.1), (18, 0.1), (19, 1e-5), (24, 1e-5), (25, 1e-6)])
-def test_layerscale_rule_by_total_depth(depth, expected):
-    config = dict(SMALL, depth=depth)
+@pytest.mark.parametrize(
+    "depth,expected", [(1, 0.1), (12, 0.1), (18, 0.1), (19, 1e-5), (24, 1e-5), (25, 1e-6)]
+)
+def test_layerscale_rule_by_total_depth(tiny_config, depth, expected):
+    config = dict(tiny_config, depth=depth)
     model = eqx.filter_eval_shape(cait_eqx.CaiT, **config, key=jax.random.key(0))
     assert model.config.init_values == expected
     assert cait_eqx.default_init_values(depth) == expected
 
 
-def test_layerscale_gammas_are_learnable_and_use_init_values(getkey):
-    model = cait_eqx.CaiT(**dict(SMALL, depth=3), init_values=0.25, key=getkey())
+def test_layerscale_gammas_are_learnable_and_use_init_values(tiny_config, getkey):
+    model = cait_eqx.CaiT(**dict(tiny_config, depth=3), init_values=0.25, key=getkey())
     for block in (model.blocks, *model.blocks_token_only):
         for gamma in (block.gamma_1.gamma, block.gamma_2.gamma):
-            assert gamma.shape[-1] == SMALL["dim"]
+            assert gamma.shape[-1] == tiny_config["dim"]
             assert bool(jnp.all(gamma == 0.25))
     # Same ε everywhere: one choice for the whole network (depth 3 -> every block, SA and CA).
-    default = cait_eqx.CaiT(**dict(SMALL, depth=3), key=getkey())
+    default = cait_eqx.CaiT(**dict(tiny_config, depth=3), key=getkey())
     assert bool(jnp.all(default.blocks.gamma_1.gamma == 0.1))
     assert bool(jnp.all(default.blocks_token_only[1].gamma_2.gamma == 0.1))
     # Learnable: they are array leaves, so optimisers see (and update) them.
@@ -101,8 +101,9 @@ def test_layerscale_gammas_are_learnable_and_use_init_values(getkey):
 # ------------------------------------------------------------------------------------------ randomness
 
 
-def test_inference_is_deterministic_and_needs_no_key(getkey):
-    model = cait_eqx.CaiT(**SMALL, dropout=0.2, emb_dropout=0.2, layer_dropout=0.2, attn_dropout=0.2, key=getkey())
+def test_inference_is_deterministic_and_needs_no_key(tiny_config, getkey):
+    rates = dict(dropout=0.2, emb_dropout=0.2, layer_dropout=0.2, attn_dropout=0.2)
+    model = cait_eqx.CaiT(**tiny_config, **rates, key=getkey())
     x = _image(getkey())
     model = eqx.nn.inference_mode(model)
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x)))
@@ -110,8 +111,8 @@ def test_inference_is_deterministic_and_needs_no_key(getkey):
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x, key=getkey())))
 
 
-def test_training_with_dropout_needs_a_key_and_varies_with_it(getkey):
-    model = cait_eqx.CaiT(**SMALL, dropout=0.2, layer_dropout=0.2, key=getkey())
+def test_training_with_dropout_needs_a_key_and_varies_with_it(tiny_config, getkey):
+    model = cait_eqx.CaiT(**tiny_config, dropout=0.2, layer_dropout=0.2, key=getkey())
     x = _image(getkey())
     with pytest.raises(RuntimeError, match="needs a key"):
         model(x)
@@ -124,8 +125,8 @@ def test_training_with_dropout_needs_a_key_and_varies_with_it(getkey):
     np.testing.assert_array_equal(np.asarray(model(x, inference=True)), np.asarray(model(x, inference=True)))
 
 
-def test_no_dropout_means_no_key_needed(getkey):
-    model = cait_eqx.CaiT(**SMALL, key=getkey())
+def test_no_dropout_means_no_key_needed(tiny_config, getkey):
+    model = cait_eqx.CaiT(**tiny_config, key=getkey())
     x = _image(getkey())
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x, key=getkey())))
 
@@ -152,8 +153,9 @@ def test_drop_path_drops_whole_samples_with_rate_p():
         drop(x)
 
 
-def test_drop_path_uniform_over_sa_blocks_and_absent_from_ca_blocks(getkey):
-    model = cait_eqx.CaiT(**dict(SMALL, depth=5), dropout=0.3, attn_dropout=0.3, layer_dropout=0.3, key=getkey())
+def test_drop_path_uniform_over_sa_blocks_and_absent_from_ca_blocks(tiny_config, getkey):
+    rates = dict(dropout=0.3, attn_dropout=0.3, layer_dropout=0.3)
+    model = cait_eqx.CaiT(**dict(tiny_config, depth=5), **rates, key=getkey())
     # One stacked SA block: every one of the 5 blocks shares the same rate (no linear decay schedule).
     assert model.blocks.drop_path.p == 0.3
     assert model.blocks.attn.qkv.weight.shape[0] == 5
@@ -169,7 +171,7 @@ def test_drop_path_uniform_over_sa_blocks_and_absent_from_ca_blocks(getkey):
     # Functionally, with only layer_dropout on and one SA block: 2 SA branches can each be kept or dropped,
     # so exactly 4 distinct outputs may occur, with probabilities .49/.21/.21/.09. A drop path in either CA
     # block would multiply the number of outcomes.
-    one = cait_eqx.CaiT(**dict(SMALL, depth=1), layer_dropout=0.3, init_values=1.0, key=getkey())
+    one = cait_eqx.CaiT(**dict(tiny_config, depth=1), layer_dropout=0.3, init_values=1.0, key=getkey())
     x = _image(getkey())
     n = 2000
     outs = np.asarray(jax.vmap(lambda k: one(x, key=k))(jax.random.split(getkey(), n)))
@@ -179,8 +181,8 @@ def test_drop_path_uniform_over_sa_blocks_and_absent_from_ca_blocks(getkey):
     np.testing.assert_allclose(np.sort(counts), expected, atol=5 * np.sqrt(0.25 * n))
 
 
-def test_model_runs_under_strict_dtype_promotion(getkey):
-    model = cait_eqx.CaiT(**SMALL, dropout=0.1, layer_dropout=0.1, key=getkey())
+def test_model_runs_under_strict_dtype_promotion(tiny_config, getkey):
+    model = cait_eqx.CaiT(**tiny_config, dropout=0.1, layer_dropout=0.1, key=getkey())
     x = _image(getkey())
     with jax.numpy_dtype_promotion("strict"):
         out = model(x, key=getkey())
@@ -192,79 +194,32 @@ def test_model_runs_under_strict_dtype_promotion(getkey):
 # ------------------------------------------------------------------------------------------ the seed's API
 
 
-def test_num_classes_zero_gives_features(getkey):
-    model = cait_eqx.CaiT(**dict(SMALL, num_classes=0), key=getkey())
+def test_num_classes_zero_gives_features(tiny_config, getkey):
+    model = cait_eqx.CaiT(**dict(tiny_config, num_classes=0), key=getkey())
     assert model.head is None
     x = _image(getkey())
     out = model(x)
-    assert out.shape == (SMALL["dim"],)
+    assert out.shape == (tiny_config["dim"],)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(model.forward_features(x)))
 
 
-def test_class_attention_maps(getkey):
-    model = cait_eqx.CaiT(**dict(SMALL, image_size=(16, 24)), key=getkey())
+def test_class_attention_maps(tiny_config, getkey):
+    model = cait_eqx.CaiT(**dict(tiny_config, image_size=(16, 24)), key=getkey())
     maps = model.class_attention(jax.random.normal(getkey(), (3, 16, 24)))
     assert maps.shape == (2, 4, 1 + 4 * 6)
     np.testing.assert_allclose(np.asarray(maps.sum(-1)), 1.0, rtol=1e-5)
     assert bool(jnp.all(maps >= 0))
 
 
-def test_plain_class_token_when_cls_depth_is_zero(getkey):
+def test_plain_class_token_when_cls_depth_is_zero(tiny_config, getkey):
     # cls_depth=0: the class token joins the patches at the SA stage's input (ViT-style) — the output still
     # depends on the image (it would not if the class token were only normalised).
-    model = cait_eqx.CaiT(**dict(SMALL, cls_depth=0), key=getkey())
+    model = cait_eqx.CaiT(**dict(tiny_config, cls_depth=0), key=getkey())
     assert model.blocks_token_only == ()
     a, b = model(_image(getkey())), model(_image(getkey()))
     assert float(jnp.max(jnp.abs(a - b))) > 0
     with pytest.raises(ValueError, match="no class-attention blocks"):
         model.class_attention(_image(getkey()))
-
-
-def test_variants_match_timm_parameter_counts():
-    import torch
-    import timm
-
-    for name in cait_eqx.list_models():
-        shapes = eqx.filter_eval_shape(cait_eqx.create_model, name, key=jax.random.key(0))
-        ours = sum(
-            int(np.prod(leaf.shape))
-            for leaf in jax.tree_util.tree_leaves(shapes)
-            if isinstance(leaf, jax.ShapeDtypeStruct)
-        )
-        with torch.device("meta"):
-            reference = timm.create_model(name, pretrained=False)
-        theirs = sum(p.numel() for p in reference.parameters())
-        assert ours == theirs, name
-        assert tuple(shapes.config.image_size) == tuple(reference.patch_embed.img_size), name
-    assert cait_eqx.create_model("cait_xxs24_224", key=jax.random.key(0)).num_params == 11_956_264
-
-
-class _Captured(Exception):
-    pass
-
-
-def test_variants_use_timms_layerscale_values(monkeypatch):
-    import timm.models.cait as timm_cait
-
-    captured = {}
-
-    def capture(variant, pretrained=False, **kwargs):
-        captured[variant] = kwargs
-        raise _Captured  # we only want timm's factory arguments, not a model
-
-    monkeypatch.setattr(timm_cait, "_create_cait", capture)
-    for name in cait_eqx.list_models():
-        with pytest.raises(_Captured):
-            getattr(timm_cait, name)()
-    for name in cait_eqx.list_models():
-        ours, theirs = cait_eqx.variant_config(name), captured[name]
-        assert ours["init_values"] == theirs["init_values"], name
-        assert (ours["dim"], ours["depth"], ours["heads"], ours["patch_size"]) == (
-            theirs["embed_dim"],
-            theirs["depth"],
-            theirs["num_heads"],
-            theirs["patch_size"],
-        ), name
 
 
 def test_readme_example_runs(capsys):
@@ -282,8 +237,8 @@ def test_readme_example_runs(capsys):
 # ------------------------------------------------------------------------------------------ training
 
 
-def test_tiny_training_loop_fits_a_batch_and_compiles_once(getkey):
-    model = cait_eqx.CaiT(**dict(SMALL, layer_dropout=0.1), key=getkey())
+def test_tiny_training_loop_fits_a_batch_and_compiles_once(tiny_config, getkey):
+    model = cait_eqx.CaiT(**dict(tiny_config, layer_dropout=0.1), key=getkey())
     images = jax.vmap(_image)(jax.random.split(getkey(), 8))
     labels = jnp.arange(8) % 10
     optim = optax.adamw(3e-3, weight_decay=0.0)
@@ -320,8 +275,10 @@ def test_program_size_does_not_grow_with_depth():
     """A 48-block model traces to the same program as a 2-block one (the blocks run under `lax.scan`)."""
     sizes = {}
     for depth in (2, 48):
-        config = dict(image_size=32, patch_size=16, num_classes=10, dim=64, depth=depth, cls_depth=2, heads=16,
-                      mlp_dim=128)
+        config = dict(
+            image_size=32, patch_size=16, num_classes=10, dim=64, depth=depth, cls_depth=2, heads=16,
+            mlp_dim=128,
+        )
         model = eqx.filter_eval_shape(cait_eqx.CaiT, **config, key=jax.random.key(0))
         params, static = eqx.partition(model, lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct))
         x = jax.ShapeDtypeStruct((3, 32, 32), jnp.float32)
@@ -336,9 +293,9 @@ def test_program_size_does_not_grow_with_depth():
 
 @pytest.mark.parametrize("heads", [1, 4, 8, 16])
 def test_talking_heads_mix_equals_a_product_over_the_head_axis(heads, getkey):
-    """`_mix_heads` writes the mix out as scaled sums (up to `UNROLL_HEAD_MIX` heads) or uses a product: either
-    way value and gradients are those of `Linear(heads, heads)` over the head axis, to float rounding. A mix that
-    used `W` instead of `Wᵀ`, dropped the bias or mixed the wrong axis would be off by O(1)."""
+    """`_mix_heads` writes the mix out as scaled sums (up to `UNROLL_HEAD_MIX` heads) or uses a product:
+    either way value and gradients are those of `Linear(heads, heads)` over the head axis, to float rounding.
+    A mix that used `W` instead of `Wᵀ`, dropped the bias or mixed the wrong axis would be off by O(1)."""
     from cait_eqx._layers import UNROLL_HEAD_MIX, Linear, _mix_heads
 
     assert (heads > UNROLL_HEAD_MIX) == (heads == 16)  # the last one takes the product path

@@ -19,15 +19,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 from _parallel_worker import (
     FIT_DIM,
@@ -42,6 +46,7 @@ from _parallel_worker import (
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import cait_eqx
 from cait_eqx import cli, parallel
 from cait_eqx.data import BatchLoader
 from cait_eqx.training import fit, list_checkpoints, load_checkpoint, save_checkpoint
@@ -127,6 +132,46 @@ def test_partition_rule():
     assert parallel.partition_spec(ca_fc2, (64, 32), 2, min_size=4096) == P()
     assert parallel.partition_spec(ca_fc2, (64, 32), 2, min_size=2048) == P("fsdp", None)
     assert parallel.partition_spec(ca_fc2, (384, 1536), 1) == P()
+
+
+def test_the_model_tells_the_rule_its_stacked_fields():
+    """A module's `stacked_fields` keeps the leading axis of those fields whole; nothing else does."""
+
+    class Stack(eqx.Module):
+        stacked_fields: ClassVar[tuple[str, ...]] = ("layers",)
+        layers: jax.Array
+        head: jax.Array
+
+    class Plain(eqx.Module):
+        layers: jax.Array
+
+    assert cait_eqx.CaiT.stacked_fields == ("blocks",)
+    mesh = parallel.mesh_from_spec("data=2,fsdp=4")
+    stack = {"model": Stack(jnp.zeros((8, 6, 2999)), jnp.zeros((8, 6, 2999)))}
+    shardings = parallel.state_shardings(stack, mesh, min_size=1)
+    assert shardings["model"].layers.spec == P()  # its depth axis stays whole and nothing else divides by 4
+    assert shardings["model"].head.spec == P("fsdp", None, None)  # not stacked: the same shape splits
+    assert parallel.state_shardings(Plain(jnp.zeros((8, 6, 2999))), mesh, min_size=1).layers.spec == P(
+        "fsdp", None, None
+    )  # the same field name, undeclared: split
+    # Adam's moments mirror the model, so they are stacked alike.
+    moments = parallel.state_shardings(optax.adam(1e-3).init(stack), mesh, min_size=1)[0]
+    assert moments.mu["model"].layers.spec == P() and moments.mu["model"].head.spec == P("fsdp", None, None)
+
+
+def test_sharding_errors_name_no_command_line_flags(monkeypatch):
+    """The CLI adds its flags to these messages; the library's own words name arguments and variables."""
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    errors = []
+    for call in (lambda: parallel.make_mesh(data=16), lambda: parallel.initialize_distributed(None, 2, None),
+                 lambda: parallel.check_batch_size(12, parallel.make_mesh(data=8))):
+        with pytest.raises(ValueError) as error:
+            call()
+        errors.append(str(error.value))
+    for message in errors:
+        assert not re.search(r"(?<![\w=])--(?!xla)[a-z]", message), message
+    assert "`coordinator_address`" in errors[1]
 
 
 @pytest.mark.parametrize("spec", ["data=8", "data=4,fsdp=2"])

@@ -115,7 +115,7 @@ def test_any_valid_config_builds_runs_forward_and_backward(kwargs, seed):
     # Gradients: one per parameter, of its shape, finite; and the image really reaches the output.
     params = eqx.filter(model, eqx.is_array)
     assert jax.tree.structure(grads) == jax.tree.structure(params)
-    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params), strict=True):
         assert g.shape == p.shape and g.dtype == p.dtype
     assert _finite(grads) and bool(jnp.all(jnp.isfinite(input_grads)))
     if cfg.dim >= 4:  # (a LayerNorm over 1 or 2 features is constant, or nearly: it ends every CaiT)
@@ -129,7 +129,6 @@ def test_any_valid_config_builds_runs_forward_and_backward(kwargs, seed):
 
 # ----------------------------------------------------------------------------------------- invalid configs
 
-BASE = dict(image_size=16, patch_size=4, num_classes=3, dim=16, depth=1, cls_depth=1, heads=2, mlp_dim=16)
 
 NOT_AN_INT = st.one_of(st.floats(allow_nan=True), st.booleans(), st.text(max_size=3), st.none(),
                        st.just([4]), st.just(np.float32(4.0)))
@@ -178,10 +177,10 @@ INVALID = {
 
 @settings(max_examples=150, **SETTINGS)
 @given(data=st.data(), name=st.sampled_from(sorted(INVALID)))
-def test_any_invalid_argument_is_a_value_error_naming_it(data, name):
+def test_any_invalid_argument_is_a_value_error_naming_it(tiny_config, data, name):
     value = data.draw(INVALID[name], label=name)
     with pytest.raises(ValueError) as info:
-        cait_eqx.CaiT(**{**BASE, name: value}, key=jr.key(0))
+        cait_eqx.CaiT(**{**tiny_config, name: value}, key=jr.key(0))
     assert f"`{name}`" in str(info.value), str(info.value)
 
 
@@ -201,10 +200,10 @@ def indivisible(draw):
 
 @settings(max_examples=60, **SETTINGS)
 @given(case=indivisible())
-def test_sizes_that_do_not_fit_together_name_both_arguments(case):
+def test_sizes_that_do_not_fit_together_name_both_arguments(tiny_config, case):
     change, names = case
     with pytest.raises(ValueError) as info:
-        cait_eqx.CaiT(**{**BASE, **change}, key=jr.key(0))
+        cait_eqx.CaiT(**{**tiny_config, **change}, key=jr.key(0))
     for name in names:
         assert f"`{name}`" in str(info.value), str(info.value)
 
@@ -217,13 +216,14 @@ def test_sizes_that_do_not_fit_together_name_both_arguments(case):
         ("dtype", "floau32"),  # what one flipped bit in a saved file's stored config gives
     ],
 )
-def test_config_values_that_used_to_slip_through(name, value):
+def test_config_values_that_used_to_slip_through(tiny_config, name, value):
     with pytest.raises(ValueError, match=f"`{name}`"):
-        cait_eqx.CaiT(**{**BASE, name: value}, key=jr.key(0))
+        cait_eqx.CaiT(**{**tiny_config, name: value}, key=jr.key(0))
 
 
 # ------------------------------------------------------------------------------------------------- inputs
 
+# Not `tiny_config`: non-square and two channels, so a transposed or channels-last input cannot pass by luck.
 MODEL_KWARGS = dict(image_size=(8, 12), patch_size=4, num_classes=3, dim=16, depth=1, cls_depth=1, heads=2,
                     mlp_dim=16, channels=2)
 EXPECTED = (2, 8, 12)
@@ -275,10 +275,11 @@ def test_wrong_inputs_are_type_check_errors_naming_x(model, case, how):
 
 
 def test_a_batch_of_the_right_images_is_refused_with_the_way_to_vmap(model):
-    # Our own check (independent of jaxtyping) says what to do; through jaxtyping the parameter is named.
+    # Our own check (independent of jaxtyping) says what to do; jaxtyping's hook (on in the tests) refuses the
+    # call first, in its own words (our check says "argument `x`").
     for batch in (1, 2, 5):
         x = jnp.zeros((batch, *EXPECTED))
-        with pytest.raises(TypeCheckError, match=X_NAMED):
+        with pytest.raises(TypeCheckError, match=r"typechecking parameter 'x'"):
             model(x)
         with pytest.raises(TypeCheckError, match=r"jax.vmap\(model\)\(images\)"):
             model._check_image(x)

@@ -1,5 +1,6 @@
 """The training recipe, steps, checkpoints and fit loop: masks, mixing, one trace, exact resume, faults."""
 
+import functools
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import optax
 import pytest
 
 import cait_eqx
-from cait_eqx import data, training
+from cait_eqx import data, parallel, training
 
 
 def _tiny(key, **overrides):
@@ -381,19 +382,35 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, getkey, digits):
     train, test = digits
     model = _tiny(jr.key(0), layer_dropout=0.2, dropout=0.1)
     config = _config()  # 5 steps per epoch, 10 in all; mixup, cutmix, crops, stochastic depth, dropout, EMA
-    full = training.fit(model, train, test, config, key=jr.key(1), run_dir=tmp_path / "full", progress=False)
+    # One `TrainSteps` for every call below: their training step is traced (and compiled) once.
+    mesh = parallel.make_mesh(data=1)
+    counted = []
+
+    def compile_counted(pure):
+        counted.append(eqx.debug.assert_max_traces(pure, max_traces=1))
+        return parallel.shard_train_step(counted[-1], mesh)
+
+    steps = training.TrainSteps.build(config, 5, 10, mesh, compile_step=compile_counted)
+    full = training.fit(
+        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "full", progress=False, steps=steps
+    )
     assert full.status == "completed" and full.step == 10
 
     # Stop after 3 steps (mid-epoch: data position epoch 0, batch 3), then resume to the end.
     part = training.fit(
-        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "cut", max_steps=3, progress=False
+        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "cut", max_steps=3, progress=False,
+        steps=steps,
     )
     assert part.status == "max_steps" and part.checkpoint.step == 3
     assert (part.checkpoint.epoch, part.checkpoint.batch_index) == (0, 3)
     resumed = training.fit(
-        model, train, test, config, key=jr.key(99), run_dir=tmp_path / "cut", resume=True, progress=False
+        model, train, test, config, key=jr.key(99), run_dir=tmp_path / "cut", resume=True, progress=False,
+        steps=steps,
     )  # the key comes from the checkpoint
     assert resumed.status == "completed" and resumed.step == 10
+    assert full.model.remat == model.remat  # `remat=None`: the model's own
+    with pytest.raises(ValueError, match="built for another config"):
+        training.fit(model, train, test, _config(lr=1e-3), key=jr.key(1), progress=False, steps=steps)
     _assert_trees_identical(resumed.model, full.model)
     _assert_trees_identical(resumed.opt_state, full.opt_state)
     assert resumed.test.top1 == full.test.top1
@@ -404,14 +421,17 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, getkey, digits):
             os.kill(os.getpid(), signal.SIGINT)
 
     stopped = training.fit(
-        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "sig", on_step=interrupt, progress=False
+        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "sig", on_step=interrupt,
+        progress=False, steps=steps,
     )
     assert stopped.status == "interrupted" and stopped.checkpoint.step == stopped.step
     assert 7 <= stopped.step < 10
     again = training.fit(
-        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "sig", resume=True, progress=False
+        model, train, test, config, key=jr.key(1), run_dir=tmp_path / "sig", resume=True, progress=False,
+        steps=steps,
     )
     _assert_trees_identical(again.model, full.model)
+    assert len(counted) == 1 and eqx.debug.get_num_traces(counted[0]) == 1  # five runs, one compilation
 
     def metrics(run):
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -472,9 +492,9 @@ def dataclasses_replace(config, **changes):
 
 
 def test_train_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="`epochs` must be an int >= 1"):
+    with pytest.raises(ValueError, match="`epochs` must be >= 1, got 0"):
         training.TrainConfig(epochs=0)
-    with pytest.raises(ValueError, match=r"`label_smoothing` must be in \[0.0, 1.0\)"):
+    with pytest.raises(ValueError, match=r"`label_smoothing` must be in \[0, 1\)"):
         training.TrainConfig(label_smoothing=1.0)
     with pytest.raises(ValueError, match="on_nonfinite"):
         training.TrainConfig(on_nonfinite="ignore")
@@ -505,3 +525,160 @@ def test_a_warm_up_longer_than_the_run_is_cut_to_the_run():
     np.testing.assert_allclose(rates, 1e-2 * np.arange(20) / 20, rtol=1e-6, atol=1e-9)
     _, exact = training.build_optimizer(dataclasses_replace(config, warmup_epochs=2.0), steps_per_epoch=10)
     assert [float(exact(step)) for step in range(20)] == rates.tolist()
+
+
+def test_train_config_is_declared_once_and_derives_the_rest():
+    """Every field carries its help and check; the resume check and `StepConfig` come from them."""
+    import dataclasses
+
+    from cait_eqx._spec import specs
+
+    declared = specs(training.TrainConfig)
+    assert list(declared) == [f.name for f in dataclasses.fields(training.TrainConfig)]
+    assert all(spec.help and spec.check is not None for spec in declared.values())
+    # What a resumed run must keep: the settings that change the sequence of parameters (not `remat`, which
+    # changes what is recomputed, nor the bookkeeping).
+    assert training.TrainConfig.trajectory_fields() == (
+        "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_norm",
+        "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "crop_padding", "flip",
+        "ema_decay", "normalize", "seed", "compute_dtype",
+    )
+    # `StepConfig` is exactly `num_classes` and the "step" group, and `step_config` fills every one of them.
+    step_fields = training.TrainConfig.step_fields()
+    assert [f.name for f in dataclasses.fields(training.StepConfig)] == ["num_classes", *step_fields]
+    config = training.TrainConfig(label_smoothing=0.2, mixup_alpha=0.3, cutmix_alpha=0.4, mix_prob=0.5,
+                                  switch_prob=0.6, crop_padding=3, flip=True, normalize="imagenet")
+    assert config.step_config(7) == training.StepConfig(
+        num_classes=7, label_smoothing=0.2, mixup_alpha=0.3, cutmix_alpha=0.4, mix_prob=0.5, switch_prob=0.6,
+        crop_padding=3, flip=True, normalize="imagenet",
+    )
+    # Cross-field checks, and the new `remat` field.
+    with pytest.raises(ValueError, match=r"`min_lr` must be at most `lr` \(0.001\), got 0.01"):
+        training.TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ValueError, match="TrainConfig `remat` must be one of 'none', 'weight_products'"):
+        training.TrainConfig(remat="some")
+    with pytest.raises(ValueError, match="TrainConfig `compute_dtype` must be one of .*loss scaling"):
+        training.TrainConfig(compute_dtype="float16")
+    assert training.TrainConfig.from_dict({"lr": 1e-3}).remat is None  # older records lack it
+
+
+def test_remat_from_the_config_is_applied_to_a_cait_only(digits):
+    train, _ = digits
+    config = _config(epochs=1, remat="full", ema_decay=None, mixup_alpha=0.0, cutmix_alpha=0.0)
+    model = _tiny(jr.key(0))
+    assert model.remat != "full"
+    result = training.fit(model, train, None, config, key=jr.key(1), progress=False, max_steps=1)
+    assert result.model.remat == "full" and result.step == 1
+    not_a_cait = "TrainConfig `remat` switches a `CaiT`'s `remat`, but the model is a Linear"
+    with pytest.raises(TypeError, match=not_a_cait):
+        training.fit(eqx.nn.Linear(4, 10, key=jr.key(0)), train, None, config, key=jr.key(1), progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ stopping
+
+
+def test_signals_only_set_flags_and_a_second_one_hands_them_back():
+    """No handler raises: a raise could land in JAX's GC callback, where Python only prints it and goes on."""
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with training.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.received == signal.SIGTERM and not stop.urgent
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) != previous
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.urgent and stop.received == signal.SIGTERM
+        # Handed back after the second: a third signal reaches the handler that was there before.
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
+    with pytest.raises(KeyboardInterrupt), training.StopSignals():
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGINT)  # the third meets Python's own SIGINT handler
+    assert signal.getsignal(signal.SIGINT) == previous[0]
+    # `request` is the same flag, for a program that decides to stop by itself.
+    with training.StopSignals(enabled=False) as stop:
+        assert signal.getsignal(signal.SIGINT) == previous[0]
+        stop.request()
+        assert stop.requested and not stop.urgent
+
+
+def test_a_second_signal_stops_without_the_checkpoint_and_the_run_still_resumes_exactly(tmp_path, digits):
+    train, test = digits
+    model = _tiny(jr.key(0), layer_dropout=0.2)
+    config = _config(log_every=4)  # 5 steps per epoch, a checkpoint at the end of each
+    fit = functools.partial(training.fit, model, train, test, config, key=jr.key(1), progress=False,
+                            steps=training.TrainSteps.build(config, 5, 10))  # compiled once for all four
+    full = fit(run_dir=tmp_path / "full")
+
+    def twice(step, metrics):  # step 7's metrics are read while step 8 runs
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = fit(run_dir=tmp_path / "run", on_step=twice)
+    assert stopped.status == "interrupted" and stopped.step == 8
+    assert stopped.checkpoint.step == 5 and stopped.test is not None  # the last checkpoint, epoch 1's test
+    assert [c.step for c in training.list_checkpoints(tmp_path / "run" / "checkpoints")] == [5]
+    # A stop asked for by the caller's own `StopSignals` (entered around more than `fit`): same flags.
+    with training.StopSignals() as stop:
+        stop.request()
+        again = fit(run_dir=tmp_path / "run", resume=True, stop=stop)
+    assert again.status == "interrupted" and again.step == 6 and again.checkpoint.step == 6
+    done = fit(run_dir=tmp_path / "run", resume=True)
+    assert done.status == "completed" and done.step == 10
+    _assert_trees_identical(done.model, full.model)
+    strip = lambda run: [  # noqa: E731
+        {k: v for k, v in r.items() if k != "images_per_s"} for r in training.Run(tmp_path / run).metrics()
+    ]
+    assert strip("run") == strip("full")
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+
+
+def test_run_names_its_files_once_and_reads_everything_back(tmp_path, digits):
+    train, test = digits
+    run = training.Run(tmp_path / "run")
+    assert not run.exists
+    assert (run.config_path, run.metrics_path, run.summary_path, run.model_path, run.ema_model_path,
+            run.checkpoint_dir, run.curves_path) == tuple(run.path / name for name in (
+                "config.json", "metrics.jsonl", "summary.json", "model.safetensors", "model_ema.safetensors",
+                "checkpoints", "curves.png"))
+    with pytest.raises(FileNotFoundError, match="No run configuration at .*config.json"):
+        run.config()
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        run.metrics()
+
+    model = dict(patch_size=4, dim=16, depth=1, cls_depth=1, heads=2, mlp_dim=32)
+    config = training.RunConfig(model=model, image_size=None, train=_config(epochs=1, log_every=1))
+    first = training.train_run(config, run.path, data=(train, test), max_steps=3, progress=False)
+    assert first.fit.status == "max_steps" and run.exists and run.summary() is None
+    assert run.config().train == config.train and run.config().model["dim"] == 16
+    lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    assert run.metrics() == lines and [r["step"] for r in lines] == [1, 2, 3]
+    with pytest.raises(FileNotFoundError, match=f"model file not found: {run.model_path}"):
+        run.model()
+    # The newest checkpoint's model: the optimiser-state template is rebuilt as the run built it.
+    newest = run.model("checkpoint")
+    _assert_trees_identical(newest, first.fit.model)
+    is_dropout = lambda m: isinstance(m, eqx.nn.Dropout)  # noqa: E731
+    dropouts = [m for m in jax.tree.leaves(newest, is_leaf=is_dropout) if is_dropout(m)]
+    assert dropouts and all(m.inference for m in dropouts)  # ready for evaluation, like `cait_eqx.load`
+
+    done = training.train_run(config, run.path, data=(train, test), resume=True, progress=False)
+    assert done.fit.status == "completed" and done.model_path == run.model_path
+    _assert_trees_identical(run.model(), done.fit.model)
+    _assert_trees_identical(run.model("ema"), done.fit.ema)
+    assert run.summary()["status"] == "completed" and run.summary()["step"] == 5
+    assert not run.curves_path.exists()  # pictures are drawn by `cait_eqx.viz`, not by training
+    full_train, full_test = run.data()  # the run's dataset, split as it defines (here all 1,797 digits)
+    assert len(full_train) + len(full_test) == 1797 and full_train.image_size == (8, 8)
+    with pytest.raises(ValueError, match="`which` must be one of 'final', 'ema', 'checkpoint'"):
+        run.model("best")
+
+    # The one reader of metrics.jsonl: a cut last line is a run killed mid-write; a bad line elsewhere is not.
+    records = run.metrics()
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 5] and records[-1]["split"] == "test"
+    run.metrics_path.write_text(run.metrics_path.read_text() + '{"step": 9, "spl')
+    assert run.metrics() == records
+    run.metrics_path.write_text('{"step": 1, "split": "train"}\nnot json\n{"step": 2, "split": "train"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        run.metrics()

@@ -4,7 +4,8 @@ and new heads — against the real timm `Cait` on random weights where every blo
 What would be wrong if these fail: deit's `"model"` wrapper or `module.` prefixes not handled, a tensor
 loaded into the wrong slot, a key silently skipped or invented, an architecture inferred wrongly, a truncated
 or foreign file accepted, PyTorch needed for safetensors, a positional grid resampled with another kernel or
-in the wrong (row/column) order, or a new head that leaves the config (or the rest of the model) stale.
+in the wrong (row/column) order, or a new head that leaves the config (or the rest of the model) stale; a
+named variant whose size or LayerScale value differs from timm's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import timm
+import timm.models.cait as timm_cait
 import torch
 from _timm_utils import randomise_, relative_error, small_timm_cait, timm_logits
 from timm.models.cait import Cait
@@ -308,3 +310,48 @@ def test_reset_classifier_gives_a_fresh_head_and_keeps_the_rest(small, getkey):
     np.testing.assert_array_equal(np.asarray(headless(x)), np.asarray(model.forward_features(x)))
     with pytest.raises(ValueError, match="needs a key"):
         cait_eqx.reset_classifier(model, 5)
+
+
+# ------------------------------------------------------------------------------------ 6. the named variants
+
+
+def test_variants_match_timm_parameter_counts():
+    for name in cait_eqx.list_models():
+        shapes = eqx.filter_eval_shape(cait_eqx.create_model, name, key=jax.random.key(0))
+        ours = sum(
+            int(np.prod(leaf.shape))
+            for leaf in jax.tree_util.tree_leaves(shapes)
+            if isinstance(leaf, jax.ShapeDtypeStruct)
+        )
+        with torch.device("meta"):
+            reference = timm.create_model(name, pretrained=False)
+        theirs = sum(p.numel() for p in reference.parameters())
+        assert ours == theirs, name
+        assert tuple(shapes.config.image_size) == tuple(reference.patch_embed.img_size), name
+    assert cait_eqx.create_model("cait_xxs24_224", key=jax.random.key(0)).num_params == 11_956_264
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_variants_use_timms_layerscale_values(monkeypatch):
+    captured = {}
+
+    def capture(variant, pretrained=False, **kwargs):
+        captured[variant] = kwargs
+        raise _Captured  # we only want timm's factory arguments, not a model
+
+    monkeypatch.setattr(timm_cait, "_create_cait", capture)
+    for name in cait_eqx.list_models():
+        with pytest.raises(_Captured):
+            getattr(timm_cait, name)()
+    for name in cait_eqx.list_models():
+        ours, theirs = cait_eqx.variant_config(name), captured[name]
+        assert ours["init_values"] == theirs["init_values"], name
+        assert (ours["dim"], ours["depth"], ours["heads"], ours["patch_size"]) == (
+            theirs["embed_dim"],
+            theirs["depth"],
+            theirs["num_heads"],
+            theirs["patch_size"],
+        ), name

@@ -3,9 +3,13 @@
 Runtime shape checking (jaxtyping + beartype) is on for every module call and public function of this
 package, including its subpackages. Set the environment variable `CAIT_EQX_TYPECHECK=0` before the first
 `import cait_eqx` to switch it off.
+
+The public names below are imported on first use (`cait_eqx._lazy`), so `import cait_eqx` is cheap and the
+`cait-eqx` command answers `--help` at once; `from cait_eqx import CaiT` works as usual.
 """
 
 import os as _os
+from typing import TYPE_CHECKING
 
 TYPECHECKING_ENABLED: bool = _os.environ.get("CAIT_EQX_TYPECHECK", "1").strip().lower() not in (
     "0",
@@ -14,51 +18,135 @@ TYPECHECKING_ENABLED: bool = _os.environ.get("CAIT_EQX_TYPECHECK", "1").strip().
     "off",
 )
 
+# Pure-Python modules that `cait-eqx --help` imports and that hold no array code: left unchecked, because the
+# first function jaxtyping's hook decorates imports JAX (seconds), and the help must answer at once.
+_UNCHECKED = frozenset(
+    {"_spec", "_config", "_constants", "_lazy", "cli", "training._config", "training._allocator"}
+)
+
+
+def _checked_modules() -> list[str]:
+    """The modules the import hook checks: every module of the package but `_UNCHECKED` (a subpackage holding
+    an unchecked module is listed module by module; its lazy `__init__` has no code to check)."""
+    import pkgutil
+    from pathlib import Path
+
+    found = []
+    for module in pkgutil.iter_modules(__path__):
+        if module.name in _UNCHECKED:
+            continue
+        if module.ispkg and any(u.startswith(module.name + ".") for u in _UNCHECKED):
+            for child in pkgutil.iter_modules([str(Path(__path__[0]) / module.name)]):
+                if f"{module.name}.{child.name}" not in _UNCHECKED:
+                    found.append(f"{__name__}.{module.name}.{child.name}")
+        else:
+            found.append(f"{__name__}.{module.name}")
+    return found
+
+
 if TYPECHECKING_ENABLED:
     from jaxtyping import install_import_hook as _install_import_hook
 
     # Installed for the life of the process, so `cait_eqx.training` etc. are checked when imported later too.
-    _install_import_hook("cait_eqx", "beartype.beartype")
-
-from ._blocks import ClassAttentionBlock as ClassAttentionBlock, LayerScaleBlock as LayerScaleBlock
-from ._hugepages import restart_with_huge_pages as restart_with_huge_pages
-from ._hub import (
-    PretrainedWeightsUnavailable as PretrainedWeightsUnavailable,
-    hub_repo_id as hub_repo_id,
-    pretrained_weights_file as pretrained_weights_file,
-)
-from ._io import load as load, load_timm as load_timm, save as save
-from ._layers import (
-    ClassAttention as ClassAttention,
-    DropPath as DropPath,
-    LayerNorm as LayerNorm,
-    LayerScale as LayerScale,
-    Linear as Linear,
-    Mlp as Mlp,
-    PatchEmbed as PatchEmbed,
-    TalkingHeadAttention as TalkingHeadAttention,
-    default_init_values as default_init_values,
-)
-from ._model import CaiT as CaiT, CaiTConfig as CaiTConfig, with_compute_dtype as with_compute_dtype
-from ._preprocess import (
-    IMAGENET_MEAN as IMAGENET_MEAN,
-    IMAGENET_STD as IMAGENET_STD,
-    Prediction as Prediction,
-    format_top_k as format_top_k,
-    imagenet_class_names as imagenet_class_names,
-    preprocess as preprocess,
-    top_k as top_k,
-)
-from ._variants import create_model as create_model, list_models as list_models, variant_config as variant_config
-from ._weights import (
-    WeightsError as WeightsError,
-    from_timm_state_dict as from_timm_state_dict,
-    infer_config as infer_config,
-    reset_classifier as reset_classifier,
-    resample_pos_embed as resample_pos_embed,
-    set_input_size as set_input_size,
-    timm_keys as timm_keys,
-    to_timm_state_dict as to_timm_state_dict,
-)
+    _install_import_hook(_checked_modules(), "beartype.beartype")
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ._blocks import ClassAttentionBlock as ClassAttentionBlock
+    from ._blocks import LayerScaleBlock as LayerScaleBlock
+    from ._config import (
+        REMAT_POLICIES as REMAT_POLICIES,
+    )
+    from ._config import (
+        CaiTConfig as CaiTConfig,
+    )
+    from ._config import (
+        default_init_values as default_init_values,
+    )
+    from ._constants import IMAGENET_MEAN as IMAGENET_MEAN
+    from ._constants import IMAGENET_STD as IMAGENET_STD
+    from ._io import load as load
+    from ._io import load_timm as load_timm
+    from ._io import save as save
+    from ._layers import ClassAttention as ClassAttention
+    from ._layers import Mlp as Mlp
+    from ._layers import TalkingHeadAttention as TalkingHeadAttention
+    from ._model import CaiT as CaiT
+    from ._model import with_compute_dtype as with_compute_dtype
+    from ._model import with_remat as with_remat
+    from ._preprocess import (
+        Prediction as Prediction,
+    )
+    from ._preprocess import (
+        format_top_k as format_top_k,
+    )
+    from ._preprocess import (
+        imagenet_class_names as imagenet_class_names,
+    )
+    from ._preprocess import (
+        preprocess as preprocess,
+    )
+    from ._preprocess import (
+        top_k as top_k,
+    )
+    from ._pretrained import (
+        PretrainedWeightsUnavailable as PretrainedWeightsUnavailable,
+    )
+    from ._pretrained import (
+        create_model as create_model,
+    )
+    from ._pretrained import (
+        hub_repo_id as hub_repo_id,
+    )
+    from ._pretrained import (
+        pretrained_weights_file as pretrained_weights_file,
+    )
+    from ._primitives import (
+        DropPath as DropPath,
+    )
+    from ._primitives import (
+        LayerNorm as LayerNorm,
+    )
+    from ._primitives import (
+        LayerScale as LayerScale,
+    )
+    from ._primitives import (
+        Linear as Linear,
+    )
+    from ._primitives import (
+        PatchEmbed as PatchEmbed,
+    )
+    from ._spec import Spec as Spec  # noqa: F401 (a public name, read by `_lazy`)
+    from ._spec import flag_name as flag_name
+    from ._spec import specs as hyperparameters
+    from ._surgery import (
+        resample_pos_embed as resample_pos_embed,
+    )
+    from ._surgery import (
+        reset_classifier as reset_classifier,
+    )
+    from ._surgery import (
+        set_input_size as set_input_size,
+    )
+    from ._timm import (
+        WeightsError as WeightsError,
+    )
+    from ._timm import (
+        from_timm_state_dict as from_timm_state_dict,
+    )
+    from ._timm import (
+        infer_config as infer_config,
+    )
+    from ._timm import (
+        timm_keys as timm_keys,
+    )
+    from ._timm import (
+        to_timm_state_dict as to_timm_state_dict,
+    )
+    from ._variants import list_models as list_models
+    from ._variants import variant_config as variant_config
+else:
+    from ._lazy import attach as _attach
+
+    __getattr__, __dir__, __all__ = _attach(__name__, __file__)

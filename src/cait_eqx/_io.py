@@ -25,17 +25,18 @@ from typing import Any
 import numpy as np
 
 from ._atomic import atomic_write_with
-from ._model import CaiT, CaiTConfig, resolve_config
-from ._variants import VARIANTS
-from ._weights import (
+from ._config import CaiTConfig
+from ._model import CaiT
+from ._timm import (
     WeightsError,
-    _build,
-    _grid,
-    _resample_state_dict,
+    build_from_state_dict,
     from_timm_state_dict,
     infer_config,
+    patch_grid,
+    resample_state_dict,
     to_timm_state_dict,
 )
+from ._variants import VARIANTS
 
 __all__ = ["save", "load", "load_timm", "FORMAT_VERSION"]
 
@@ -196,7 +197,7 @@ def _stored_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | 
     try:
         if "image_size" in stored:
             stored["image_size"] = tuple(stored["image_size"])
-        resolve_config(**stored)
+        CaiTConfig(**stored)
     except (TypeError, ValueError) as error:
         raise WeightsError(
             f"{path}: the stored model configuration is invalid ({error}). The file is corrupt or was edited: "
@@ -304,13 +305,13 @@ def load(path: PathLike, **overrides: Any) -> CaiT:
 def _from_stored(state_dict: Mapping[str, Any], stored: dict[str, Any], overrides: dict[str, Any]) -> CaiT:
     kwargs = {**stored, **overrides}
     if "image_size" in overrides:
-        # `compute_dtype` is a `CaiT` keyword but not part of the configuration.
-        structure = {k: v for k, v in kwargs.items() if k != "compute_dtype"}
-        source = _grid(stored["image_size"], stored["patch_size"])
-        target = _grid(resolve_config(**structure).image_size, kwargs["patch_size"])
+        # `compute_dtype` and `remat` are `CaiT` keywords but not part of the configuration.
+        structure = {k: v for k, v in kwargs.items() if k not in ("compute_dtype", "remat")}
+        source = patch_grid(stored["image_size"], stored["patch_size"])
+        target = patch_grid(CaiTConfig(**structure).image_size, kwargs["patch_size"])
         if source != target:
-            state_dict = _resample_state_dict(state_dict, source, target)
-    return _build(state_dict, kwargs)
+            state_dict = resample_state_dict(state_dict, source, target)
+    return build_from_state_dict(state_dict, kwargs)
 
 
 # -------------------------------------------------------------------------------------- timm / deit files
@@ -333,7 +334,7 @@ def _matching_variant(config: CaiTConfig) -> str | None:
     """The named variant whose tensors have the shapes of `config`'s, if any."""
     target = _structure(config)
     for name, kwargs in VARIANTS.items():
-        if _structure(resolve_config(**kwargs)) == target:
+        if _structure(CaiTConfig(**kwargs)) == target:
             return name
     return None
 
@@ -371,7 +372,7 @@ def load_timm(path: PathLike, *, name: str | None = None, **overrides: Any) -> C
     if name is None:
         inferred = infer_config(state_dict)
         try:
-            cfg = resolve_config(**{**inferred, "init_values": None})
+            cfg = CaiTConfig(**{**inferred, "init_values": None})
         except (TypeError, ValueError):
             cfg = None  # `image_size` or `heads` could not be read (no named variant lacks them), or worse:
             # `from_timm_state_dict` below raises the full explanation

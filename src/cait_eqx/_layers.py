@@ -1,6 +1,7 @@
-"""The building blocks of CaiT: patch embedding, LayerScale, DropPath, MLP and the two attentions.
+"""The building blocks of CaiT: the MLP and the two attentions (talking heads, class attention).
 
-Every layer here acts on the tokens of *one* image (Equinox's convention); batches go through `jax.vmap`.
+Every layer here acts on the tokens of *one* image (Equinox's convention); batches go through `jax.vmap`. The
+smaller pieces they are made of (Linear, LayerNorm, PatchEmbed, LayerScale, DropPath) are in `_primitives.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import jax.random as jr
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._misc import check_rate, expand_to, split_optional, trunc_normal
+from ._misc import split_optional
+from ._primitives import DropPath, LayerNorm, LayerScale, Linear, PatchEmbed
 
 __all__ = [
     "Linear",
@@ -24,183 +26,27 @@ __all__ = [
     "TalkingHeadAttention",
     "ClassAttention",
     "SAVED_FOR_BACKWARD",
+    "remat_policy",
 ]
 
-# The intermediate results of a self-attention block that training keeps for the backward pass: the outputs of
-# the products with weight matrices, tagged with `checkpoint_name` below. The SA stage (`_model.py`) recomputes
-# everything else (LayerNorms, the attention maps and softmax, GELU) from them during the backward pass. On
-# XLA's CPU backend that is faster than storing it all: every saved array is stacked over the depth by the scan,
-# and writing and page-faulting those stacks cost more than the elementwise recomputation.
+# The intermediate results of a self-attention block that the `"weight_products"` remat policy keeps for the
+# backward pass: the outputs of the products with weight matrices, tagged with `checkpoint_name` below. The SA
+# stage (`_model.py`) recomputes everything else (LayerNorms, the attention maps and softmax, GELU) from them.
+# On XLA's CPU backend that is faster than storing it all: every saved array is stacked over the depth by the
+# scan, and writing those stacks costs more than the elementwise recomputation (benchmarks/README.md, "Remat").
 SAVED_FOR_BACKWARD = ("qkv", "attn_out", "attn_proj", "fc1", "fc2")
 
 
-class Linear(eqx.Module):
-    """An affine map `x @ weight.T + bias` over the last axis of a token array.
-
-    The weight is stored `(out_features, in_features)` like `torch.nn.Linear`, so timm weights map by name
-    and need no transpose. Initialised as in CaiT: truncated normal (std 0.02) weight, zero bias.
-    """
-
-    weight: Float[Array, "out_features in_features"]
-    bias: Float[Array, " out_features"] | None
-    in_features: int = eqx.field(static=True)
-    out_features: int = eqx.field(static=True)
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        use_bias: bool = True,
-        std: float = 0.02,
-        dtype=None,
-        *,
-        key: PRNGKeyArray,
-    ):
-        """**Arguments:**
-
-        - `in_features`, `out_features`: sizes of the input and output feature axes.
-        - `use_bias`: whether to add a bias (initialised to zero).
-        - `std`: standard deviation of the truncated-normal weight initialisation.
-        - `dtype`: parameter dtype (default float32).
-        - `key`: a `jax.random.key` for the weight. (Keyword only argument.)
-        """
-        dtype = jnp.float32 if dtype is None else dtype
-        self.weight = trunc_normal(key, (out_features, in_features), std, dtype)
-        self.bias = jnp.zeros((out_features,), dtype) if use_bias else None
-        self.in_features = in_features
-        self.out_features = out_features
-
-    def __call__(self, x: Float[Array, "*tokens in_features"]) -> Float[Array, "*tokens out_features"]:
-        y = jnp.matmul(x, self.weight.astype(x.dtype).T)
-        if self.bias is not None:
-            y = y + expand_to(self.bias.astype(x.dtype), y.ndim)
-        return y
-
-
-class LayerNorm(eqx.Module):
-    """LayerNorm over the last axis with learnable scale and shift (eps 1e-6, as in CaiT).
-
-    Statistics are computed in float32 whatever the activation dtype, then cast back.
-    """
-
-    weight: Float[Array, " dim"]
-    bias: Float[Array, " dim"]
-    eps: float = eqx.field(static=True)
-
-    def __init__(self, dim: int, eps: float = 1e-6, dtype=None):
-        dtype = jnp.float32 if dtype is None else dtype
-        self.weight = jnp.ones((dim,), dtype)
-        self.bias = jnp.zeros((dim,), dtype)
-        self.eps = eps
-
-    def __call__(self, x: Float[Array, "*tokens dim"]) -> Float[Array, "*tokens dim"]:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        centred = x32 - mean
-        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-        y = centred * jax.lax.rsqrt(var + self.eps)
-        y = y * expand_to(self.weight.astype(jnp.float32), y.ndim) + expand_to(self.bias.astype(jnp.float32), y.ndim)
-        return y.astype(x.dtype)
-
-
-class PatchEmbed(eqx.Module):
-    """Cuts an image into non-overlapping `patch_size` patches and embeds each linearly.
-
-    Equal to a convolution with kernel = stride = patch size (timm's `patch_embed.proj`), computed as one
-    matrix product over the flattened patches.
-    """
-
-    proj: eqx.nn.Conv2d
-    image_size: tuple[int, int] = eqx.field(static=True)
-    patch_size: int = eqx.field(static=True)
-    channels: int = eqx.field(static=True)
-
-    def __init__(
-        self,
-        image_size: tuple[int, int],
-        patch_size: int,
-        channels: int,
-        dim: int,
-        dtype=None,
-        *,
-        key: PRNGKeyArray,
-    ):
-        self.proj = eqx.nn.Conv2d(
-            channels, dim, kernel_size=patch_size, stride=patch_size, use_bias=True, dtype=dtype, key=key
-        )
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.channels = channels
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """The patch grid `(rows, columns)`."""
-        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        rows, cols = self.grid_size
-        return rows * cols
-
-    def __call__(self, x: Float[Array, "channels height width"]) -> Float[Array, "patches dim"]:
-        channels, height, width = x.shape
-        p = self.patch_size
-        rows, cols = height // p, width // p
-        # (C, rows, p, cols, p) -> (rows, cols, C, p, p): the same order as the conv kernel (dim, C, p, p).
-        patches = x.reshape(channels, rows, p, cols, p).transpose(1, 3, 0, 2, 4).reshape(rows * cols, -1)
-        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1).astype(x.dtype)
-        y = patches @ weight.T
-        assert self.proj.bias is not None
-        return y + self.proj.bias.reshape(1, -1).astype(x.dtype)
-
-
-class LayerScale(eqx.Module):
-    """Per-channel learnable scaling of a residual branch: `gamma * x` (CaiT §3).
-
-    `gamma` starts at a small `init_values` so every block begins close to the identity.
-    """
-
-    gamma: Float[Array, " dim"]
-
-    def __init__(self, dim: int, init_values: float, dtype=None):
-        dtype = jnp.float32 if dtype is None else dtype
-        self.gamma = jnp.full((dim,), init_values, dtype)
-
-    def __call__(self, x: Float[Array, "*tokens dim"]) -> Float[Array, "*tokens dim"]:
-        return x * expand_to(self.gamma.astype(x.dtype), x.ndim)
-
-
-class DropPath(eqx.Module):
-    """Stochastic depth for one sample: drops the whole residual branch with probability `p`.
-
-    In training the branch is zeroed with probability `p` and otherwise scaled by `1 / (1 - p)`; one
-    Bernoulli draw per call. With `p == 0` or in inference mode it is the identity. Because the model acts on
-    one example, `jax.vmap` over a batch gives the usual per-sample DropPath.
-    """
-
-    p: float
-    inference: bool
-
-    def __init__(self, p: float = 0.0, inference: bool = False):
-        check_rate("p", p)
-        self.p = p
-        self.inference = inference
-
-    def __call__(
-        self, x: Float[Array, "*shape"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
-    ) -> Float[Array, "*shape"]:
-        if inference is None:
-            inference = self.inference
-        if self.p == 0 or inference:
-            return x
-        if key is None:
-            raise RuntimeError(
-                "DropPath needs a `key` in training mode: pass `key=...`, or switch to inference with "
-                "`eqx.nn.inference_mode(model)` (or `inference=True`)."
-            )
-        keep = 1.0 - self.p
-        survive = jr.bernoulli(key, keep)
-        return jnp.where(survive, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `remat` name (`cait_eqx.REMAT_POLICIES`); `None` for no remat."""
+    if name == "none":
+        return None
+    if name == "weight_products":
+        # The outputs of the products with weight matrices, tagged below (`SAVED_FOR_BACKWARD`).
+        return jax.checkpoint_policies.save_only_these_names(*SAVED_FOR_BACKWARD)
+    if name == "dots":
+        return jax.checkpoint_policies.dots_saveable
+    return jax.checkpoint_policies.nothing_saveable  # "full"
 
 
 class Mlp(eqx.Module):
@@ -420,16 +266,3 @@ class ClassAttention(eqx.Module):
         v = self.v(u).reshape(n, self.heads, self.dim_head)
         out = jnp.einsum("hk,khd->hd", attn, v).reshape(self.heads * self.dim_head)
         return self.proj_drop(self.proj(out), key=proj_key, inference=inference)
-
-
-def default_init_values(depth: int) -> float:
-    """The paper's LayerScale initialisation ε, chosen once for the whole network by its SA depth.
-
-    ε = 0.1 up to depth 18, 1e-5 up to depth 24, 1e-6 beyond (Touvron et al. 2021, §3.1).
-    """
-    if depth <= 18:
-        return 0.1
-    if depth <= 24:
-        return 1e-5
-    return 1e-6
-

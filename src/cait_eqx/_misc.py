@@ -30,14 +30,6 @@ def check_rate(name: str, value: object) -> None:
         )
 
 
-def check_positive_int(name: str, value: object, *, minimum: int = 1) -> None:
-    """Raise a `ValueError` unless `value` is an int >= `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r} of type {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-
-
 def expand_to(vector: Array, ndim: int) -> Array:
     """Give a per-feature vector leading unit axes so it broadcasts explicitly against an `ndim` array.
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -14,201 +13,15 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray, TypeCheckError
 
 from ._blocks import ClassAttentionBlock, LayerScaleBlock
-from ._layers import SAVED_FOR_BACKWARD, DropPath, LayerNorm, Linear, PatchEmbed, default_init_values
-from ._misc import check_positive_int, check_rate, trunc_normal
+from ._config import CaiTConfig, check_compute_dtype, check_remat
+from ._layers import remat_policy
+from ._primitives import DropPath, LayerNorm, Linear, PatchEmbed
+from ._misc import trunc_normal
 
-__all__ = ["CaiT", "CaiTConfig", "with_compute_dtype"]
+__all__ = ["CaiT", "with_compute_dtype", "with_remat"]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
-# The dtypes a model may compute in (activations and the products with weights); see `with_compute_dtype`.
-_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclasses.dataclass(frozen=True)
-class CaiTConfig:
-    """Every hyper-parameter that fixes a CaiT's structure, resolved (no `None` left but `dtype`).
-
-    Two models with equal configs have parameter PyTrees of identical structure and shapes. The config is
-    what `cait_eqx.save` writes next to the weights and what `CaiT(**config.kwargs())` rebuilds.
-    """
-
-    image_size: tuple[int, int]
-    patch_size: int
-    num_classes: int
-    dim: int
-    depth: int
-    cls_depth: int
-    heads: int
-    mlp_dim: int
-    dim_head: int
-    channels: int = 3
-    dropout: float = 0.0
-    emb_dropout: float = 0.0
-    attn_dropout: float = 0.0
-    layer_dropout: float = 0.0
-    init_values: float = 1e-5
-    talking_heads: bool = True
-    qkv_bias: bool = True
-    cls_mlp_dim: int = 0
-    dtype: str = "float32"
-
-    def kwargs(self) -> dict[str, Any]:
-        """The constructor keywords that rebuild a model of this configuration (all but `key`)."""
-        out = dataclasses.asdict(self)
-        out["image_size"] = tuple(self.image_size)
-        return out
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        rows, cols = self.grid_size
-        return rows * cols
-
-
-def _dtype_name(dtype) -> str:
-    if dtype is None:
-        return "float32"
-    try:
-        name = jnp.dtype(dtype).name
-    except TypeError:
-        name = None
-    if name not in _DTYPES:
-        raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)} (a floating dtype), got {dtype!r}.")
-    return name
-
-
-def _compute_dtype_name(compute_dtype: Any, param_dtype: str) -> str:
-    """The name of the dtype a model computes in: `compute_dtype`, or the parameter dtype when it is None."""
-    if compute_dtype is None:
-        return param_dtype
-    try:
-        name = jnp.dtype(compute_dtype).name
-    except (TypeError, ValueError):
-        name = None
-    if name not in _COMPUTE_DTYPES:
-        raise ValueError(
-            f"`compute_dtype` must be one of {', '.join(_COMPUTE_DTYPES)} (e.g. `jnp.bfloat16` or "
-            f"\"bfloat16\"), or None to compute in the parameter dtype; got {compute_dtype!r}."
-        )
-    return name
-
-
-def _image_size_pair(image_size) -> tuple[int, int]:
-    if isinstance(image_size, bool):
-        raise ValueError(f"`image_size` must be an int or a (height, width) pair, got {image_size!r}.")
-    if isinstance(image_size, int):
-        pair = (image_size, image_size)
-    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
-        pair = tuple(image_size)
-    else:
-        raise ValueError(f"`image_size` must be an int or a (height, width) pair, got {image_size!r}.")
-    for side in pair:
-        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
-            raise ValueError(f"`image_size` sides must be positive ints, got {image_size!r}.")
-    return pair  # type: ignore[return-value]
-
-
-# Hyper-parameters are validated by hand (a ValueError naming the argument and the fix), so the runtime
-# type checker is told to leave these two signatures alone: `dropout=0` (an int) is fine, `dim=32.0` is a
-# ValueError, not a beartype violation.
-@typing.no_type_check
-def resolve_config(
-    *,
-    image_size,
-    patch_size: int,
-    num_classes: int,
-    dim: int,
-    depth: int,
-    cls_depth: int,
-    heads: int,
-    mlp_dim: int,
-    dim_head: int | None = None,
-    channels: int = 3,
-    dropout: float = 0.0,
-    emb_dropout: float = 0.0,
-    attn_dropout: float = 0.0,
-    layer_dropout: float = 0.0,
-    init_values: float | None = None,
-    talking_heads: bool = True,
-    qkv_bias: bool = True,
-    cls_mlp_dim: int | None = None,
-    dtype=None,
-) -> CaiTConfig:
-    """Check every hyper-parameter and fill in the defaults; raises `ValueError` naming the fix."""
-    size = _image_size_pair(image_size)
-    check_positive_int("patch_size", patch_size)
-    for side, name in zip(size, ("height", "width")):
-        if side % patch_size:
-            raise ValueError(
-                f"`image_size` {size} is not divisible by `patch_size` {patch_size} ({name} {side} % "
-                f"{patch_size} = {side % patch_size}). Choose an image size that is a multiple of the patch size "
-                f"(e.g. {side - side % patch_size or patch_size}) or another patch size."
-            )
-    check_positive_int("num_classes", num_classes, minimum=0)
-    check_positive_int("dim", dim)
-    check_positive_int("depth", depth)
-    check_positive_int("cls_depth", cls_depth, minimum=0)
-    check_positive_int("heads", heads)
-    check_positive_int("mlp_dim", mlp_dim)
-    check_positive_int("channels", channels)
-    if dim_head is None:
-        if dim % heads:
-            raise ValueError(
-                f"`dim` ({dim}) must be divisible by `heads` ({heads}) when `dim_head` is not given. "
-                f"Pick `heads` among the divisors of {dim}, or pass `dim_head` explicitly."
-            )
-        dim_head = dim // heads
-    else:
-        check_positive_int("dim_head", dim_head)
-    if cls_mlp_dim is None:
-        cls_mlp_dim = mlp_dim
-    check_positive_int("cls_mlp_dim", cls_mlp_dim)
-    for name, rate in (
-        ("dropout", dropout),
-        ("emb_dropout", emb_dropout),
-        ("attn_dropout", attn_dropout),
-        ("layer_dropout", layer_dropout),
-    ):
-        check_rate(name, rate)
-    if init_values is None:
-        init_values = default_init_values(depth)
-    if (
-        isinstance(init_values, bool)
-        or not isinstance(init_values, (int, float))
-        or not 0 < init_values < float("inf")
-    ):
-        raise ValueError(
-            f"`init_values` (the LayerScale initialisation) must be a positive, finite float, got {init_values!r}. "
-            f"Leave it as None for the paper's rule (0.1 / 1e-5 / 1e-6 by depth)."
-        )
-    for name, flag in (("talking_heads", talking_heads), ("qkv_bias", qkv_bias)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"`{name}` must be a bool, got {flag!r}.")
-    return CaiTConfig(
-        image_size=size,
-        patch_size=patch_size,
-        num_classes=num_classes,
-        dim=dim,
-        depth=depth,
-        cls_depth=cls_depth,
-        heads=heads,
-        mlp_dim=mlp_dim,
-        dim_head=dim_head,
-        channels=channels,
-        dropout=float(dropout),
-        emb_dropout=float(emb_dropout),
-        attn_dropout=float(attn_dropout),
-        layer_dropout=float(layer_dropout),
-        init_values=float(init_values),
-        talking_heads=talking_heads,
-        qkv_bias=qkv_bias,
-        cls_mlp_dim=cls_mlp_dim,
-        dtype=_dtype_name(dtype),
-    )
-
+# The default of `remat`: see the table in benchmarks/README.md ("Rematerialisation").
+DEFAULT_REMAT = "weight_products"
 
 class CaiT(eqx.Module):
     """CaiT, the Class-Attention image Transformer of Touvron et al. (2021).
@@ -245,8 +58,13 @@ class CaiT(eqx.Module):
     head: Linear | None
     config: CaiTConfig = eqx.field(static=True)
     compute_dtype: str = eqx.field(static=True)
+    remat: str = eqx.field(static=True)
 
-    @typing.no_type_check
+    # Fields whose array leaves carry a leading depth axis (the SA blocks, stacked and run by `lax.scan`).
+    # Sharding reads this (`cait_eqx.parallel.partition_spec`): that axis is never split across devices.
+    stacked_fields: ClassVar[tuple[str, ...]] = ("blocks",)
+
+    @typing.no_type_check  # the hyper-parameters are checked by `CaiTConfig`, with errors that name the fix
     def __init__(
         self,
         image_size: int | tuple[int, int],
@@ -261,40 +79,20 @@ class CaiT(eqx.Module):
         emb_dropout: float = 0.0,
         layer_dropout: float = 0.0,
         *,
-        dim_head: int | None = None,
-        channels: int = 3,
-        attn_dropout: float = 0.0,
-        init_values: float | None = None,
-        talking_heads: bool = True,
-        qkv_bias: bool = True,
-        cls_mlp_dim: int | None = None,
-        dtype=None,
-        compute_dtype=None,
         key: PRNGKeyArray,
+        compute_dtype=None,
+        remat: str = DEFAULT_REMAT,
+        **options: Any,
     ):
         """**Arguments:**
 
-        - `image_size`: input height and width, an int for square images or a `(height, width)` pair.
-        - `patch_size`: side of the square patches; must divide both image sides.
-        - `num_classes`: size of the classifier output; `0` for no head (the call returns features).
-        - `dim`: token embedding width.
-        - `depth`: number of self-attention (SA) blocks over the patches.
-        - `cls_depth`: number of class-attention (CA) blocks (2 in every paper model). With `0` the class
-            token is instead prepended to the patches at the input of the SA stage, as in ViT/DeiT.
-        - `heads`: number of attention heads.
-        - `mlp_dim`: hidden width of the SA blocks' MLPs (the paper uses `4 * dim`).
-        - `dropout`: dropout after the attention projection and inside the MLPs of the SA blocks.
-        - `emb_dropout`: dropout on the patch tokens after adding the positional embedding.
-        - `layer_dropout`: stochastic-depth rate, the same in every SA block, per sample (none in CA blocks).
-        - `dim_head`: width of each head; defaults to `dim // heads`.
-        - `channels`: input channels.
-        - `attn_dropout`: dropout on the attention weights of the SA blocks.
-        - `init_values`: LayerScale initialisation; defaults to the paper's rule, 0.1 up to depth 18,
-            1e-5 up to 24 and 1e-6 deeper.
-        - `talking_heads`: mix attention heads before and after the softmax in the SA blocks.
-        - `qkv_bias`: add biases to the query/key/value projections.
-        - `cls_mlp_dim`: hidden width of the CA blocks' MLPs; defaults to `mlp_dim`.
-        - `dtype`: parameter dtype, float32 by default.
+        The first eleven are the seed's positional constructor; every hyper-parameter (these and the
+        keyword `options`) is a field of `CaiTConfig`, which documents, defaults and checks it:
+        `image_size`, `patch_size`, `num_classes`, `dim`, `depth`, `cls_depth`, `heads`, `mlp_dim`,
+        `dropout`, `emb_dropout`, `layer_dropout`; keyword only: `dim_head`, `channels`, `attn_dropout`,
+        `init_values`, `talking_heads`, `qkv_bias`, `cls_mlp_dim`, `dtype`.
+
+        - `key`: a `jax.random.key` for the initialisation. (Keyword only argument.)
         - `compute_dtype`: the dtype the self-attention blocks compute in (their activations and products
             with weights: about 98 % of the work). `None` (default) computes in the parameter dtype.
             `jnp.bfloat16` (or `jnp.float16`) with float32 parameters is mixed precision for accelerators:
@@ -302,10 +100,23 @@ class CaiT(eqx.Module):
             cast where they are used; LayerNorm statistics and softmaxes are computed in float32; the patch
             embedding, the class-attention blocks and the head run in the parameter dtype, and the outputs
             come back in it. Not part of `config` (it does not change the weights); switch it on any model
-            with `cait_eqx.with_compute_dtype`.
-        - `key`: a `jax.random.key` for the initialisation. (Keyword only argument.)
+            with `cait_eqx.with_compute_dtype`. (Keyword only argument.)
+        - `remat`: what the self-attention stage keeps for the backward pass, one of
+            `cait_eqx.REMAT_POLICIES`: `"none"` (keep every intermediate), `"weight_products"` (keep the
+            outputs of the products with weights, recompute the rest: the default, the fastest on CPUs),
+            `"dots"` (keep every matrix-product output, attention maps included), `"full"` (keep only each
+            block's input, recompute the block: the least memory). It changes memory and speed, never the
+            numbers. Not part of `config`; switch it on any model with `cait_eqx.with_remat`. (Keyword only
+            argument.)
+        - `**options`: the keyword-only `CaiTConfig` fields listed above.
         """
-        cfg = resolve_config(
+        unknown = sorted(set(options) - set(CaiTConfig.field_help()))
+        if unknown:
+            raise TypeError(
+                f"CaiT got unknown keyword argument(s) {unknown}; the hyper-parameters are the fields of "
+                f"`CaiTConfig`: {', '.join(CaiTConfig.field_help())}."
+            )
+        cfg = CaiTConfig(
             image_size=image_size,
             patch_size=patch_size,
             num_classes=num_classes,
@@ -314,19 +125,12 @@ class CaiT(eqx.Module):
             cls_depth=cls_depth,
             heads=heads,
             mlp_dim=mlp_dim,
-            dim_head=dim_head,
-            channels=channels,
             dropout=dropout,
             emb_dropout=emb_dropout,
-            attn_dropout=attn_dropout,
             layer_dropout=layer_dropout,
-            init_values=init_values,
-            talking_heads=talking_heads,
-            qkv_bias=qkv_bias,
-            cls_mlp_dim=cls_mlp_dim,
-            dtype=dtype,
+            **options,
         )
-        dtype = _DTYPES[cfg.dtype]
+        dtype = jnp.dtype(cfg.dtype)
         embed_key, pos_key, cls_key, blocks_key, ca_key, head_key = jr.split(key, 6)
 
         self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.channels, cfg.dim, dtype, key=embed_key)
@@ -368,7 +172,8 @@ class CaiT(eqx.Module):
         self.norm = LayerNorm(cfg.dim, dtype=dtype)
         self.head = Linear(cfg.dim, cfg.num_classes, dtype=dtype, key=head_key) if cfg.num_classes > 0 else None
         self.config = cfg
-        self.compute_dtype = _compute_dtype_name(compute_dtype, cfg.dtype)
+        self.compute_dtype = check_compute_dtype(compute_dtype, cfg.dtype)
+        self.remat = check_remat(remat)
 
     # ----------------------------------------------------------------------------------------------- checks
 
@@ -422,24 +227,24 @@ class CaiT(eqx.Module):
     @property
     def _output_dtype(self):
         """What the public calls return: the parameter dtype (float32 logits for a mixed-precision model)."""
-        return _DTYPES[self.config.dtype]
+        return jnp.dtype(self.config.dtype)
 
     @property
     def _precise_dtype(self):
         """The dtype of the patch embedding, the class-attention stage and the head: the wider of the
         parameter and compute dtypes (see `_tokens`)."""
-        param, compute = jnp.dtype(_DTYPES[self.config.dtype]), jnp.dtype(_DTYPES[self.compute_dtype])
+        param, compute = jnp.dtype(jnp.dtype(self.config.dtype)), jnp.dtype(jnp.dtype(self.compute_dtype))
         return compute if compute.itemsize > param.itemsize else param
 
     def _embed(self, x: Array, key, inference) -> Array:
         self._check_image(x)
         # The layers compute in the dtype of their input (they cast their weights to it), so the dtype of the
-        # tokens decides. The patch embedding stays precise: the image's rounding to bfloat16 alone moved a
-        # trained model's logits by 1 % (tests/test_mixed_precision.py), for 1 % of the work.
+        # tokens decides. The patch embedding stays precise: rounding the image to bfloat16 costs accuracy for
+        # little of the work (see the training guide, "Mixed precision").
         x = x.astype(self._precise_dtype)
         tokens = self.patch_embed(x) + self.pos_embed.astype(x.dtype)
         tokens = self.pos_drop(tokens, key=key, inference=inference)
-        return tokens.astype(_DTYPES[self.compute_dtype])
+        return tokens.astype(jnp.dtype(self.compute_dtype))
 
     def _self_attention_stage(self, tokens: Array, block_keys, inference) -> Array:
         params, static = eqx.partition(self.blocks, eqx.is_array)
@@ -449,20 +254,20 @@ class CaiT(eqx.Module):
             block = eqx.combine(block_params, static)
             return block(x, key=block_key, inference=inference), None
 
-        # Under differentiation keep only the blocks' weight-product outputs and recompute the rest in the
-        # backward pass (see `SAVED_FOR_BACKWARD`); no effect on a forward-only call. `prevent_cse=False` is
-        # safe inside `scan` and leaves XLA free to fuse.
-        policy = jax.checkpoint_policies.save_only_these_names(*SAVED_FOR_BACKWARD)
-        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+        # What the backward pass may keep (see `remat`); no effect on a forward-only call. `prevent_cse=False`
+        # is safe inside `scan` and leaves XLA free to fuse.
+        policy = remat_policy(self.remat)
+        if policy is not None:
+            step = jax.checkpoint(step, policy=policy, prevent_cse=False)
         tokens, _ = jax.lax.scan(step, tokens, (params, block_keys))
         return tokens
 
     def _tokens(self, x: Array, key, inference) -> tuple[Array, Array]:
         """Run up to the class-attention stage: `(patch tokens after the SA stage, initial class token)`.
 
-        The SA stage, nearly all the work (98 % of the products of `cait_xxs24_224`), runs in the compute
-        dtype; what follows runs in `_precise_dtype`: the class token's attention over all the patches is
-        where bfloat16 lost the most accuracy (tests/test_mixed_precision.py), for 1 % of the work.
+        The SA stage, nearly all the work, runs in the compute dtype; what follows runs in `_precise_dtype`:
+        the class token's attention over all the patches is where bfloat16 loses the most accuracy for little
+        of the work (see the training guide, "Mixed precision").
         """
         emb_key, block_keys = self._keys(key, inference)
         tokens = self._embed(x, emb_key, inference)
@@ -556,8 +361,7 @@ def with_compute_dtype(model: CaiT, dtype: Any) -> CaiT:
     gradients and optimiser state) and are cast where they are used. LayerNorm statistics and softmaxes stay
     float32; the patch embedding, the class-attention blocks and the head run in the parameter dtype, and
     the outputs come back in it. On accelerators bfloat16 is faster and lighter; on CPUs it is usually
-    slower. bfloat16 logits agree with float32 ones to within 1e-2 of the largest logit (the tests check
-    fresh, trained and `cait_xxs24_224`-sized models).
+    slower. bfloat16 logits agree with float32 ones to within 1e-2 of the largest logit.
 
     **Arguments:**
 
@@ -569,8 +373,27 @@ def with_compute_dtype(model: CaiT, dtype: Any) -> CaiT:
     """
     if not isinstance(model, CaiT):
         raise TypeError(f"`with_compute_dtype` takes a `CaiT`, got {type(model).__name__}.")
-    name = _compute_dtype_name(dtype, model.config.dtype)
-    # `compute_dtype` is a static field, which `eqx.tree_at` cannot replace: set it on a shallow copy.
+    return _with_static(model, "compute_dtype", check_compute_dtype(dtype, model.config.dtype))
+
+
+def _with_static(model: CaiT, field: str, value: str) -> CaiT:
+    # Static fields cannot be replaced by `eqx.tree_at`: set it on a shallow copy (the arrays are shared).
     new = copy.copy(model)
-    object.__setattr__(new, "compute_dtype", name)
+    object.__setattr__(new, field, value)
     return new
+
+
+def with_remat(model: CaiT, policy: str) -> CaiT:
+    """A copy of `model` whose self-attention stage keeps `policy`'s intermediates for the backward pass.
+
+    **Arguments:**
+
+    - `model`: a `CaiT`.
+    - `policy`: one of `cait_eqx.REMAT_POLICIES` (see `CaiT`'s `remat`): `"none"`, `"weight_products"`,
+        `"dots"` or `"full"`.
+
+    **Returns:** the `CaiT`, sharing the weights, with `remat` set. Outputs and gradients are unchanged.
+    """
+    if not isinstance(model, CaiT):
+        raise TypeError(f"`with_remat` takes a `CaiT`, got {type(model).__name__}.")
+    return _with_static(model, "remat", check_remat(policy))

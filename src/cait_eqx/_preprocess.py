@@ -12,6 +12,9 @@ import numpy as np
 from jaxtyping import Array, Float
 from PIL import Image
 
+from ._config import image_size_pair
+from ._constants import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -22,17 +25,6 @@ __all__ = [
     "format_top_k",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-"""Per-channel mean (RGB, in [0, 1]) the CaiT ImageNet weights were trained with."""
-IMAGENET_STD = (0.229, 0.224, 0.225)
-"""Per-channel standard deviation (RGB, in [0, 1]) the CaiT ImageNet weights were trained with."""
-
-
-def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    pair = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in pair):
-        raise ValueError(f"`image_size` must be a positive int or a (height, width) pair, got {image_size!r}")
-    return pair  # type: ignore[return-value]
 
 
 def _as_pil(image) -> Image.Image:
@@ -92,7 +84,7 @@ def preprocess(
 
     **Returns:** a float32 array `(3, height, width)`; `jax.vmap(model)(jnp.stack([...]))` for several.
     """
-    size = _size_pair(image_size)
+    size = image_size_pair(image_size)
     if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"`crop_pct` must be in (0, 1] (1.0 for CaiT), got {crop_pct!r}.")
     pil = _as_pil(image)

@@ -2,7 +2,8 @@
 
 - Class-attention maps: the weights with which the class token of each class-attention block and head reads
     the patches, as heat maps on the patch grid, upsampled to the image and overlaid on it.
-- Training curves: loss, accuracy, learning rate and throughput from a run's `metrics.jsonl`.
+- Training curves: loss, accuracy, learning rate and throughput from the metrics a run recorded
+    (`cait_eqx.training.Run.metrics`).
 
 Figures are drawn with matplotlib's object-oriented API on the Agg canvas (no display, no global `pyplot`
 state) and written to PNG atomically.
@@ -11,7 +12,6 @@ state) and written to PNG atomically.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +24,10 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._atomic import atomic_write_bytes
-from ._model import CaiT, CaiTConfig
+from ._config import CaiTConfig
+from ._constants import IMAGENET_MEAN, IMAGENET_STD
+from ._model import CaiT
+from .training import Run
 
 __all__ = [
     "class_attention_maps",
@@ -34,8 +37,6 @@ __all__ = [
     "read_metrics",
     "plot_training_curves",
 ]
-
-_METRICS_FILE = "metrics.jsonl"
 
 
 # ------------------------------------------------------------------------------------------ attention maps
@@ -136,7 +137,7 @@ def load_image(
     """
     from PIL import Image
 
-    from ._preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+    from ._preprocess import preprocess
 
     modes = {1: "L", 3: "RGB"}
     if config.channels not in modes:
@@ -258,39 +259,23 @@ def plot_class_attention(
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Read a `metrics.jsonl` file (one JSON object per line) into a list of records.
+    """The metrics a training run recorded, to draw: `cait_eqx.training.Run(path).metrics()`, never empty.
 
-    A run directory may be given instead of the file. Blank lines are skipped, and so is an incomplete last
-    line (a run killed mid-write); any other line that is not a JSON object is an error naming its number.
+    **Arguments:**
 
-    **Returns:** the records in file order, each a dict with at least `"step"` and `"split"`.
+    - `path`: the run directory, or its metrics file (`Run.METRICS_FILE`).
+
+    **Returns:** the records in file order, each a dict with at least `"step"` and `"split"` (an incomplete
+    last line, left by a run killed mid-write, is skipped).
+
+    **Raises:** `FileNotFoundError` when the run has no metrics file; `ValueError` when it holds no record
+    yet, or a line that is not one (naming its number).
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / _METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No metrics file at {path}: `cait-eqx train` writes RUN_DIR/{_METRICS_FILE}; "
-            "pass a run directory."
-        )
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines) and not line.endswith("}"):
-                break  # the run stopped while writing its last line
-            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-        if not isinstance(record, dict) or "step" not in record or "split" not in record:
-            raise ValueError(
-                f"{path}, line {number}: expected an object with 'step' and 'split', got {line[:80]!r}."
-            )
-        records.append(record)
+    run = Run(path.parent if path.name == Run.METRICS_FILE and not path.is_dir() else path)
+    records = run.metrics()
     if not records:
-        raise ValueError(f"{path} holds no metrics yet.")
+        raise ValueError(f"{run.metrics_path} holds no metrics yet.")
     return records
 
 
@@ -313,22 +298,22 @@ def plot_training_curves(
 ) -> Path:
     """Draw a run's loss, accuracy, learning-rate and throughput curves and write them as a PNG.
 
-    Reads `run_dir/metrics.jsonl`, whose lines are `{"step", "epoch", "split": "train" | "test", "loss",
-    "accuracy", "lr", "images_per_s"}` (the last two for training lines only). `cait-eqx train` calls this at
-    the end of a run; `cait-eqx plot RUN_DIR` calls it on demand.
+    Reads the run's metrics (`read_metrics`), records `{"step", "epoch", "split": "train" | "test", "loss",
+    "accuracy", "lr", "images_per_s"}` (the last two for training records only). `cait-eqx train` draws them
+    at the end of a run; `cait-eqx plot RUN_DIR` on demand.
 
     **Arguments:**
 
     - `run_dir`: the run directory.
-    - `out`: the PNG to write; defaults to `run_dir/curves.png`.
+    - `out`: the PNG to write; defaults to the run's own (`cait_eqx.training.Run.curves_path`).
     - `dpi`: resolution of the PNG. (Keyword only argument.)
 
     **Returns:** the path of the PNG.
     """
-    run_dir = Path(run_dir)
+    run = Run(run_dir)
     records = read_metrics(run_dir)
-    out = run_dir / "curves.png" if out is None else Path(out)
-    return _save_figure(_curves_figure(records, run_dir.name), out, dpi)
+    out = run.curves_path if out is None else Path(out)
+    return _save_figure(_curves_figure(records, Path(run_dir).name), out, dpi)
 
 
 def _curves_figure(records: Sequence[dict], title: str):

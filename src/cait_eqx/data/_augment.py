@@ -13,12 +13,10 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
+from .._constants import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS
+
 __all__ = ["NORMALIZATIONS", "Augment", "normalize_images", "random_crop", "random_flip", "to_unit_float"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# What the model sees after pixels are scaled to [0, 1]: unchanged ("none"), or standardised ("imagenet").
-NORMALIZATIONS = ("none", "imagenet")
 
 
 def to_unit_float(

@@ -17,9 +17,11 @@ import optax
 from jaxtyping import PyTree
 
 from .._layers import Linear
+from ._config import TrainConfig
 
 __all__ = [
     "EmaState",
+    "build_optimizer",
     "decayed_leaf_names",
     "ema_model",
     "ema_weights",
@@ -179,3 +181,25 @@ def make_optimizer(
     if ema_decay is not None:
         parts.append(ema_weights(ema_decay))
     return optax.chain(*parts)
+
+
+def build_optimizer(
+    config: TrainConfig, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimiser and learning-rate schedule of `config` for `steps_per_epoch` steps per epoch.
+
+    **Arguments:**
+
+    - `config`: the `TrainConfig` (its `epochs`, `lr`, `min_lr`, `warmup_epochs`, `weight_decay`,
+        `clip_norm` and `ema_decay`).
+    - `steps_per_epoch`: optimiser steps per epoch (`len(train_data) // config.batch_size`).
+
+    **Returns:** `(optim, schedule)`: `make_optimizer(schedule, ...)` and the `warmup_cosine_schedule`.
+    """
+    total = config.epochs * steps_per_epoch
+    warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
+    schedule = warmup_cosine_schedule(config.lr, total, warmup, config.min_lr)
+    optim = make_optimizer(
+        schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm, ema_decay=config.ema_decay
+    )
+    return optim, schedule

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -15,39 +18,26 @@ import numpy as np
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Shaped
 
-from ..data._augment import Augment, normalize_images, to_unit_float
-from ..data._datasets import Dataset
-from ..data._loader import eval_batches
+from .._atomic import atomic_write_bytes
+from ..data import Dataset, eval_batches, normalize_images, to_unit_float
+from ._config import StepConfig
 from ._losses import cross_entropy, mix_batch, smooth_labels
 
-__all__ = ["EvalResult", "StepConfig", "evaluate", "make_eval_step", "make_train_step"]
+__all__ = ["EvalResult", "NonFiniteLossError", "evaluate", "make_eval_step", "make_train_step"]
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """What happens to a batch inside the training step, besides the optimiser.
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or gradient (and `on_nonfinite="stop"`).
 
-    - `num_classes`: size of the targets.
-    - `label_smoothing`: label-smoothing ε (DeiT: 0.1).
-    - `mixup_alpha`, `cutmix_alpha`: Beta parameters; 0 switches each off (DeiT: 0.8 and 1.0).
-    - `mix_prob`: probability of mixing a batch; `switch_prob`: of cutmix rather than mixup when both are on.
-    - `crop_padding`, `flip`: the per-image `Augment` (random crop with zero padding; left–right flips).
-    - `normalize`: `"none"` (the model sees pixels in [0, 1]) or `"imagenet"`.
+    **Arguments:**
+
+    - `message`: what happened and what to do.
+    - `step`: the step whose loss or gradient was not finite (its update was not applied).
     """
 
-    num_classes: int
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0
-    switch_prob: float = 0.5
-    crop_padding: int = 0
-    flip: bool = False
-    normalize: str = "none"
-
-    @property
-    def augment(self) -> Augment:
-        return Augment(crop_padding=self.crop_padding, flip=self.flip)
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 def _select(flag: Array, new: PyTree, old: PyTree) -> PyTree:
@@ -129,6 +119,26 @@ def make_train_step(
     return eqx.filter_jit(train_step, donate="all") if jit else train_step
 
 
+def _eval_step(
+    model: PyTree,
+    batch: tuple[Shaped[Array, "batch channels height width"], Int[Array, " batch"]],
+    *,
+    normalize: str = "none",
+) -> dict[str, Array]:
+    images, labels = batch
+    model = eqx.nn.inference_mode(model)
+    x = normalize_images(to_unit_float(images), normalize)
+    logits = jax.vmap(model)(x)
+    num_classes = logits.shape[-1]
+    loss = cross_entropy(logits, jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
+    return {"logits": logits.astype(jnp.float32), "loss": loss}
+
+
+# One jitted function for every evaluation step: JAX's own cache compiles it once per model structure, batch
+# shape and normalisation, however many times `make_eval_step` or `evaluate` is called.
+_jitted_eval_step = eqx.filter_jit(_eval_step)
+
+
 def make_eval_step(normalize: str = "none", *, jit: bool = True) -> Callable[..., dict[str, Array]]:
     """Build the evaluation step `step(model, (images, labels)) -> {"logits", "loss"}`, in inference mode.
 
@@ -138,27 +148,12 @@ def make_eval_step(normalize: str = "none", *, jit: bool = True) -> Callable[...
     **Arguments:**
 
     - `normalize`: the input normalisation the model was trained with.
-    - `jit`: wrap in `eqx.filter_jit` (nothing donated). (Keyword only argument.)
+    - `jit`: wrap in `eqx.filter_jit` (nothing donated). All jitted evaluation steps share one compilation
+        per model structure, batch shape and `normalize`. (Keyword only argument.)
+
+    **Returns:** the step.
     """
-
-    def eval_step(
-        model: PyTree, batch: tuple[Shaped[Array, "batch channels height width"], Int[Array, " batch"]]
-    ) -> dict[str, Array]:
-        images, labels = batch
-        model = eqx.nn.inference_mode(model)
-        x = normalize_images(to_unit_float(images), normalize)
-        logits = jax.vmap(model)(x)
-        num_classes = logits.shape[-1]
-        loss = cross_entropy(logits, jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
-        return {"logits": logits.astype(jnp.float32), "loss": loss}
-
-    return eqx.filter_jit(eval_step) if jit else eval_step
-
-
-@functools.lru_cache(maxsize=4)
-def shared_eval_step(normalize: str = "none") -> Callable[..., dict[str, Array]]:
-    """One jitted `make_eval_step(normalize)` per normalisation, shared: repeated evaluations compile once."""
-    return make_eval_step(normalize)
+    return functools.partial(_jitted_eval_step if jit else _eval_step, normalize=normalize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +178,14 @@ class EvalResult:
             "confusion": self.confusion.tolist(),
         }
 
+    def write_json(self, path: str | os.PathLike, **context: Any) -> Path:
+        """Write `context` (e.g. what was evaluated on what) and `as_dict()` to `path` as JSON, atomically.
+
+        **Returns:** the path written.
+        """
+        values = {**context, **self.as_dict()}
+        return atomic_write_bytes(path, (json.dumps(values, indent=2) + "\n").encode())
+
 
 def evaluate(
     model: PyTree,
@@ -204,7 +207,7 @@ def evaluate(
 
     **Returns:** an `EvalResult`. Top-5 is top-`min(5, num_classes)`.
     """
-    step = shared_eval_step(normalize) if eval_step is None else eval_step
+    step = make_eval_step(normalize) if eval_step is None else eval_step
     batch_size = max(1, min(batch_size, len(dataset)))
     k = min(5, dataset.num_classes)
     confusion = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)

@@ -4,13 +4,11 @@ Every timm key is matched to one of our leaves by its name; shapes must match ex
 explicit reshapes in `_slots` (timm keeps leading singleton axes we do not). The self-attention blocks are
 stacked on a leading depth axis here, so `blocks.{i}.X` in timm is row `i` of our `blocks.X`.
 
-Also here: bicubic resampling of the positional-embedding grid (to load a checkpoint at another image size),
-`set_input_size` and `reset_classifier` (new resolution / new head for fine-tuning).
+A checkpoint loaded at another image size has its positional embedding resampled (`_surgery`).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -23,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._layers import Linear
-from ._model import _DTYPES, CaiT, CaiTConfig, with_compute_dtype
+from ._config import CaiTConfig
+from ._model import CaiT
+from ._surgery import resample_pos_embed
 from ._variants import variant_config
 
 __all__ = [
@@ -35,9 +33,9 @@ __all__ = [
     "to_timm_state_dict",
     "infer_config",
     "timm_keys",
-    "resample_pos_embed",
-    "set_input_size",
-    "reset_classifier",
+    "build_from_state_dict",
+    "patch_grid",
+    "resample_state_dict",
 ]
 
 logger = logging.getLogger("cait_eqx")
@@ -217,7 +215,8 @@ def _resolve(state_dict: Mapping[str, Any], name: str | None, overrides: dict[st
     return config
 
 
-def _grid(image_size: Any, patch_size: int) -> tuple[int, int]:
+def patch_grid(image_size: Any, patch_size: int) -> tuple[int, int]:
+    """The `(rows, columns)` patch grid of an image size (an int or a pair)."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     return size[0] // patch_size, size[1] // patch_size
 
@@ -227,7 +226,7 @@ def _checkpoint_grid(
 ) -> tuple[int, int] | None:
     """The patch grid a checkpoint's `pos_embed` was trained on, or None where it does not fit `name`."""
     if name is not None:
-        grid = _grid(variant_config(name)["image_size"], patch_size)
+        grid = patch_grid(variant_config(name)["image_size"], patch_size)
         return grid if grid[0] * grid[1] == num_patches else None  # another variant: the mapping reports it
     if target_grid[0] * target_grid[1] == num_patches:
         return target_grid  # same number of patches: the caller's grid is taken as the checkpoint's
@@ -269,15 +268,16 @@ def from_timm_state_dict(state_dict: Mapping[str, Any], *, name: str | None = No
     if "image_size" in config and "pos_embed" in state_dict:
         pos_shape = tuple(np.shape(state_dict["pos_embed"]))
         patch_size = kwargs["patch_size"]
-        target = _grid(kwargs["image_size"], patch_size)
+        target = patch_grid(kwargs["image_size"], patch_size)
         if len(pos_shape) >= 2:
             source = _checkpoint_grid(pos_shape[-2], name, target, patch_size)
             if source is not None and source != target:
-                state_dict = _resample_state_dict(state_dict, source, target)
-    return _build(state_dict, kwargs)
+                state_dict = resample_state_dict(state_dict, source, target)
+    return build_from_state_dict(state_dict, kwargs)
 
 
-def _resample_state_dict(state_dict: Mapping[str, Any], source: tuple[int, int], target: tuple[int, int]):
+def resample_state_dict(state_dict: Mapping[str, Any], source: tuple[int, int], target: tuple[int, int]):
+    """`state_dict` with its `pos_embed` resampled from the `source` to the `target` patch grid (logged)."""
     pos = _to_numpy(state_dict["pos_embed"], "pos_embed")
     resampled = np.asarray(resample_pos_embed(jnp.asarray(pos.reshape(pos.shape[-2:])), source, target))
     logger.info("cait_eqx: resampled the positional embedding from a %s to a %s patch grid (bicubic).",
@@ -285,11 +285,11 @@ def _resample_state_dict(state_dict: Mapping[str, Any], source: tuple[int, int],
     return {**state_dict, "pos_embed": resampled.reshape(*pos.shape[:-2], -1, pos.shape[-1])}
 
 
-def _build(state_dict: Mapping[str, Any], kwargs: dict[str, Any]) -> CaiT:
+def build_from_state_dict(state_dict: Mapping[str, Any], kwargs: dict[str, Any]) -> CaiT:
     """Fill a model of configuration `kwargs` from `state_dict`, strictly by name (inference mode)."""
     skeleton = eqx.filter_eval_shape(CaiT, **kwargs, key=jr.key(0))
     cfg: CaiTConfig = skeleton.config
-    dtype = _DTYPES[cfg.dtype]
+    dtype = jnp.dtype(cfg.dtype)
 
     missing: list[str] = []
     misshaped: list[str] = []
@@ -368,119 +368,6 @@ def to_timm_state_dict(model: CaiT, *, dtype: str | None = "float32") -> dict[st
 
 
 # ------------------------------------------------------------------------------ new resolutions, new heads
-
-
-def _pair(name: str, grid: Any) -> tuple[int, int]:
-    if (
-        not isinstance(grid, (tuple, list))
-        or len(grid) != 2
-        or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)
-    ):
-        raise ValueError(f"`{name}` must be a (rows, columns) pair of positive ints, got {grid!r}.")
-    return int(grid[0]), int(grid[1])
-
-
-def resample_pos_embed(
-    pos_embed: Float[Array, "patches dim"] | Float[np.ndarray, "patches dim"],
-    source_grid: tuple[int, int],
-    target_grid: tuple[int, int],
-) -> Float[Array, "new_patches dim"]:
-    """Resample a positional embedding from one patch grid to another by bicubic interpolation.
-
-    The embedding is viewed as a `source_grid` image with `dim` channels (row-major over the patches, as
-    the patch embedding orders them) and resized to `target_grid` with the Keys cubic kernel (a = -0.5),
-    antialiased when shrinking: the same function as timm's `resample_abs_pos_embed` for ViTs. Grids may
-    be non-square. Computed in float32; the result has the input's dtype.
-
-    **Arguments:**
-
-    - `pos_embed`: the embedding, `(source_rows * source_cols, dim)`.
-    - `source_grid`: its grid, `(rows, cols)`.
-    - `target_grid`: the new grid, `(rows, cols)`.
-
-    **Returns:** the resampled embedding, `(target_rows * target_cols, dim)`.
-    """
-    source = _pair("source_grid", source_grid)
-    target = _pair("target_grid", target_grid)
-    pos_embed = jnp.asarray(pos_embed)
-    patches, dim = pos_embed.shape
-    if source[0] * source[1] != patches:
-        raise ValueError(
-            f"`pos_embed` has {patches} patches but `source_grid` {source} holds {source[0] * source[1]}. "
-            f"Pass the grid the embedding was trained on: (image height / patch, image width / patch)."
-        )
-    if source == target:
-        return pos_embed
-    image = pos_embed.astype(jnp.float32).reshape(*source, dim)
-    resized = jax.image.resize(image, (*target, dim), method="bicubic", antialias=True)
-    return resized.reshape(target[0] * target[1], dim).astype(pos_embed.dtype)
-
-
-def _all_inference(model: CaiT) -> bool:
-    modules = [
-        m for m in jax.tree_util.tree_leaves(model, is_leaf=lambda x: isinstance(x, eqx.nn.Dropout))
-        if isinstance(m, eqx.nn.Dropout)
-    ]
-    return all(bool(m.inference) for m in modules)
-
-
-def set_input_size(model: CaiT, image_size: int | tuple[int, int]) -> CaiT:
-    """A copy of `model` for another image size, its positional embedding resampled bicubically.
-
-    Use it to fine-tune or evaluate at a new resolution (e.g. a 224 checkpoint at 384). Every other weight
-    is carried over unchanged, by name; the patch size stays. The copy is in inference mode when the model
-    was, else in training mode.
-
-    **Arguments:**
-
-    - `model`: a `CaiT`.
-    - `image_size`: the new input size, an int or a `(height, width)` pair, a multiple of the patch size.
-
-    **Returns:** a `CaiT` whose `config.image_size` is the new size.
-    """
-    cfg = model.config
-    kwargs = cfg.kwargs()
-    kwargs["image_size"] = image_size
-    new_cfg = eqx.filter_eval_shape(CaiT, **kwargs, key=jr.key(0)).config  # validates the size
-    state_dict = to_timm_state_dict(model, dtype=None)
-    state_dict["pos_embed"] = np.asarray(
-        resample_pos_embed(jnp.asarray(state_dict["pos_embed"][0]), cfg.grid_size, new_cfg.grid_size)
-    )[None]
-    new = with_compute_dtype(_build(state_dict, kwargs), model.compute_dtype)  # a run-time choice, kept
-    return new if _all_inference(model) else eqx.nn.inference_mode(new, value=False)
-
-
-def reset_classifier(model: CaiT, num_classes: int, *, key: PRNGKeyArray | None = None) -> CaiT:
-    """A copy of `model` with a freshly initialised classifier of `num_classes` outputs.
-
-    The head is initialised as at construction (truncated normal, std 0.02; zero bias); every other weight,
-    and each dropout's mode, is kept. `num_classes=0` removes the head (the model then returns features).
-
-    **Arguments:**
-
-    - `model`: a `CaiT`.
-    - `num_classes`: the new number of classes, or `0` for no head.
-    - `key`: a `jax.random.key` for the new head; needed unless `num_classes == 0`. (Keyword only argument.)
-
-    **Returns:** a `CaiT` whose `config.num_classes` is `num_classes`.
-    """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"`num_classes` must be an int >= 0 (0 removes the head), got {num_classes!r}.")
-    cfg = model.config
-    if num_classes == 0:
-        head = None
-    else:
-        if key is None:
-            raise ValueError(
-                "`reset_classifier` needs a key to initialise the new head: "
-                "`reset_classifier(model, num_classes, key=jax.random.key(...))`."
-            )
-        head = Linear(cfg.dim, num_classes, dtype=_DTYPES[cfg.dtype], key=key)
-    # `head` may be None on either side, and `config` is static: set both on a shallow copy.
-    new = copy.copy(model)
-    object.__setattr__(new, "head", head)
-    object.__setattr__(new, "config", dataclasses.replace(cfg, num_classes=num_classes))
-    return new
 
 
 def _describe(cfg: CaiTConfig) -> str:

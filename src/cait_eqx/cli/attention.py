@@ -1,24 +1,19 @@
-"""The `cait-eqx attention` and `cait-eqx plot` sub-commands.
-
-`cait_eqx.cli` builds the parser and calls `add_commands(subparsers)`; every sub-command registered here sets
-`func(args) -> int` (the exit code). Heavy imports (JAX, matplotlib) happen inside the commands, so building
-the parser stays fast.
-"""
+"""`cait-eqx attention IMAGE`: a saved model or official weights → `cait_eqx.viz.plot_class_attention`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["add_commands"]
+__all__ = ["NORMALIZATIONS", "add_parser", "run"]
 
-_NORMALISATIONS = ("auto", "imagenet", "none")
+NORMALIZATIONS = ("auto", "imagenet", "none")
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register the `attention` and `plot` sub-commands on `subparsers` (from `parser.add_subparsers`)."""
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `attention` on `subparsers` (from `parser.add_subparsers`); returns its parser."""
     attention = subparsers.add_parser(
         "attention",
         help="draw the class-attention maps of a model on an image (PNG)",
@@ -52,34 +47,35 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     attention.add_argument(
         "--normalize",
-        choices=_NORMALISATIONS,
+        choices=NORMALIZATIONS,
         default="auto",
         help=(
             "input normalisation after scaling pixels to [0, 1]: 'imagenet' mean/std, or 'none'. 'auto' "
             "(default) uses imagenet for --weights (official ImageNet models) and, for --checkpoint, the "
-            "run's own setting from config.json beside the checkpoint (none when there is no such file)"
+            "setting of the `cait-eqx train` run the checkpoint lies in (none outside a run directory)"
         ),
     )
-    attention.set_defaults(func=lambda args: _attention(args, attention))
-
-    plot = subparsers.add_parser(
-        "plot",
-        help="plot the loss / accuracy / learning-rate curves of a training run (PNG)",
-        description="Read RUN_DIR/metrics.jsonl (written by `cait-eqx train`) and draw its curves as a PNG.",
-    )
-    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory of `cait-eqx train`")
-    plot.add_argument(
-        "--out", type=Path, default=None, metavar="FILE", help="output PNG (default: RUN_DIR/curves.png)"
-    )
-    plot.set_defaults(func=lambda args: _plot(args, plot))
+    attention.set_defaults(func=lambda args: run(args, attention))
+    return attention
 
 
-def _fail(command: str, error: BaseException) -> int:
-    print(f"cait-eqx {command}: error: {error}", file=sys.stderr)
+def _fail(error: BaseException) -> int:
+    print(f"cait-eqx attention: error: {error}", file=sys.stderr)
     return 1
 
 
-def _attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _run_normalization(checkpoint: Path) -> str:
+    """The input normalisation of the `cait-eqx train` run whose directory holds `checkpoint`, or "none"."""
+    from cait_eqx import training
+
+    try:
+        return training.Run(checkpoint.parent).config().train.normalize
+    except (OSError, ValueError):  # not in a run directory, or not a run's configuration
+        return "none"
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run `cait-eqx attention` with the parsed `args`; returns the exit status (0, or 1 on an error)."""
     if args.model is not None and args.weights is None:
         parser.error("--model names the variant of --weights; it cannot be used with --checkpoint")
     if not args.image.is_file():
@@ -98,11 +94,9 @@ def _attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         else:
             model = cait_eqx.load_timm(args.weights, name=args.model)
     except (ValueError, OSError, ImportError) as error:
-        return _fail("attention", error)
+        return _fail(error)
     if model.config.cls_depth == 0:
-        return _fail(
-            "attention", ValueError("this model has no class-attention blocks (cls_depth=0), no maps to draw")
-        )
+        return _fail(ValueError("this model has no class-attention blocks (cls_depth=0), no maps to draw"))
 
     normalize = args.normalize
     if normalize == "auto":
@@ -110,32 +104,7 @@ def _attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     try:
         image, display = viz.load_image(args.image, model.config, normalize=normalize)
     except (ValueError, OSError) as error:
-        return _fail("attention", error)
+        return _fail(error)
     out = viz.plot_class_attention(model, image, args.out, display=display, upsample=args.upsample)
-    print(f"wrote {out}")
-    return 0
-
-
-def _run_normalization(checkpoint: Path) -> str:
-    """The input normalisation of the `cait-eqx train` run that wrote `checkpoint`, or "none"."""
-    config = checkpoint.parent / "config.json"
-    if not config.is_file():
-        return "none"
-    try:
-        value = json.loads(config.read_text()).get("train", {}).get("normalize", "none")
-    except (ValueError, AttributeError):
-        return "none"
-    return value if value in ("none", "imagenet") else "none"
-
-
-def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not args.run_dir.is_dir():
-        parser.error(f"run directory not found: {args.run_dir}")
-    from cait_eqx import viz
-
-    try:
-        out = viz.plot_training_curves(args.run_dir, args.out)
-    except (ValueError, OSError) as error:
-        return _fail("plot", error)
     print(f"wrote {out}")
     return 0

@@ -1,4 +1,4 @@
-"""timm's published CaiT weights on the Hugging Face Hub: fetched into its cache, checked, or a fast failure.
+"""Named models with pretrained weights: `create_model`, and timm's published weights on the Hugging Face Hub.
 
 Each paper variant's ImageNet-1k weights (distilled, as released by deit) live in the repository
 `timm/<name>.fb_dist_in1k` as `model.safetensors`. Without a network (or with `HF_HUB_OFFLINE=1`) only the
@@ -12,11 +12,18 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Any
 
+from jaxtyping import PRNGKeyArray
+
+from ._config import check_compute_dtype
+from ._io import load_timm
+from ._model import CaiT, with_compute_dtype
+from ._surgery import reset_classifier
+from ._timm import WeightsError
 from ._variants import variant_config
-from ._weights import WeightsError
 
-__all__ = ["PretrainedWeightsUnavailable", "hub_repo_id", "pretrained_weights_file"]
+__all__ = ["PretrainedWeightsUnavailable", "create_model", "hub_repo_id", "pretrained_weights_file"]
 
 HUB_TAG = "fb_dist_in1k"
 HUB_FILENAME = "model.safetensors"
@@ -122,3 +129,64 @@ def pretrained_weights_file(
     path = Path(local)
     _verify(path)
     return path
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    *,
+    key: PRNGKeyArray | None = None,
+    weights: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    compute_dtype: Any = None,
+    **overrides: Any,
+) -> CaiT:
+    """Build a named paper variant, with fresh weights or with timm's pretrained ImageNet weights.
+
+    **Arguments:**
+
+    - `name`: one of `list_models()`.
+    - `pretrained`: load timm's published ImageNet-1k weights (`timm/<name>.fb_dist_in1k` on the Hugging
+        Face Hub), downloading them into the Hugging Face cache if needed. Offline (or with
+        `HF_HUB_OFFLINE=1`) only the cache is used; without a cached copy this fails at once with
+        `PretrainedWeightsUnavailable`: download the file elsewhere and pass it as `weights`.
+    - `key`: a `jax.random.key` for the initialisation; needed for fresh weights, and for a pretrained
+        model only when `num_classes` asks for a new head. (Keyword only argument.)
+    - `weights`: a local checkpoint file to load instead (timm `model.safetensors` or `.pth`, deit release
+        `.pth`, or a `cait_eqx.save` file), checked against the variant. (Keyword only argument.)
+    - `cache_dir`: the Hugging Face cache directory for `pretrained=True`. (Keyword only argument.)
+    - `compute_dtype`: the dtype to compute in, e.g. `jnp.bfloat16` for mixed precision with float32
+        weights (see `with_compute_dtype`); `None` computes in the parameter dtype. (Keyword only argument.)
+    - `**overrides`: any `CaiT` keyword to change, e.g. `num_classes=10`, `layer_dropout=0.1`,
+        `image_size=384`. With pretrained weights, a new `image_size` resamples the positional embedding
+        (bicubic) and a new `num_classes` gives a fresh head (`reset_classifier`).
+
+    **Returns:** a `CaiT`: in training mode with fresh weights; in inference mode with loaded weights
+    (`eqx.nn.inference_mode(model, False)` to fine-tune it).
+    """
+    config = variant_config(name)
+    check_compute_dtype(compute_dtype, "float32")  # a bad dtype fails before any download
+    if not pretrained and weights is None:
+        if key is None:
+            raise ValueError(
+                f"`create_model({name!r})` builds fresh weights and needs a key: pass "
+                f"`key=jax.random.key(...)`, or `pretrained=True` (or `weights=path`) for trained weights."
+            )
+        config.update(overrides)
+        return CaiT(**config, compute_dtype=compute_dtype, key=key)
+    if pretrained and weights is not None:
+        raise ValueError(
+            "Pass either `pretrained=True` (the Hub's weights) or `weights=path` (a local file), not both."
+        )
+    if weights is None:
+        weights = pretrained_weights_file(name, cache_dir=cache_dir)
+    num_classes = overrides.pop("num_classes", None)
+    model = load_timm(weights, name=name, **overrides)
+    if num_classes is not None and num_classes != model.config.num_classes:
+        if num_classes != 0 and key is None:
+            raise ValueError(
+                f"`num_classes={num_classes}` differs from the checkpoint's {model.config.num_classes}, so a "
+                f"fresh head is initialised, which needs a key: pass `key=jax.random.key(...)`."
+            )
+        model = reset_classifier(model, num_classes, key=key)
+    return with_compute_dtype(model, compute_dtype)

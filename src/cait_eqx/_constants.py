@@ -1,0 +1,10 @@
+"""Constants shared by several rooms, defined once (pure Python: the command line's flags read them)."""
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""The per-channel mean of ImageNet images in [0, 1] (RGB), which the published CaiT weights expect."""
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The per-channel standard deviation of ImageNet images in [0, 1] (RGB)."""
+NORMALIZATIONS = ("none", "imagenet")
+"""What the model sees after pixels are scaled to [0, 1]: unchanged ("none"), or standardised ("imagenet")."""

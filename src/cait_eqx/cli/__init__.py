@@ -1,0 +1,89 @@
+"""The `cait-eqx` command: `train` (the README's main job), `evaluate`, `attention` and `plot`.
+
+`cait-eqx train` with no arguments trains the default small CaiT on scikit-learn's digits and writes a run
+directory; `cait-eqx train --resume RUN_DIR` continues it exactly; `cait-eqx evaluate RUN_DIR` reports
+top-1/top-5 and the confusion matrix. Bad flag values are one-line usage errors with exit status 2.
+
+One module per command (`train`, `evaluate`, `attention`, `plot`), each mapping its flags to public calls of
+`cait_eqx`, `cait_eqx.training`, `cait_eqx.data`, `cait_eqx.parallel` and `cait_eqx.viz`. Building the parser
+imports no JAX (the flags come from the pure-Python config dataclasses), so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+
+from . import attention, evaluate, plot, train
+from ._parser import UsageParser
+
+__all__ = ["build_parser", "main"]
+
+COMMANDS = (train, evaluate, attention, plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `cait-eqx` argument parser with all its sub-commands.
+
+    **Returns:** an `argparse.ArgumentParser` whose parsed arguments carry `func(args) -> int`, the command.
+    """
+    import cait_eqx
+
+    parser = UsageParser(
+        prog="cait-eqx",
+        description="CaiT in Equinox: train, evaluate and look inside Class-Attention image Transformers.",
+    )
+    parser.add_argument("--version", action="version", version=f"cait-eqx {cait_eqx.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The line printed after a Ctrl-C that interrupted a command (the training loop stops by itself)."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None:
+        return "cait-eqx: interrupted"
+    from cait_eqx import training
+
+    run = training.Run(run_dir)
+    if run.exists:
+        hint = f"continue from its newest checkpoint with: cait-eqx train --resume {run_dir}"
+        return f"cait-eqx: interrupted; {hint}"
+    return f"cait-eqx: interrupted; the run had not started (no {run.config_path} yet): start it again"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `cait-eqx` with `argv` (default `sys.argv[1:]`); returns the exit status.
+
+    **Arguments:**
+
+    - `argv`: the command line without the program name, e.g. `["train", "--quick"]`; `None`: `sys.argv[1:]`
+        (the `cait-eqx` program).
+
+    **Returns:** 0 on success, 1 on an error the command reports, 2 on a usage error (raised as `SystemExit`
+    by the parser), 130 when interrupted (Ctrl-C or SIGTERM; a training run saves a checkpoint first).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        if argv is None:  # the `cait-eqx` program: another Ctrl-C must not interrupt the way out
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(_interrupted(args), file=sys.stderr)
+        if argv is None:
+            # Leave without interpreter teardown, which can abort in C++ ("terminate called ...") while a
+            # background thread is still inside JAX. Nothing is lost: every file is written atomically and
+            # the metrics one whole line per write; the standard streams are flushed here.
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os._exit(130)
+        return 130

@@ -1,0 +1,284 @@
+"""`TrainConfig`, the training recipe, declared once; `StepConfig` and `RunConfig` built from it.
+
+Every field of `TrainConfig` is declared with `cait_eqx._spec.hyper`: its default, its check and its help.
+From that one declaration come the constructor's validation, the saved metadata (`to_dict`/`from_dict`),
+the fields a resumed run must keep (`trajectory_fields`), the per-batch part of the recipe (`step_config`,
+the fields of group `"step"`) and the `cait-eqx train` flags. Pure Python: importing it does not import JAX,
+so the command line can build its flags from it at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from .._config import REMAT_POLICIES
+from .._constants import NORMALIZATIONS
+from .._spec import OneOf, Real, Whole, boolean, hyper, specs, validate
+
+__all__ = ["DEFAULT_MODEL", "TRAIN_COMPUTE_DTYPES", "RunConfig", "StepConfig", "TrainConfig"]
+
+# The compute dtypes training offers (float16 would need loss scaling, which the step does not do).
+TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# The default small CaiT for `cait-eqx train` on digits (chosen by experiment: experiments/defaults.md).
+DEFAULT_MODEL: dict[str, Any] = dict(
+    patch_size=4,
+    dim=64,
+    depth=4,
+    cls_depth=2,
+    heads=4,
+    mlp_dim=128,
+    layer_dropout=0.05,
+)
+
+RUN_FORMAT = "cait_eqx.run/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ComputeDtype(OneOf):
+    """`OneOf` that says why float16 is missing."""
+
+    def check(self, value: Any) -> str:
+        try:
+            return super().check(value)
+        except ValueError as error:
+            raise ValueError(f"{error} (float16 would need loss scaling, which training lacks)") from None
+
+
+_POSITIVE = Whole(1)
+_COUNT = Whole(0)
+_NON_NEGATIVE = Real(0.0)
+_PROBABILITY = Real(0.0, 1.0)
+_RATE = Real(0.0, 1.0, high_open=True)
+
+
+# Checked by `__post_init__` (`validate`): ints where floats go, and clear `ValueError`s rather than beartype
+# violations.
+@typing.no_type_check
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe and the loop's bookkeeping. The defaults are `cait-eqx train`'s digits defaults.
+
+    Recipe: `epochs`, `batch_size`, peak learning rate `lr` reached after `warmup_epochs` of linear warm-up
+    and cosine-decayed to `min_lr` (a warm-up as long as the run or longer, e.g. the default 3 epochs in a
+    2-epoch run, is cut to the run: the rate then rises to `lr` over the whole run and does not decay);
+    AdamW `weight_decay` (masked off biases, norms, LayerScale, `pos_embed`, `cls_token`); `clip_norm`
+    (global-norm gradient clipping, `None` = off); `label_smoothing`; mixup / cutmix (`mixup_alpha`,
+    `cutmix_alpha`, `mix_prob`, `switch_prob`; 0 = off); random crop with `crop_padding` and left–right
+    `flip`; `ema_decay` (EMA of the weights, `None` = off); input `normalize` (`"none"`: pixels in [0, 1],
+    or `"imagenet"`); `seed` (batch order and every random draw); `compute_dtype` (`None`: the model's own;
+    `"bfloat16"`: mixed precision, the model computes in bfloat16 with its float32 weights, gradients and
+    optimiser state, float32 LayerNorm statistics, softmaxes and loss; `"float32"`); `remat` (`None`: the
+    model's own; else one of `cait_eqx.REMAT_POLICIES`, what the self-attention stage keeps for the
+    backward pass). Stochastic depth and dropout are the model's own (`layer_dropout`, `dropout`).
+
+    Bookkeeping: evaluate every `eval_every` epochs; log training metrics every `log_every` steps;
+    checkpoint every `checkpoint_every` steps (0: at the end of each epoch) and always at the end or on an
+    interrupt, keeping the newest `keep_checkpoints`; `on_nonfinite` = `"stop"` (raise
+    `NonFiniteLossError`) or `"skip"` (drop that update and go on); `eval_batch_size`.
+
+    Bad values raise `ValueError("TrainConfig `name` must be ...")`. Each field's help text is
+    `cait_eqx._spec.specs(TrainConfig)[name].help`.
+    """
+
+    epochs: int = hyper(100, help="passes over the training data", check=_POSITIVE, metavar="N",
+                        trajectory=True)
+    batch_size: int = hyper(
+        64, help="examples per step over all devices (the global batch)", check=_POSITIVE, metavar="B",
+        trajectory=True,
+    )
+    lr: float = hyper(2e-3, help="peak learning rate", check=Real(0.0, low_open=True), metavar="LR",
+                      trajectory=True)
+    min_lr: float = hyper(1e-5, help="final learning rate of the cosine decay (at most lr)",
+                          check=_NON_NEGATIVE, metavar="LR", trajectory=True)
+    warmup_epochs: float = hyper(
+        3.0, help="epochs of linear warm-up (cut to the run when longer)", check=_NON_NEGATIVE, metavar="E",
+        trajectory=True,
+    )
+    weight_decay: float = hyper(0.05, help="AdamW's decoupled weight decay, on the linear maps' weights",
+                                check=_NON_NEGATIVE, metavar="W", trajectory=True)
+    clip_norm: float | None = hyper(
+        None, help="clip the gradient's global norm to C (default: no clipping)",
+        check=Real(0.0, low_open=True, optional=True), metavar="C", trajectory=True,
+    )
+    label_smoothing: float = hyper(0.1, help="label-smoothing epsilon", check=_RATE, metavar="E",
+                                   trajectory=True, group="step")
+    mixup_alpha: float = hyper(0.0, help="mixup Beta alpha (0 = off)", check=_NON_NEGATIVE, flag="--mixup",
+                               metavar="ALPHA", trajectory=True, group="step")
+    cutmix_alpha: float = hyper(0.0, help="cutmix Beta alpha (0 = off)", check=_NON_NEGATIVE,
+                                flag="--cutmix", metavar="ALPHA", trajectory=True, group="step")
+    mix_prob: float = hyper(1.0, help="probability of mixing a batch when mixup or cutmix is on",
+                            check=_PROBABILITY, metavar="P", trajectory=True, group="step")
+    switch_prob: float = hyper(0.5, help="probability of cutmix rather than mixup when both are on",
+                               check=_PROBABILITY, metavar="P", trajectory=True, group="step")
+    crop_padding: int = hyper(2, help="random-crop padding in pixels (0 = no crops)", check=_COUNT,
+                              metavar="N", trajectory=True, group="step")
+    flip: bool = hyper(False, help="random left-right flips (off by default: wrong for digits)",
+                       check=boolean, trajectory=True, group="step")
+    ema_decay: float | None = hyper(
+        None, help="also keep an EMA of the weights with this decay (default: none)",
+        check=Real(0.0, 1.0, high_open=True, optional=True), metavar="D", trajectory=True,
+    )
+    normalize: str = hyper("none", help="input normalisation: none (pixels in [0, 1]) or imagenet",
+                           check=OneOf(NORMALIZATIONS), trajectory=True, group="step")
+    seed: int = hyper(0, help="seeds the initialisation, the batch order and every random draw",
+                      check=_COUNT, metavar="N", trajectory=True)
+    eval_every: int = hyper(1, help="evaluate every E epochs", check=_POSITIVE, metavar="E", group="loop")
+    log_every: int = hyper(10, help="log training metrics every N steps", check=_POSITIVE, metavar="N",
+                           group="loop")
+    checkpoint_every: int = hyper(0, help="checkpoint every N steps (0: at the end of every epoch)",
+                                  check=_COUNT, metavar="N", group="loop")
+    keep_checkpoints: int = hyper(3, help="keep the newest K checkpoints", check=_POSITIVE, metavar="K",
+                                  group="loop")
+    on_nonfinite: str = hyper("stop", help="on a non-finite loss or gradient: stop, or skip that update",
+                              check=OneOf(("stop", "skip")), group="loop")
+    eval_batch_size: int = hyper(500, help="examples per evaluation step", check=_POSITIVE, metavar="B",
+                                 group="loop")
+    compute_dtype: str | None = hyper(
+        None,
+        help="dtype of the computation (default: the model's own, float32). bfloat16: mixed precision for "
+        "accelerators (GPU/TPU): bfloat16 activations and matmuls; float32 weights, gradients, optimiser "
+        "state, LayerNorm statistics, softmaxes and loss. Usually slower on CPUs",
+        check=_ComputeDtype(TRAIN_COMPUTE_DTYPES, optional=True),
+        trajectory=True,
+    )
+    remat: str | None = hyper(
+        None,
+        help="what the self-attention stage keeps for the backward pass (default: the model's own); trades "
+        "memory for recomputation, the same maths (see benchmarks/README.md)",
+        check=OneOf(REMAT_POLICIES, optional=True),
+    )
+
+    def __post_init__(self):
+        validate(self, "TrainConfig ")
+        if self.min_lr > self.lr:
+            raise ValueError(
+                f"TrainConfig `min_lr` must be at most `lr` ({self.lr:g}), got {self.min_lr!r}: the schedule "
+                f"decays from `lr` to `min_lr`. Lower `min_lr` or raise `lr`."
+            )
+
+    @classmethod
+    def trajectory_fields(cls) -> tuple[str, ...]:
+        """The fields that change the sequence of parameters a run goes through: a resumed run keeps them."""
+        return tuple(name for name, spec in specs(cls).items() if spec.trajectory)
+
+    @classmethod
+    def step_fields(cls) -> tuple[str, ...]:
+        """The fields of group `"step"`: what happens to a batch inside the step (`StepConfig`'s fields)."""
+        return tuple(name for name, spec in specs(cls).items() if spec.group == "step")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name (what a run's `config.json` and a checkpoint record)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The `TrainConfig` of `to_dict`'s output; a field missing (an older record) takes its default."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown TrainConfig field(s) {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+    def step_config(self, num_classes: int) -> StepConfig:
+        """The per-batch part of the recipe (the `"step"` fields), for `make_train_step`."""
+        step_values = {name: getattr(self, name) for name in self.step_fields()}
+        return StepConfig(num_classes=num_classes, **step_values)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What happens to a batch inside the training step, besides the optimiser.
+
+    Its fields are `num_classes` and the `TrainConfig` fields of group `"step"` (`TrainConfig.step_config`
+    builds one); the defaults here are the neutral ones (nothing smoothed, mixed or augmented).
+
+    - `num_classes`: size of the targets.
+    - `label_smoothing`: label-smoothing ε (DeiT: 0.1).
+    - `mixup_alpha`, `cutmix_alpha`: Beta parameters; 0 switches each off (DeiT: 0.8 and 1.0).
+    - `mix_prob`: probability of mixing a batch; `switch_prob`: of cutmix rather than mixup when both are on.
+    - `crop_padding`, `flip`: the per-image `Augment` (random crop with zero padding; left–right flips).
+    - `normalize`: `"none"` (the model sees pixels in [0, 1]) or `"imagenet"`.
+    """
+
+    num_classes: int
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    crop_padding: int = 0
+    flip: bool = False
+    normalize: str = "none"
+
+    @property
+    def augment(self):
+        """The per-image `cait_eqx.data.Augment` of `crop_padding` and `flip`."""
+        from ..data import Augment  # JAX: imported when a step is built
+
+        return Augment(crop_padding=self.crop_padding, flip=self.flip)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run, as written to `RUN_DIR/config.json`.
+
+    - `model`: `CaiT` keywords (without `image_size`, `channels`, `num_classes`, which come from the data
+        unless given), e.g. `DEFAULT_MODEL` or `cait_eqx.variant_config(name)`.
+    - `dataset`: `"digits"`, `"mnist"`, `"folder:PATH"` or `"npz:PATH"`; `image_size`: resize to this
+        (`None`: native); `test_fraction` and `split_seed`: the fixed held-out split.
+    - `train`: the `TrainConfig` (its `seed` also seeds the model's initialisation).
+    - `model_name`: the variant name when the model came from one (for the record).
+    """
+
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MODEL))
+    dataset: str = "digits"
+    image_size: int | tuple[int, int] | None = 16
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    train: TrainConfig = TrainConfig()
+    model_name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record written to `config.json` (before `train_run` adds the resolved model and versions)."""
+        return {
+            "format": RUN_FORMAT,
+            "model_name": self.model_name,
+            "model": dict(self.model),
+            "data": {
+                "dataset": self.dataset,
+                "image_size": self.image_size,
+                "test_fraction": self.test_fraction,
+                "split_seed": self.split_seed,
+            },
+            "train": self.train.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Read a `config.json` record back (`ValueError` when it is not one)."""
+        if values.get("format") != RUN_FORMAT:
+            raise ValueError(
+                f"Not a cait_eqx run configuration (format {values.get('format')!r}, expected "
+                f"{RUN_FORMAT!r})."
+            )
+        data = values["data"]
+        model = dict(values["model"])
+        if isinstance(model.get("image_size"), list):
+            model["image_size"] = tuple(model["image_size"])
+        return cls(
+            model=model,
+            dataset=data["dataset"],
+            image_size=_size_from_json(data["image_size"]),
+            test_fraction=data["test_fraction"],
+            split_seed=data["split_seed"],
+            train=TrainConfig.from_dict(values["train"]),
+            model_name=values.get("model_name"),
+        )
+
+
+def _size_from_json(size):
+    """JSON has no tuples: a saved `(height, width)` image size comes back as a list."""
+    return tuple(size) if isinstance(size, list) else size

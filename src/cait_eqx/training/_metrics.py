@@ -1,0 +1,83 @@
+"""What the training loop records: the window of steps between two log lines, and `metrics.jsonl`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .._atomic import atomic_write_bytes
+from ._run import Run
+
+__all__ = ["MetricsLog", "TrainWindow"]
+
+
+@dataclasses.dataclass
+class TrainWindow:
+    """The training steps since the last `"train"` record: their summed loss and accuracy, and timing.
+
+    `count` counts the steps whose metrics entered the sums (finite ones); `timed` every step, for the
+    throughput. A checkpoint saves `saved()` so that a resumed run logs exactly what an unbroken one would.
+    """
+
+    loss: float = 0.0
+    accuracy: float = 0.0
+    count: int = 0
+    timed: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, accuracy: float) -> None:
+        self.loss += loss
+        self.accuracy += accuracy
+        self.count += 1
+
+    def saved(self) -> dict[str, Any]:
+        return {"loss": self.loss, "accuracy": self.accuracy, "count": self.count}
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any]) -> TrainWindow:
+        window = cls()
+        window.loss = float(saved.get("loss", window.loss))
+        window.accuracy = float(saved.get("accuracy", window.accuracy))
+        window.count = int(saved.get("count", window.count))
+        return window
+
+    def reset(self, now: float) -> None:
+        self.loss, self.accuracy, self.count, self.timed, self.start = 0.0, 0.0, 0, 0, now
+
+
+class MetricsLog:
+    """Appends records to `run_dir/metrics.jsonl` (one JSON object per line) and keeps them in memory.
+
+    **Arguments:**
+
+    - `run_dir`: the run directory; `None` keeps the records in memory only.
+    - `resume_step`: the step a run resumes from: the records after it are dropped (they will be logged
+        again). `None`: a new run, an empty file.
+    """
+
+    def __init__(self, run_dir: Path | None, resume_step: int | None):
+        self.records: list[dict[str, Any]] = []
+        self.path = None if run_dir is None else Run(run_dir).metrics_path
+        if self.path is not None and self.path.is_file():
+            if resume_step is not None:
+                kept = [r for r in Run(run_dir).metrics() if r["step"] <= resume_step]
+            else:
+                kept = []
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            self.records = kept
+        # Unbuffered: each record is one `write` call, so a process that stops at any instant leaves whole
+        # lines only (and at worst a cut last line, which `Run.metrics` skips).
+        self._handle = None if self.path is None else open(self.path, "ab", buffering=0)  # noqa: SIM115
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self._handle is not None:
+            self._handle.write((json.dumps(record) + "\n").encode())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

@@ -1,0 +1,242 @@
+"""The training and evaluation steps compiled for a mesh, and `TrainSteps`: one recipe's steps, built once.
+
+There is no hand-written communication: a step is the ordinary pure step, compiled once with
+`eqx.filter_jit` under sharding constraints (`eqx.filter_shard`), and XLA inserts the all-gathers and
+reduce-scatters. One device is the same code with a mesh of one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from ._config import StepConfig, TrainConfig
+from ._distributed import shard_batch
+from ._optim import build_optimizer
+from ._sharding import (
+    DEFAULT_MIN_SHARD_SIZE,
+    batch_sharding,
+    mesh_from_spec,
+    num_batch_shards,
+    on_mesh,
+    place,
+    replicated,
+    shard_state,
+    state_shardings,
+)
+from ._steps import make_eval_step, make_train_step
+
+__all__ = [
+    "TrainSteps",
+    "make_sharded_eval_step",
+    "make_sharded_train_step",
+    "shard_eval_step",
+    "shard_train_step",
+]
+
+
+def shard_train_step(
+    step: Callable[..., tuple[Any, Any, dict[str, Any]]],
+    mesh: Mesh,
+    *,
+    min_size: int = DEFAULT_MIN_SHARD_SIZE,
+) -> Callable[..., tuple[Any, Any, dict[str, Any]]]:
+    """Compile a pure training step `step(model, opt_state, batch, key)` to run on `mesh`.
+
+    The model and optimiser state are constrained to `state_shardings` on the way in and out, the batch to
+    `batch_sharding`, the key and the metrics replicated; the whole is one `eqx.filter_jit` with every input
+    buffer donated (use only the returned model and state). The returned function accepts a host batch
+    (the whole global batch; `shard_batch` cuts it) or an already sharded one, and places a model or state
+    that is not yet on `mesh` (`shard_state`) before the first call.
+
+    **Arguments:**
+
+    - `step`: e.g. `make_train_step(optim, config, jit=False)`.
+    - `mesh`: the mesh.
+    - `min_size`: as in `partition_spec`. (Keyword only argument.)
+
+    **Returns:** `sharded_step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, the metrics
+    replicated (readable on every process).
+    """
+    batch_spec = batch_sharding(mesh)
+    everywhere = replicated(mesh)
+
+    def constrained(model, opt_state, batch, key):
+        shardings = (state_shardings(model, mesh, min_size=min_size),
+                     state_shardings(opt_state, mesh, min_size=min_size))
+        model, opt_state = eqx.filter_shard((model, opt_state), shardings)
+        batch = eqx.filter_shard(batch, batch_spec)
+        key = eqx.filter_shard(key, everywhere)
+        model, opt_state, metrics = step(model, opt_state, batch, key)
+        model, opt_state = eqx.filter_shard((model, opt_state), shardings)
+        return model, opt_state, eqx.filter_shard(metrics, everywhere)
+
+    compiled = eqx.filter_jit(constrained, donate="all")
+
+    def sharded_step(model, opt_state, batch, key):
+        if not on_mesh((model, opt_state), mesh):
+            model, opt_state = shard_state((model, opt_state), mesh, min_size=min_size)
+        batch = shard_batch(batch, mesh)
+        key = place(key, everywhere) if not on_mesh(key, mesh) else key
+        return compiled(model, opt_state, batch, key)
+
+    return sharded_step
+
+
+def make_sharded_train_step(
+    optim: optax.GradientTransformation,
+    config: StepConfig,
+    mesh: Mesh,
+    *,
+    min_size: int = DEFAULT_MIN_SHARD_SIZE,
+) -> Callable[..., tuple[Any, Any, dict[str, Any]]]:
+    """`make_train_step(optim, config)` compiled for `mesh` (see `shard_train_step`).
+
+    **Arguments:**
+
+    - `optim`: the optimiser.
+    - `config`: the `StepConfig`.
+    - `mesh`: the mesh.
+    - `min_size`: as in `partition_spec`. (Keyword only argument.)
+
+    **Returns:** `step(model, opt_state, (images, labels), key) -> (model, opt_state, metrics)`.
+    """
+    return shard_train_step(make_train_step(optim, config, jit=False), mesh, min_size=min_size)
+
+
+def shard_eval_step(
+    step: Callable[..., dict[str, Any]], mesh: Mesh, *, min_size: int = DEFAULT_MIN_SHARD_SIZE
+) -> Callable[..., dict[str, np.ndarray]]:
+    """Compile a pure evaluation step `step(model, (images, labels)) -> dict` to run on `mesh`.
+
+    The batch is split over `data × fsdp` (padded by repeating its first example up to a multiple of
+    `num_batch_shards(mesh)`, then cut back), the model kept as `state_shardings` says, and the outputs
+    gathered onto every device and returned as NumPy arrays on every process. Nothing is donated.
+
+    **Arguments:**
+
+    - `step`: e.g. `make_eval_step(normalize, jit=False)`.
+    - `mesh`: the mesh.
+    - `min_size`: as in `partition_spec`. (Keyword only argument.)
+
+    **Returns:** `sharded_eval(model, (images, labels)) -> dict[str, np.ndarray]`, where the batch is the
+    whole batch, identical on every process (as `evaluate` passes it).
+    """
+    batch_spec = batch_sharding(mesh)
+    everywhere = replicated(mesh)
+    shards = num_batch_shards(mesh)
+
+    def constrained(model, batch):
+        model = eqx.filter_shard(model, state_shardings(model, mesh, min_size=min_size))
+        batch = eqx.filter_shard(batch, batch_spec)
+        return eqx.filter_shard(step(model, batch), everywhere)
+
+    compiled = eqx.filter_jit(constrained)
+
+    def sharded_eval(model, batch):
+        if not on_mesh(model, mesh):
+            model = shard_state(model, mesh, min_size=min_size)
+        host = jax.tree.map(np.asarray, batch)
+        rows = len(jax.tree.leaves(host)[0])
+        padded_rows = -(-rows // shards) * shards
+        if padded_rows != rows:
+            pad = np.zeros(padded_rows - rows, np.int64)
+            host = jax.tree.map(lambda x: np.concatenate([x, x[pad]]), host)
+        out = compiled(model, shard_batch(host, mesh))
+        return {name: np.asarray(value)[:rows] for name, value in out.items()}
+
+    return sharded_eval
+
+
+def make_sharded_eval_step(
+    mesh: Mesh, normalize: str = "none", *, min_size: int = DEFAULT_MIN_SHARD_SIZE
+) -> Callable[..., dict[str, np.ndarray]]:
+    """`make_eval_step(normalize)` compiled for `mesh` (see `shard_eval_step`), for `evaluate(eval_step=...)`.
+
+    **Arguments:**
+
+    - `mesh`: the mesh.
+    - `normalize`: the input normalisation the model was trained with.
+    - `min_size`: as in `partition_spec`. (Keyword only argument.)
+
+    **Returns:** `step(model, (images, labels)) -> {"logits", "loss"}` as NumPy arrays.
+    """
+    return shard_eval_step(make_eval_step(normalize, jit=False), mesh, min_size=min_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSteps:
+    """The steps of one recipe on one mesh, built once: pass the same object to several `fit` calls (a run
+    and its resumption in one process, say) and they share one compilation.
+
+    Build it with `TrainSteps.build`. Each step compiles on its first call; `fit` checks that the object was
+    built for its own config, data size and mesh.
+
+    - `config`, `steps_per_epoch`, `num_classes`, `mesh`: what it was built for.
+    - `optim`, `schedule`: `build_optimizer(config, steps_per_epoch)`.
+    - `pure_step`: `make_train_step(optim, config.step_config(num_classes), jit=False)`.
+    - `train_step`: the step `fit` runs, by default `shard_train_step(pure_step, mesh)`.
+    - `eval_step`: `make_sharded_eval_step(mesh, config.normalize)`.
+    """
+
+    config: TrainConfig
+    steps_per_epoch: int
+    num_classes: int
+    mesh: Mesh
+    optim: optax.GradientTransformation
+    schedule: optax.Schedule
+    pure_step: Callable[..., tuple[Any, Any, dict[str, Any]]]
+    train_step: Callable[..., tuple[Any, Any, dict[str, Any]]]
+    eval_step: Callable[..., dict[str, np.ndarray]]
+
+    @classmethod
+    def build(
+        cls,
+        config: TrainConfig,
+        steps_per_epoch: int,
+        num_classes: int,
+        mesh: Mesh | None = None,
+        *,
+        compile_step: Callable[[Callable], Callable] | None = None,
+    ) -> TrainSteps:
+        """Build the optimiser, schedule and steps of `config` (nothing is compiled yet).
+
+        **Arguments:**
+
+        - `config`: the `TrainConfig`.
+        - `steps_per_epoch`: `len(train_data) // config.batch_size`.
+        - `num_classes`: the size of the classifier's output.
+        - `mesh`: the mesh to run on (`cait_eqx.parallel.make_mesh`); `None`: `fit`'s default (one device;
+            with several processes, every device).
+        - `compile_step`: turns the pure training step into the one to run; default
+            `shard_train_step(step, mesh)`. (Keyword only argument.)
+
+        **Returns:** a `TrainSteps`.
+        """
+        mesh = mesh_from_spec(None) if mesh is None else mesh
+        optim, schedule = build_optimizer(config, steps_per_epoch)
+        pure_step = make_train_step(optim, config.step_config(num_classes), jit=False)
+        train_step = shard_train_step(pure_step, mesh) if compile_step is None else compile_step(pure_step)
+        eval_step = make_sharded_eval_step(mesh, config.normalize)
+        return cls(
+            config, steps_per_epoch, num_classes, mesh, optim, schedule, pure_step, train_step, eval_step
+        )
+
+    def check_fits(self, config: TrainConfig, steps_per_epoch: int, num_classes: int, mesh: Mesh) -> None:
+        """Raise `ValueError` unless these steps were built for this config, data size and mesh."""
+        built = (self.config, self.steps_per_epoch, self.num_classes, self.mesh)
+        asked = (config, steps_per_epoch, num_classes, mesh)
+        names = ("config", "steps per epoch", "number of classes", "mesh")
+        differ = [name for name, a, b in zip(names, built, asked, strict=True) if a != b]
+        if differ:
+            raise ValueError(
+                f"These `TrainSteps` were built for another {', '.join(differ)} than this `fit` call's; "
+                f"build them with `TrainSteps.build` for this config, data and mesh, or leave `steps` out."
+            )
