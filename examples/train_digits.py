@@ -4,7 +4,7 @@ The same thing `cait-eqx train` does, written out as a script you can change: th
 recipe (`TrainConfig`), `fit` (which checkpoints to the run directory and resumes from it), the test-set
 evaluation with its confusion matrix, the saved model and the curves.
 
-    python examples/train_digits.py --out runs/digits          # about two minutes on 2 CPU cores
+    python examples/train_digits.py --out runs/digits          # about a minute on 2 CPU cores
     python examples/train_digits.py --out runs/digits --resume # continue an interrupted run exactly
     python examples/train_digits.py --quick --out /tmp/quick   # six epochs (CI): well above chance
 """

@@ -314,7 +314,13 @@ def test_the_allocator_is_set_first_in_train_and_only_there(monkeypatch, tmp_pat
     calls.clear()
     with pytest.raises(SystemExit):
         cli.main(["train", "--model", "cait_xxs25_224"])
-    assert calls == ["allocator auto", "devices"]  # "auto" by default
+    # Called from Python, the caller's process is left alone by default ("auto" is the program's default).
+    assert calls == ["allocator default", "devices"]
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", ["cait-eqx", "train", "--model", "cait_xxs25_224"])
+    with pytest.raises(SystemExit):
+        cli.main()  # as the `cait-eqx` program: "auto" by default
+    assert calls == ["allocator auto", "devices"]
     calls.clear()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["evaluate", str(tmp_path)])  # an existing directory that holds no run: reaches `evaluate`

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.as_program = argv is None  # the `cait-eqx` program (a fresh process), not `main([...])` from Python
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

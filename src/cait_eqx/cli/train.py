@@ -104,11 +104,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add(run_group, "--max-steps", type=int_at_least(0), metavar="N",
         help="stop (with a checkpoint) after N steps")
     add(run_group, "--no-progress", action="store_true", help="no progress bar")
-    add(run_group, "--allocator", choices=training.ALLOCATOR_MODES, default="auto",
+    add(run_group, "--allocator", choices=training.ALLOCATOR_MODES, default=None,
         help="glibc malloc settings for the CPU train step, set in this process before JAX allocates "
-        "(cait_eqx.training.configure_allocator): auto (default; reuse on Linux with glibc unless the "
-        "environment configures malloc), reuse (each step's large scratch buffer is reused instead of "
-        "mapped afresh), default (leave malloc alone)")
+        "(cait_eqx.training.configure_allocator): auto (the default of the cait-eqx program; reuse on Linux "
+        "with glibc unless the environment configures malloc), reuse (each step's large scratch buffer is "
+        "reused instead of mapped afresh), default (leave malloc alone; the default when cait_eqx.cli.main "
+        "is called from Python, whose process is the caller's)")
 
     devices = train.add_argument_group(
         "devices (data-parallel and parameter-sharded training; several hosts)",
@@ -221,7 +222,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
         print("\n".join(cait_eqx.list_models()))
         return 0
     try:
-        allocator = training.configure_allocator(args.allocator)  # first: before JAX allocates anything
+        # First: before JAX allocates anything. Only the `cait-eqx` program, a fresh process, changes malloc
+        # unasked; `main([...])` called from Python leaves the caller's process alone unless told.
+        mode = args.allocator or ("auto" if getattr(args, "as_program", False) else "default")
+        allocator = training.configure_allocator(mode)
     except RuntimeError as error:
         print(f"cait-eqx train: error: {error}", file=sys.stderr)
         return 1
