@@ -3,8 +3,9 @@
 What would be wrong if these fail: a round trip that changes a single bit, a dtype or a config field; a
 file timm cannot read; a save that, interrupted, leaves a half-written file (or none) under the target name;
 a file of a newer format read as if it were ours; a written file (model, checkpoint, run directory) that
-gets other permissions than any new file of the user; `pretrained=True` that hangs or retries for long without a
-network, or whose error does not say how to pass a local file; a cached download whose hash is not checked.
+gets other permissions than any new file of the user; `pretrained=True` that hangs or retries for long
+without a network, or whose error does not say how to pass a local file; a cached download whose hash is not
+checked.
 """
 
 from __future__ import annotations

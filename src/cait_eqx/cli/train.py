@@ -106,10 +106,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add(run_group, "--no-progress", action="store_true", help="no progress bar")
     add(run_group, "--allocator", choices=training.ALLOCATOR_MODES, default=None,
         help="glibc malloc settings for the CPU train step, set in this process before JAX allocates "
-        "(cait_eqx.training.configure_allocator): auto (the default of the cait-eqx program; reuse on Linux "
-        "with glibc unless the environment configures malloc), reuse (each step's large scratch buffer is "
-        "reused instead of mapped afresh), default (leave malloc alone; the default when cait_eqx.cli.main "
-        "is called from Python, whose process is the caller's)")
+        "(cait_eqx.training.configure_allocator): default (leave malloc alone; the default), reuse (each "
+        "step's large scratch buffer is reused instead of mapped afresh), auto (reuse on Linux with glibc "
+        "unless the environment configures malloc). See benchmarks/README.md, Allocator")
 
     devices = train.add_argument_group(
         "devices (data-parallel and parameter-sharded training; several hosts)",
@@ -222,9 +221,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
         print("\n".join(cait_eqx.list_models()))
         return 0
     try:
-        # First: before JAX allocates anything. Only the `cait-eqx` program, a fresh process, changes malloc
-        # unasked; `main([...])` called from Python leaves the caller's process alone unless told.
-        mode = args.allocator or ("auto" if getattr(args, "as_program", False) else "default")
+        # First: before JAX allocates anything. Left alone unless asked: `reuse` was not measured faster on
+        # every model (benchmarks/results/allocator.json), so it is no default.
+        mode = args.allocator or "default"
         allocator = training.configure_allocator(mode)
     except RuntimeError as error:
         print(f"cait-eqx train: error: {error}", file=sys.stderr)

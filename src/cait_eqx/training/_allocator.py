@@ -7,8 +7,9 @@ in again, 4 KB at a time. Three `mallopt` settings keep it in the heap instead, 
 already mapped: one arena (`M_ARENA_MAX=1`; XLA allocates from worker threads, and a thread's own arena maps
 large requests whatever the other settings say), no `mmap` for large requests (`M_MMAP_MAX=0`), and no giving
 back of the heap's free top (`M_TRIM_THRESHOLD` at its largest). The price is memory held after the step; give
-it back with `release_free_memory`. Measured, side by side with glibc's huge-page tunable, in
-`benchmarks/README.md` ("Allocator").
+it back with `release_free_memory`. Measured side by side with glibc's huge-page tunable in
+`benchmarks/README.md` ("Allocator"): it removes the page faults and most of the kernel time, but on the
+machine measured the step was no faster and the heap held more, so it is an explicit choice, not a default.
 
 Nothing here runs at import: `mallopt` changes the process's allocator for the rest of its life, so only a
 caller who asks (`configure_allocator`, which `cait-eqx train --allocator` calls) gets it.
@@ -18,14 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import os
 import sys
 from collections.abc import Mapping
 
 __all__ = ["ALLOCATOR_MODES", "AllocatorSettings", "configure_allocator", "release_free_memory"]
 
-# "auto": `reuse` where it was measured better (Linux with glibc) unless the environment already configures
-# glibc's malloc; "default": leave the allocator alone; "reuse": the settings below wherever glibc is found.
+# "auto": what the measurements recommend (see `configure_allocator`); "default": leave the allocator alone;
+# "reuse": the settings below wherever glibc is found.
 ALLOCATOR_MODES = ("auto", "default", "reuse")
 
 # glibc's `mallopt` parameter numbers (<malloc.h>); they have been stable since glibc 2.x's first releases.
@@ -36,14 +36,6 @@ _M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1
 REUSE_SETTINGS: Mapping[str, int] = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": _NEVER_TRIM}
 _PARAMETERS = {"M_ARENA_MAX": _M_ARENA_MAX, "M_MMAP_MAX": _M_MMAP_MAX, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD}
-# The environment variables that configure glibc's malloc at start-up; under "auto" the user's choice stands.
-_ENV_SETTINGS = (
-    "MALLOC_ARENA_MAX",
-    "MALLOC_MMAP_MAX_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TOP_PAD_",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +74,6 @@ def _glibc() -> tuple[ctypes.CDLL | None, str | None]:
     return libc, f"glibc {version().decode()}"
 
 
-def _environment_settings(environ: Mapping[str, str]) -> list[str]:
-    """The malloc settings the environment already makes (`GLIBC_TUNABLES` `glibc.malloc.*`, `MALLOC_*`)."""
-    found = [name for name in _ENV_SETTINGS if environ.get(name)]
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    found += [item for item in tunables.split(":") if item.startswith("glibc.malloc.")]
-    return found
-
-
 def configure_allocator(mode: str = "auto") -> AllocatorSettings:
     """Set glibc's `malloc` up so that the large buffer XLA takes and frees in every step is reused.
 
@@ -99,11 +83,13 @@ def configure_allocator(mode: str = "auto") -> AllocatorSettings:
 
     **Arguments:**
 
-    - `mode`: `"auto"` (the default) applies `"reuse"` on Linux with glibc, where it was measured faster (see
-        `benchmarks/README.md`, "Allocator"), unless the environment configures glibc's malloc already
-        (`MALLOC_ARENA_MAX`, `MALLOC_*_` or `glibc.malloc.*` in `GLIBC_TUNABLES`: the user's choice stands);
-        `"default"` changes nothing; `"reuse"` sets `M_ARENA_MAX=1`, `M_MMAP_MAX=0` and
-        `M_TRIM_THRESHOLD=2**31-1` with `mallopt` wherever the C library is glibc.
+    - `mode`: `"reuse"` sets `M_ARENA_MAX=1`, `M_MMAP_MAX=0` and `M_TRIM_THRESHOLD=2**31-1` with `mallopt`
+        wherever the C library is glibc. `"default"` changes nothing. `"auto"` (the default) applies
+        `"reuse"` only where it was measured faster than glibc's own settings, which so far is nowhere: on
+        Linux (glibc 2.36, 2 cores) it removed the page faults but not the time, and held more memory (see
+        `benchmarks/README.md`, "Allocator"), so `"auto"` changes nothing today. What was faster there is
+        glibc's huge-page tunable, which only the environment a process starts with can set: run
+        `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 cait-eqx train ...` to choose it.
 
     **Returns:**
 
@@ -127,14 +113,8 @@ def configure_allocator(mode: str = "auto") -> AllocatorSettings:
             mode, None, {}, "allocator left as it is: the C library is not glibc on Linux."
         )
     if mode == "auto":
-        own = _environment_settings(os.environ)
-        if own:
-            return AllocatorSettings(
-                mode,
-                version,
-                {},
-                f"allocator left as it is: the environment configures it ({', '.join(own)}).",
-            )
+        note = "allocator left as it is: 'reuse' was not measured faster than glibc's own settings."
+        return AllocatorSettings(mode, version, {}, note)
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     for name, value in REUSE_SETTINGS.items():
