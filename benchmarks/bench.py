@@ -326,8 +326,8 @@ def interleaved(
 
 
 def build_timm(bench: Bench, torch_seed: int = 0):
-    import torch
     import timm
+    import torch
     from timm.models.cait import Cait
 
     torch.manual_seed(torch_seed)

@@ -8,11 +8,11 @@ import dataclasses
 import inspect
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jax
 import pytest
+import tomllib
 
 import cait_eqx
 

@@ -43,8 +43,7 @@ from _parallel_worker import (
     flat_params,
     setup,
 )
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import cait_eqx
 from cait_eqx import cli, parallel

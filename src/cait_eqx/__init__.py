@@ -53,99 +53,58 @@ if TYPECHECKING_ENABLED:
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from ._blocks import ClassAttentionBlock as ClassAttentionBlock
-    from ._blocks import LayerScaleBlock as LayerScaleBlock
+    from ._blocks import ClassAttentionBlock as ClassAttentionBlock, LayerScaleBlock as LayerScaleBlock
     from ._config import (
         REMAT_POLICIES as REMAT_POLICIES,
-    )
-    from ._config import (
         CaiTConfig as CaiTConfig,
-    )
-    from ._config import (
         default_init_values as default_init_values,
     )
-    from ._constants import IMAGENET_MEAN as IMAGENET_MEAN
-    from ._constants import IMAGENET_STD as IMAGENET_STD
-    from ._io import load as load
-    from ._io import load_timm as load_timm
-    from ._io import save as save
-    from ._layers import ClassAttention as ClassAttention
-    from ._layers import Mlp as Mlp
-    from ._layers import TalkingHeadAttention as TalkingHeadAttention
-    from ._model import CaiT as CaiT
-    from ._model import with_compute_dtype as with_compute_dtype
-    from ._model import with_remat as with_remat
+    from ._constants import IMAGENET_MEAN as IMAGENET_MEAN, IMAGENET_STD as IMAGENET_STD
+    from ._io import load as load, load_timm as load_timm, save as save
+    from ._layers import (
+        ClassAttention as ClassAttention,
+        Mlp as Mlp,
+        TalkingHeadAttention as TalkingHeadAttention,
+    )
+    from ._model import CaiT as CaiT, with_compute_dtype as with_compute_dtype, with_remat as with_remat
     from ._preprocess import (
         Prediction as Prediction,
-    )
-    from ._preprocess import (
         format_top_k as format_top_k,
-    )
-    from ._preprocess import (
         imagenet_class_names as imagenet_class_names,
-    )
-    from ._preprocess import (
         preprocess as preprocess,
-    )
-    from ._preprocess import (
         top_k as top_k,
     )
     from ._pretrained import (
         PretrainedWeightsUnavailable as PretrainedWeightsUnavailable,
-    )
-    from ._pretrained import (
         create_model as create_model,
-    )
-    from ._pretrained import (
         hub_repo_id as hub_repo_id,
-    )
-    from ._pretrained import (
         pretrained_weights_file as pretrained_weights_file,
     )
     from ._primitives import (
         DropPath as DropPath,
-    )
-    from ._primitives import (
         LayerNorm as LayerNorm,
-    )
-    from ._primitives import (
         LayerScale as LayerScale,
-    )
-    from ._primitives import (
         Linear as Linear,
-    )
-    from ._primitives import (
         PatchEmbed as PatchEmbed,
     )
-    from ._spec import Spec as Spec  # noqa: F401 (a public name, read by `_lazy`)
-    from ._spec import flag_name as flag_name
-    from ._spec import specs as hyperparameters
+    from ._spec import (
+        Spec as Spec,  # noqa: F401 (a public name, read by `_lazy`)
+        flag_name as flag_name,
+        specs as hyperparameters,
+    )
     from ._surgery import (
         resample_pos_embed as resample_pos_embed,
-    )
-    from ._surgery import (
         reset_classifier as reset_classifier,
-    )
-    from ._surgery import (
         set_input_size as set_input_size,
     )
     from ._timm import (
         WeightsError as WeightsError,
-    )
-    from ._timm import (
         from_timm_state_dict as from_timm_state_dict,
-    )
-    from ._timm import (
         infer_config as infer_config,
-    )
-    from ._timm import (
         timm_keys as timm_keys,
-    )
-    from ._timm import (
         to_timm_state_dict as to_timm_state_dict,
     )
-    from ._variants import list_models as list_models
-    from ._variants import variant_config as variant_config
+    from ._variants import list_models as list_models, variant_config as variant_config
 else:
     from ._lazy import attach as _attach
 

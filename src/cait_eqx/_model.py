@@ -15,8 +15,8 @@ from jaxtyping import Array, Float, PRNGKeyArray, TypeCheckError
 from ._blocks import ClassAttentionBlock, LayerScaleBlock
 from ._config import CaiTConfig, check_compute_dtype, check_remat
 from ._layers import remat_policy
-from ._primitives import DropPath, LayerNorm, Linear, PatchEmbed
 from ._misc import trunc_normal
+from ._primitives import DropPath, LayerNorm, Linear, PatchEmbed
 
 __all__ = ["CaiT", "with_compute_dtype", "with_remat"]
 

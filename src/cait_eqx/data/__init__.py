@@ -15,56 +15,28 @@ if TYPE_CHECKING:
     from .._constants import NORMALIZATIONS as NORMALIZATIONS
     from ._augment import (
         Augment as Augment,
-    )
-    from ._augment import (
         normalize_images as normalize_images,
-    )
-    from ._augment import (
         random_crop as random_crop,
-    )
-    from ._augment import (
         random_flip as random_flip,
-    )
-    from ._augment import (
         to_unit_float as to_unit_float,
     )
     from ._datasets import (
         Dataset as Dataset,
-    )
-    from ._datasets import (
         load_digits as load_digits,
-    )
-    from ._datasets import (
         load_mnist as load_mnist,
-    )
-    from ._datasets import (
         train_test_split as train_test_split,
     )
     from ._files import (
         IMAGE_SUFFIXES as IMAGE_SUFFIXES,
-    )
-    from ._files import (
         load_arrays as load_arrays,
-    )
-    from ._files import (
         load_dataset as load_dataset,
-    )
-    from ._files import (
         load_image_folder as load_image_folder,
-    )
-    from ._files import (
         load_npz as load_npz,
     )
     from ._loader import (
         Batch as Batch,
-    )
-    from ._loader import (
         BatchLoader as BatchLoader,
-    )
-    from ._loader import (
         eval_batches as eval_batches,
-    )
-    from ._loader import (
         prefetch as prefetch,
     )
 else:
