@@ -16,8 +16,8 @@ Each round starts one worker process per setting, alternating the order round by
 the step (`train_step_variants.py`'s `current`: `bench.py`'s step, forward, backward, AdamW, donated
 buffers; random weights), runs `--warmup` steps, then times `--steps` consecutive steps, each on its own. It
 reports seconds per step (median), minor page faults and kernel CPU seconds per step (`getrusage`), the
-peak resident set during the timed steps (`VmHWM`, reset after the warm-up) and including compilation, the
-resident set after the last step and again after `cait_eqx.training.release_free_memory()`
+peak resident set during the timed steps (`VmHWM`, reset after the warm-up) and up to the end of the
+warm-up, the resident set after the last step and again after `cait_eqx.training.release_free_memory()`
 (`malloc_trim(0)`), what `mallinfo2` says the heap holds, and the drift of the step time over the run: the
 median of the last third of the steps over the median of the first third (a heap that fragments would grow
 slower). With `--idle`, it then sleeps for each of the given pauses in turn and times the one step that
@@ -248,7 +248,7 @@ def markdown(results: dict) -> str:
         f"timed steps after {meta['warmup']} warm-up steps.",
         "",
         "| config | batch | setting | s / step | × default | page faults / step | kernel s / step "
-        "| peak RSS MB (steps) | peak RSS MB (incl. compile) | RSS after steps MB | after malloc_trim MB "
+        "| peak RSS MB (steps) | peak RSS MB (compile + warm-up) | RSS after steps MB | after malloc_trim MB "
         "| last / first third |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

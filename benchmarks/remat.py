@@ -12,8 +12,8 @@ memory is measured alone. A worker builds the model (random weights) with the po
 XLA's own account of the compiled program's scratch memory (`memory_analysis().temp_size_in_bytes`: the
 activations kept for the backward pass and every other temporary of one step), runs `--warmup` steps, then
 times `--steps` consecutive steps and reports the median, with the peak resident set during those steps
-(`VmHWM`, reset after the warm-up) and including compilation. Every worker first calls
-`cait_eqx.training.configure_allocator(--allocator)`, as `cait-eqx train` does.
+(`VmHWM`, reset after the warm-up) and up to the end of the warm-up (compilation included). Every worker
+first calls `cait_eqx.training.configure_allocator(--allocator)`, as `cait-eqx train` does.
 
 Run `python benchmarks/remat.py --help`; the results are in `benchmarks/README.md` ("Rematerialisation").
 """
@@ -136,13 +136,15 @@ def run_worker(config: str, policy: str, args) -> dict:
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
-        f"{meta['threads']} threads, `configure_allocator({meta['allocator']!r})`; medians over "
+        f"{meta['threads']} threads, `configure_allocator({meta['allocator']!r})`"
+        + (f", GLIBC_TUNABLES={meta['glibc_tunables']}" if meta.get("glibc_tunables") else "")
+        + "; medians over "
         f"{meta['rounds']} "
         f"rounds (one fresh process per policy and round) of {meta['steps']} timed steps after "
         f"{meta['warmup']} warm-up steps.",
         "",
         "| config | batch | remat | s / step | × none | XLA scratch MB | peak RSS MB (steps) | "
-        "peak RSS MB (incl. compile) | compile s |",
+        "peak RSS MB (compile + warm-up) | compile s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for config in dict.fromkeys(r["config"] for r in results["runs"]):
@@ -218,6 +220,7 @@ def main(argv=None) -> int:
                 warmup=args.warmup,
                 threads=args.threads,
                 allocator=args.allocator,
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 policies=policies,
                 **allocator.source_meta(),
             ),

@@ -107,8 +107,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add(run_group, "--allocator", choices=training.ALLOCATOR_MODES, default=None,
         help="glibc malloc settings for the CPU train step, set in this process before JAX allocates "
         "(cait_eqx.training.configure_allocator): default (leave malloc alone; the default), reuse (each "
-        "step's large scratch buffer is reused instead of mapped afresh), auto (reuse on Linux with glibc "
-        "unless the environment configures malloc). See benchmarks/README.md, Allocator")
+        "step's large scratch buffer is reused instead of mapped afresh), auto (reuse only where measured "
+        "faster: nowhere yet). See benchmarks/README.md, Allocator")
 
     devices = train.add_argument_group(
         "devices (data-parallel and parameter-sharded training; several hosts)",

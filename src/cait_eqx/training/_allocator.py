@@ -74,8 +74,8 @@ def _glibc() -> tuple[ctypes.CDLL | None, str | None]:
     return libc, f"glibc {version().decode()}"
 
 
-def configure_allocator(mode: str = "auto") -> AllocatorSettings:
-    """Set glibc's `malloc` up so that the large buffer XLA takes and frees in every step is reused.
+def configure_allocator(mode: str) -> AllocatorSettings:
+    """Set glibc's `malloc` up, in this process, so that the large buffer each train step takes is reused.
 
     Call it first thing, before JAX computes anything: the settings reach the threads that XLA starts after
     the call; a thread that has allocated already keeps its own arena, which still maps large requests.
@@ -84,7 +84,7 @@ def configure_allocator(mode: str = "auto") -> AllocatorSettings:
     **Arguments:**
 
     - `mode`: `"reuse"` sets `M_ARENA_MAX=1`, `M_MMAP_MAX=0` and `M_TRIM_THRESHOLD=2**31-1` with `mallopt`
-        wherever the C library is glibc. `"default"` changes nothing. `"auto"` (the default) applies
+        wherever the C library is glibc. `"default"` changes nothing. `"auto"` applies
         `"reuse"` only where it was measured faster than glibc's own settings, which so far is nowhere: on
         Linux (glibc 2.36, 2 cores) it removed the page faults but not the time, and held more memory (see
         `benchmarks/README.md`, "Allocator"), so `"auto"` changes nothing today. What was faster there is
@@ -103,7 +103,7 @@ def configure_allocator(mode: str = "auto") -> AllocatorSettings:
     if mode not in ALLOCATOR_MODES:
         raise ValueError(
             f"`allocator` must be one of {', '.join(repr(m) for m in ALLOCATOR_MODES)}, got {mode!r}; "
-            "'auto' is right for almost everyone."
+            "'default' leaves glibc's malloc as it is."
         )
     if mode == "default":
         return AllocatorSettings(mode, _glibc()[1], {}, "allocator left as it is (mode 'default').")
