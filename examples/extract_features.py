@@ -1,6 +1,7 @@
 """Use a CaiT as a feature extractor: class-token embeddings of a dataset, and a linear probe on them.
 
-`model.forward_features(image)` is the normalised class token, the input of the classifier. This script
+`model.forward_head(model.forward_features(image), pre_logits=True)` is the normalised class token, the input
+of the classifier (`forward_features` gives every token, class token first, as timm's). This script
 embeds every image of the digits with `jax.vmap` under `eqx.filter_jit`, fits a logistic regression on the
 training embeddings (scikit-learn), and reports its test accuracy next to that of a randomly initialised
 model of the same shape — how much of the probe's accuracy the training put into the features.
@@ -34,7 +35,8 @@ def embed(
 ) -> Float[Array, "batch dim"]:
     """Class-token features of a batch of uint8 images (inference mode: no dropout, no key)."""
     model = eqx.nn.inference_mode(model)
-    return jax.vmap(model.forward_features)(to_unit_float(images))
+    tokens = jax.vmap(model.forward_features)(to_unit_float(images))  # (batch, 1 + patches, dim)
+    return jax.vmap(lambda t: model.forward_head(t, pre_logits=True))(tokens)
 
 
 def features(model: cait_eqx.CaiT, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

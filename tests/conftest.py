@@ -1,7 +1,8 @@
 """Test configuration: explicit broadcasting only, 8 CPU devices, runtime type checking on, shared fixtures.
 
 Fixtures: `getkey` (fresh PRNG keys), `tiny_config` (the keywords of the small CaiT most tests build) and
-`tiny_model` (that CaiT, built once per session).
+`tiny_model` (that CaiT, built once per session). After each test module JAX's compiled programs are
+released (`_release_compiled_programs`).
 """
 
 import os
@@ -16,6 +17,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # Strict dtype promotion breaks optax's own update rules, so it is checked for our model alone in
 # tests/test_model.py::test_model_runs_under_strict_dtype_promotion rather than globally.
 
+import gc  # noqa: E402
 import itertools  # noqa: E402
 from types import MappingProxyType  # noqa: E402
 
@@ -24,6 +26,22 @@ import pytest  # noqa: E402
 import cait_eqx  # noqa: E402
 
 assert cait_eqx.TYPECHECKING_ENABLED, "tests must run with jaxtyping + beartype checking on"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program once a test module is done.
+
+    Each XLA:CPU executable keeps its machine code in memory mappings of its own, and JAX's caches keep every
+    executable alive. The whole suite in one process compiles thousands of programs (every test module
+    builds its own models and steps, on up to 8 devices): without this the process passed 37,000 mappings
+    by tests/test_parallel.py and aborted in an XLA compilation in tests/test_training.py when it reached
+    the kernel's limit (`vm.max_map_count`, 65,530), with no message. Within a module the cache still
+    spares recompilation.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture

@@ -371,6 +371,8 @@ def _bad_values(action: argparse.Action) -> list[str]:
         return ["fast", "nan", "inf", "-1", "1e400", ""]
     if kind == "dataset_spec":
         return ["cifar10", "folder:", "folder:/no/such/folder", "npz:/no/such/file.npz", "digits:extra"]
+    if kind == "source_spec":  # a variant name, a checkpoint file or a run directory
+        return ["no_such_model", "/no/such/file.safetensors", ""]
     if kind == "existing_dir":
         return ["/no/such/run"]
     if kind == "imagesize":  # `--image-size S` or `HxW`
@@ -388,6 +390,7 @@ PREFIX = {
     "evaluate": ["evaluate", "."],
     "attention": ["attention", "x.png", "--checkpoint", "m.safetensors"],
     "plot": ["plot", "."],
+    "predict": ["predict", "m.safetensors", "x.png"],
 }
 
 

@@ -87,6 +87,23 @@ def test_extract_features():
     assert int(match.group(1)) == 64 and float(match.group(2)) >= 50.0, out
 
 
+def test_dense_readout():
+    out = run_example("dense_readout.py", "--quick")
+    assert re.search(r"majority class: ([\d.]+)%", out), out
+    majority = float(re.search(r"majority class: ([\d.]+)%", out).group(1))
+    found = re.findall(r"random init: block (\d+) maps \((\d+), (\d+), (\d+)\); per-patch ink readout test "
+                       r"accuracy ([\d.]+)%", out)
+    from cait_eqx.training import DEFAULT_MODEL
+
+    depth, dim = DEFAULT_MODEL["depth"], DEFAULT_MODEL["dim"]
+    assert [int(b) for b, *_ in found] == sorted({0, depth // 2, depth - 1}), out  # first, middle, last
+    for _, channels, rows, cols, accuracy in found:
+        assert (int(channels), int(rows), int(cols)) == (dim, 4, 4), out  # 16x16 digits, 4x4 patches
+        # Whether a patch holds ink is linear in its pixels, which the patch embedding keeps: the maps of
+        # even a random model read it out well above the majority class.
+        assert float(accuracy) >= majority + 5, out
+
+
 def test_attention_maps(tmp_path):
     out = run_example("attention_maps.py", "--quick", "--out", str(tmp_path / "attn"))
     assert (tmp_path / "attn" / "digit_0.png").is_file()

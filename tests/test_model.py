@@ -202,7 +202,10 @@ def test_num_classes_zero_gives_features(tiny_config, getkey):
     x = _image(getkey())
     out = model(x)
     assert out.shape == (tiny_config["dim"],)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(model.forward_features(x)))
+    features = model.forward_features(x)  # every normalised token, the class token first
+    assert features.shape == (1 + model.config.num_patches, tiny_config["dim"])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(features[0]))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(model.forward_head(features, pre_logits=True)))
 
 
 def test_class_attention_maps(tiny_config, getkey):

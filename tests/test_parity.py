@@ -56,12 +56,13 @@ def test_small_configs_match_timm(name):
     ref = timm_logits(reference, images)
     assert ours.shape == ref.shape
     assert relative_error(ours, ref) <= TOL
-    # Features too: our normalised class token is timm's forward_features()[:, 0].
+    # Features too: every normalised token, class token first, as timm's forward_features().
     import torch
 
     with torch.no_grad():
-        ref_features = reference.forward_features(torch.from_numpy(images))[:, 0].numpy()
+        ref_features = reference.forward_features(torch.from_numpy(images)).numpy()
     features = np.asarray(jax.vmap(model.forward_features)(jnp.asarray(images)))
+    assert features.shape == ref_features.shape
     assert relative_error(features, ref_features) <= TOL
 
 

@@ -539,9 +539,10 @@ def test_train_config_is_declared_once_and_derives_the_rest():
     # What a resumed run must keep: the settings that change the sequence of parameters (not `remat`, which
     # changes what is recomputed, nor the bookkeeping).
     assert training.TrainConfig.trajectory_fields() == (
-        "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_norm",
-        "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "crop_padding", "flip",
-        "ema_decay", "normalize", "seed", "compute_dtype",
+        "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_norm", "layer_decay",
+        "freeze", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "crop_padding", "flip",
+        "ema_decay", "normalize", "distillation", "distillation_alpha", "distillation_tau", "seed",
+        "compute_dtype",
     )
     # `StepConfig` is exactly `num_classes` and the "step" group, and `step_config` fills every one of them.
     step_fields = training.TrainConfig.step_fields()

@@ -60,13 +60,14 @@ if TYPE_CHECKING:
         default_init_values as default_init_values,
     )
     from ._constants import IMAGENET_MEAN as IMAGENET_MEAN, IMAGENET_STD as IMAGENET_STD
+    from ._export import EXPORT_PLATFORMS as EXPORT_PLATFORMS, export as export
     from ._io import load as load, load_timm as load_timm, save as save
     from ._layers import (
         ClassAttention as ClassAttention,
         Mlp as Mlp,
         TalkingHeadAttention as TalkingHeadAttention,
     )
-    from ._model import CaiT as CaiT, with_compute_dtype as with_compute_dtype, with_remat as with_remat
+    from ._model import CaiT as CaiT
     from ._preprocess import (
         Prediction as Prediction,
         format_top_k as format_top_k,
@@ -93,9 +94,14 @@ if TYPE_CHECKING:
         specs as hyperparameters,
     )
     from ._surgery import (
+        adapt_input_channels as adapt_input_channels,
         resample_pos_embed as resample_pos_embed,
         reset_classifier as reset_classifier,
         set_input_size as set_input_size,
+        with_compute_dtype as with_compute_dtype,
+        with_dropout as with_dropout,
+        with_dynamic_img_size as with_dynamic_img_size,
+        with_remat as with_remat,
     )
     from ._timm import (
         WeightsError as WeightsError,

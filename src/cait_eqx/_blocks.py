@@ -1,16 +1,19 @@
-"""CaiT's two kinds of block: self-attention with LayerScale, and class attention."""
+"""CaiT's two kinds of block: self-attention with LayerScale, and class attention; and the scan that runs the
+stacked self-attention blocks (`run_stacked`)."""
 
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._layers import ClassAttention, DropPath, LayerNorm, LayerScale, Mlp, TalkingHeadAttention
+from ._layers import ClassAttention, DropPath, LayerNorm, LayerScale, Mlp, TalkingHeadAttention, remat_policy
 from ._misc import split_optional
 
-__all__ = ["LayerScaleBlock", "ClassAttentionBlock"]
+__all__ = ["LayerScaleBlock", "ClassAttentionBlock", "run_stacked"]
 
 
 class LayerScaleBlock(eqx.Module):
@@ -121,3 +124,50 @@ class ClassAttentionBlock(eqx.Module):
 
 def _prepend(cls: Array, patches: Array) -> Array:
     return jnp.concatenate([cls[None, :].astype(patches.dtype), patches], axis=0)
+
+
+def run_stacked(
+    blocks: LayerScaleBlock,
+    tokens: Array,
+    block_keys: Array | None,
+    *,
+    inference: bool | None,
+    remat: str,
+    take: tuple[int, ...] = (),
+    stop: int | None = None,
+) -> tuple[Array, Array | None]:
+    """Run stacked SA blocks (array leaves with a leading depth axis) by `lax.scan`: `(output, taken)`.
+
+    - `remat`: what the backward pass keeps of each block (`remat_policy`); no effect on a forward call.
+    - `take`: sorted block indices whose outputs to return, stacked in `taken` `(len(take), tokens, dim)`
+        (None when empty). They are written into one buffer carried by the scan, so only those maps are
+        kept and the scan is not unrolled.
+    - `stop`: run only blocks `0 .. stop - 1` (with the keys they have in a full run).
+    """
+    params, static = eqx.partition(blocks, eqx.is_array)
+    depth = jax.tree_util.tree_leaves(params)[0].shape[0] if stop is None else stop
+    if stop is not None:
+        params = jax.tree_util.tree_map(lambda leaf: leaf[:stop], params)
+        block_keys = None if block_keys is None else block_keys[:stop]
+
+    def run_block(block_params, x, block_key):
+        return eqx.combine(block_params, static)(x, key=block_key, inference=inference)
+
+    # `prevent_cse=False` is safe inside `scan` and leaves XLA free to fuse. The buffer of taken outputs stays
+    # outside the checkpointed function, so the backward pass never stores a copy of it per block.
+    policy = remat_policy(remat)
+    if policy is not None:
+        run_block = jax.checkpoint(run_block, policy=policy, prevent_cse=False)
+    # Block i writes its output to row slots[i] of the buffer; the spare last row takes the others.
+    slots = np.full(depth, len(take), np.int32)
+    slots[list(take)] = np.arange(len(take), dtype=np.int32)
+    taken = jnp.zeros((len(take) + 1, *tokens.shape), tokens.dtype) if take else None
+
+    def step(carry, xs):
+        x, taken = carry
+        block_params, block_key, slot = xs
+        x = run_block(block_params, x, block_key)
+        return (x, None if taken is None else taken.at[slot].set(x)), None
+
+    (tokens, taken), _ = jax.lax.scan(step, (tokens, taken), (params, block_keys, jnp.asarray(slots)))
+    return tokens, (None if taken is None else taken[:-1])

@@ -29,6 +29,7 @@ from ._config import CaiTConfig
 from ._model import CaiT
 from ._timm import (
     WeightsError,
+    adapt_state_dict_channels,
     build_from_state_dict,
     from_timm_state_dict,
     infer_config,
@@ -305,12 +306,15 @@ def load(path: PathLike, **overrides: Any) -> CaiT:
 def _from_stored(state_dict: Mapping[str, Any], stored: dict[str, Any], overrides: dict[str, Any]) -> CaiT:
     kwargs = {**stored, **overrides}
     if "image_size" in overrides:
-        # `compute_dtype` and `remat` are `CaiT` keywords but not part of the configuration.
-        structure = {k: v for k, v in kwargs.items() if k not in ("compute_dtype", "remat")}
+        # `compute_dtype`, `remat` and `dynamic_img_size` are `CaiT` keywords, not part of the configuration.
+        run_time = ("compute_dtype", "remat", "dynamic_img_size")
+        structure = {k: v for k, v in kwargs.items() if k not in run_time}
         source = patch_grid(stored["image_size"], stored["patch_size"])
         target = patch_grid(CaiTConfig(**structure).image_size, kwargs["patch_size"])
         if source != target:
             state_dict = resample_state_dict(state_dict, source, target)
+    if "channels" in overrides:
+        state_dict = adapt_state_dict_channels(state_dict, kwargs["channels"])
     return build_from_state_dict(state_dict, kwargs)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import typing
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -12,16 +12,17 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray, TypeCheckError
 
-from ._blocks import ClassAttentionBlock, LayerScaleBlock
+from ._blocks import ClassAttentionBlock, LayerScaleBlock, run_stacked
 from ._config import CaiTConfig, check_compute_dtype, check_remat
-from ._layers import remat_policy
+from ._inputs import check_image, resample_pos_embed, take_indices
 from ._misc import trunc_normal
 from ._primitives import DropPath, LayerNorm, Linear, PatchEmbed
 
-__all__ = ["CaiT", "with_compute_dtype", "with_remat"]
+__all__ = ["CaiT"]
 
 # The default of `remat`: see the table in benchmarks/README.md ("Rematerialisation").
 DEFAULT_REMAT = "weight_products"
+
 
 class CaiT(eqx.Module):
     """CaiT, the Class-Attention image Transformer of Touvron et al. (2021).
@@ -59,6 +60,7 @@ class CaiT(eqx.Module):
     config: CaiTConfig = eqx.field(static=True)
     compute_dtype: str = eqx.field(static=True)
     remat: str = eqx.field(static=True)
+    dynamic_img_size: bool = eqx.field(static=True)
 
     # Fields whose array leaves carry a leading depth axis (the SA blocks, stacked and run by `lax.scan`).
     # Sharding reads this (`cait_eqx.parallel.partition_spec`): that axis is never split across devices.
@@ -82,6 +84,7 @@ class CaiT(eqx.Module):
         key: PRNGKeyArray,
         compute_dtype=None,
         remat: str = DEFAULT_REMAT,
+        dynamic_img_size: bool = False,
         **options: Any,
     ):
         """**Arguments:**
@@ -107,6 +110,11 @@ class CaiT(eqx.Module):
             `"dots"` (keep every matrix-product output, attention maps included), `"full"` (keep only each
             block's input, recompute the block: the least memory). It changes memory and speed, never the
             numbers. Not part of `config`; switch it on any model with `cait_eqx.with_remat`. (Keyword only
+            argument.)
+        - `dynamic_img_size`: if `True`, a call takes any height and width that are multiples of the patch
+            size (non-square too) and resamples the positional grid to it (bicubic, as `set_input_size`:
+            the same numbers); each new shape compiles once. `False` (default): only `image_size`. Not
+            part of `config`; switch it on any model with `cait_eqx.with_dynamic_img_size`. (Keyword only
             argument.)
         - `**options`: the keyword-only `CaiTConfig` fields listed above.
         """
@@ -174,28 +182,11 @@ class CaiT(eqx.Module):
         self.config = cfg
         self.compute_dtype = check_compute_dtype(compute_dtype, cfg.dtype)
         self.remat = check_remat(remat)
+        if not isinstance(dynamic_img_size, bool):
+            raise TypeError(f"`dynamic_img_size` must be True or False, got {dynamic_img_size!r}.")
+        self.dynamic_img_size = dynamic_img_size
 
     # ----------------------------------------------------------------------------------------------- checks
-
-    def _check_image(self, x: Array) -> None:
-        cfg = self.config
-        expected = (cfg.channels, *cfg.image_size)
-        if x.ndim == 4 and tuple(x.shape[1:]) == expected:
-            raise TypeCheckError(
-                f"CaiT got a batch {tuple(x.shape)} for argument `x`, but the call takes one image of shape "
-                f"(channels, height, width) = {expected}. Use `jax.vmap(model)(images)` for a batch."
-            )
-        if tuple(x.shape) != expected:
-            raise TypeCheckError(
-                f"CaiT expected argument `x` to be one channels-first image of shape (channels, height, width) = "
-                f"{expected}, got shape {tuple(x.shape)}. Resize or crop the image to {cfg.image_size} "
-                f"(or resample the model with a new `image_size`), and give it {cfg.channels} channels."
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeCheckError(
-                f"CaiT expected a floating-point image for argument `x`, got dtype {x.dtype}. "
-                f"Convert it first, e.g. `x.astype(jnp.float32) / 255`."
-            )
 
     def _stochastic(self, inference: bool | None) -> bool:
         """Whether this call draws random numbers (some dropout active, not in inference)."""
@@ -237,33 +228,19 @@ class CaiT(eqx.Module):
         return compute if compute.itemsize > param.itemsize else param
 
     def _embed(self, x: Array, key, inference) -> Array:
-        self._check_image(x)
+        grid = check_image(self.config, x, dynamic=self.dynamic_img_size)
+        pos_embed = resample_pos_embed(self.pos_embed, self.config.grid_size, grid)  # as is on its own grid
         # The layers compute in the dtype of their input (they cast their weights to it), so the dtype of the
         # tokens decides. The patch embedding stays precise: rounding the image to bfloat16 costs accuracy for
         # little of the work (see the training guide, "Mixed precision").
         x = x.astype(self._precise_dtype)
-        tokens = self.patch_embed(x) + self.pos_embed.astype(x.dtype)
+        tokens = self.patch_embed(x) + pos_embed.astype(x.dtype)
         tokens = self.pos_drop(tokens, key=key, inference=inference)
         return tokens.astype(jnp.dtype(self.compute_dtype))
 
-    def _self_attention_stage(self, tokens: Array, block_keys, inference) -> Array:
-        params, static = eqx.partition(self.blocks, eqx.is_array)
-
-        def step(x, xs):
-            block_params, block_key = xs
-            block = eqx.combine(block_params, static)
-            return block(x, key=block_key, inference=inference), None
-
-        # What the backward pass may keep (see `remat`); no effect on a forward-only call. `prevent_cse=False`
-        # is safe inside `scan` and leaves XLA free to fuse.
-        policy = remat_policy(self.remat)
-        if policy is not None:
-            step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-        tokens, _ = jax.lax.scan(step, tokens, (params, block_keys))
-        return tokens
-
-    def _tokens(self, x: Array, key, inference) -> tuple[Array, Array]:
-        """Run up to the class-attention stage: `(patch tokens after the SA stage, initial class token)`.
+    def _tokens(self, x: Array, key, inference, take=(), stop=None) -> tuple[Array, Array, Array | None]:
+        """Run up to the class-attention stage: `(patch tokens after the SA stage, initial class token,
+        the taken SA outputs' patch tokens or None)`.
 
         The SA stage, nearly all the work, runs in the compute dtype; what follows runs in `_precise_dtype`:
         the class token's attention over all the patches is where bfloat16 loses the most accuracy for little
@@ -272,13 +249,22 @@ class CaiT(eqx.Module):
         emb_key, block_keys = self._keys(key, inference)
         tokens = self._embed(x, emb_key, inference)
         precise = self._precise_dtype
-        if self.config.cls_depth == 0:
-            cls = self.cls_token.astype(tokens.dtype)
-            tokens = jnp.concatenate([cls[None], tokens], axis=0)
-            tokens = self._self_attention_stage(tokens, block_keys, inference).astype(precise)
-            return tokens[1:], tokens[0]
-        tokens = self._self_attention_stage(tokens, block_keys, inference)
-        return tokens.astype(precise), self.cls_token.astype(precise)
+        prefix = self.config.cls_depth == 0  # no CA stage: the class token goes through the SA blocks
+        if prefix:
+            tokens = jnp.concatenate([self.cls_token.astype(tokens.dtype)[None], tokens], axis=0)
+        tokens, taken = run_stacked(
+            self.blocks, tokens, block_keys, inference=inference, remat=self.remat, take=take, stop=stop
+        )
+        tokens = tokens.astype(precise)
+        if prefix:
+            return tokens[1:], tokens[0], (None if taken is None else taken[:, 1:])
+        return tokens, self.cls_token.astype(precise), taken
+
+    def _class_stage(self, patches: Array, cls: Array) -> Array:
+        """The class-attention blocks, then the final norm over every token: `(1 + patches, dim)`."""
+        for block in self.blocks_token_only:
+            cls = block(patches, cls)
+        return self.norm(jnp.concatenate([cls[None], patches], axis=0)).astype(self._output_dtype)
 
     # ---------------------------------------------------------------------------------------------- public
 
@@ -288,26 +274,42 @@ class CaiT(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
-    ) -> Float[Array, " dim"]:
-        """The normalised class-token embedding of one image (the input of the head).
+    ) -> Float[Array, "tokens dim"]:
+        """The normalised tokens of one image, class token first, as timm's `forward_features`.
 
         **Arguments:** as for `__call__`.
 
-        **Returns:** a `(dim,)` array, in the parameter dtype.
+        **Returns:** `(1 + patches, dim)`, in the parameter dtype: row 0 is the class token after the
+        class-attention stage (the input of the head), rows 1… the patch tokens after the self-attention
+        stage, row-major over the patch grid; all through the final LayerNorm.
         """
-        patches, cls = self._tokens(x, key, inference)
-        for block in self.blocks_token_only:
-            cls = block(patches, cls)
-        return self.norm(cls).astype(self._output_dtype)
+        patches, cls, _ = self._tokens(x, key, inference)
+        return self._class_stage(patches, cls)
 
-    def forward_head(self, features: Float[Array, " dim"]) -> Float[Array, " out"]:
-        """Apply the classifier to `forward_features`' output (identity when `num_classes == 0`).
+    def forward_head(
+        self, features: Float[Array, "*tokens dim"], *, pre_logits: bool = False
+    ) -> Float[Array, " out"]:
+        """The classifier on `forward_features`' output: it reads the class token (row 0).
 
-        **Returns:** the logits, in the parameter dtype.
+        **Arguments:**
+
+        - `features`: `forward_features(x)`, `(1 + patches, dim)`.
+        - `pre_logits`: return the class embedding the head reads, `(dim,)`, instead of the logits.
+            (Keyword only argument.)
+
+        **Returns:** the logits `(num_classes,)` (the class embedding when `pre_logits` or when
+        `num_classes == 0`), in the parameter dtype.
         """
-        if self.head is None:
-            return features.astype(self._output_dtype)
-        return self.head(features.astype(self._precise_dtype)).astype(self._output_dtype)
+        if features.ndim != 2:
+            raise TypeCheckError(
+                f"`forward_head` takes the tokens of one image, `(1 + patches, dim)` as `forward_features` "
+                f"returns them (class token first), got shape {tuple(features.shape)}. For a batch use "
+                f"`jax.vmap(model.forward_head)`; for the class embedding alone, `pre_logits=True`."
+            )
+        cls = features[0]
+        if pre_logits or self.head is None:
+            return cls.astype(self._output_dtype)
+        return self.head(cls.astype(self._precise_dtype)).astype(self._output_dtype)
 
     def __call__(
         self,
@@ -318,7 +320,8 @@ class CaiT(eqx.Module):
     ) -> Float[Array, " out"]:
         """**Arguments:**
 
-        - `x`: one image, channels first, `(channels, height, width)` exactly as configured.
+        - `x`: one image, channels first, `(channels, height, width)`: `image_size`, or with
+            `dynamic_img_size` any multiple of the patch size.
         - `key`: a `jax.random.key`, needed only when some dropout or stochastic depth is active and the
             model is not in inference mode. (Keyword only argument.)
         - `inference`: overrides every dropout's mode for this call; `None` uses the modules' own flags
@@ -328,6 +331,47 @@ class CaiT(eqx.Module):
         parameter dtype, whatever the compute dtype (float32 logits for a mixed-precision model).
         """
         return self.forward_head(self.forward_features(x, key=key, inference=inference))
+
+    def forward_intermediates(
+        self,
+        x: Float[Array, "channels height width"],
+        *,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        stop_early: bool = False,
+        intermediates_only: bool = False,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> Any:
+        """The patch tokens of chosen self-attention blocks, as timm's `forward_intermediates` (same numbers).
+
+        Only the chosen blocks' outputs are kept (one buffer carried through the scan over the blocks).
+
+        **Arguments:**
+
+        - `x`, `key`, `inference`: as for `__call__`.
+        - `indices`: `None` for every SA block, an int `n` for the last `n`, or a sequence of block indices
+            (negative from the end). Returned in block order.
+        - `norm`: pass each map through the final LayerNorm.
+        - `output_fmt`: `"NCHW"` for maps `(dim, rows, cols)` over the patch grid, `"NLC"` for tokens
+            `(patches, dim)`.
+        - `stop_early`: run the SA blocks only up to the last chosen one. As in timm, the final features
+            (unless `intermediates_only`) are then computed from that block's output.
+        - `intermediates_only`: return only the maps.
+
+        **Returns:** a list of maps, or `(forward_features output, list of maps)`; in the parameter dtype.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"`output_fmt` must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        take = take_indices(self.config.depth, indices)
+        patches, cls, taken = self._tokens(x, key, inference, take, take[-1] + 1 if stop_early else None)
+        taken = (self.norm(taken) if norm else taken).astype(self._output_dtype)
+        if output_fmt == "NCHW":
+            rows, cols = x.shape[1] // self.config.patch_size, x.shape[2] // self.config.patch_size
+            taken = taken.reshape(len(take), rows, cols, -1).transpose(0, 3, 1, 2)
+        maps = list(taken)
+        return maps if intermediates_only else (self._class_stage(patches, cls), maps)
 
     def class_attention(self, x: Float[Array, "channels height width"]) -> Float[Array, "cls_depth heads tokens"]:
         """The class-attention weights of every CA block and head for one image, in inference mode.
@@ -340,7 +384,7 @@ class CaiT(eqx.Module):
             raise ValueError(
                 "This model has no class-attention blocks (`cls_depth=0`), so it has no class-attention maps."
             )
-        patches, cls = self._tokens(x, None, True)
+        patches, cls, _ = self._tokens(x, None, True)
         maps = []
         for block in self.blocks_token_only:
             maps.append(block.attention_weights(patches, cls))
@@ -351,49 +395,3 @@ class CaiT(eqx.Module):
     def num_params(self) -> int:
         """The number of scalar parameters (every array leaf)."""
         return sum(leaf.size for leaf in jax.tree_util.tree_leaves(eqx.filter(self, eqx.is_array)))
-
-
-def with_compute_dtype(model: CaiT, dtype: Any) -> CaiT:
-    """A copy of `model` that computes in `dtype`, e.g. bfloat16 with its float32 weights (mixed precision).
-
-    The self-attention blocks, about 98 % of the work, then compute in `dtype`. The weights are shared, not
-    cast: they keep their dtype in the PyTree (so a trained or loaded float32 model trains on with float32
-    gradients and optimiser state) and are cast where they are used. LayerNorm statistics and softmaxes stay
-    float32; the patch embedding, the class-attention blocks and the head run in the parameter dtype, and
-    the outputs come back in it. On accelerators bfloat16 is faster and lighter; on CPUs it is usually
-    slower. bfloat16 logits agree with float32 ones to within 1e-2 of the largest logit.
-
-    **Arguments:**
-
-    - `model`: a `CaiT`.
-    - `dtype`: `jnp.bfloat16`, `jnp.float16` or `jnp.float32` (or their names), or `None` for the parameter
-        dtype.
-
-    **Returns:** the `CaiT`, with `compute_dtype` set.
-    """
-    if not isinstance(model, CaiT):
-        raise TypeError(f"`with_compute_dtype` takes a `CaiT`, got {type(model).__name__}.")
-    return _with_static(model, "compute_dtype", check_compute_dtype(dtype, model.config.dtype))
-
-
-def _with_static(model: CaiT, field: str, value: str) -> CaiT:
-    # Static fields cannot be replaced by `eqx.tree_at`: set it on a shallow copy (the arrays are shared).
-    new = copy.copy(model)
-    object.__setattr__(new, field, value)
-    return new
-
-
-def with_remat(model: CaiT, policy: str) -> CaiT:
-    """A copy of `model` whose self-attention stage keeps `policy`'s intermediates for the backward pass.
-
-    **Arguments:**
-
-    - `model`: a `CaiT`.
-    - `policy`: one of `cait_eqx.REMAT_POLICIES` (see `CaiT`'s `remat`): `"none"`, `"weight_products"`,
-        `"dots"` or `"full"`.
-
-    **Returns:** the `CaiT`, sharing the weights, with `remat` set. Outputs and gradients are unchanged.
-    """
-    if not isinstance(model, CaiT):
-        raise TypeError(f"`with_remat` takes a `CaiT`, got {type(model).__name__}.")
-    return _with_static(model, "remat", check_remat(policy))

@@ -1,9 +1,12 @@
-"""Model surgery for new inputs and new tasks: another image size, another head.
+"""Model surgery: copies of a model for new inputs, new tasks and other run-time choices.
 
-- `resample_pos_embed`: the positional-embedding grid resampled bicubically (timm's rule), also what
-    loading a checkpoint at another image size uses.
-- `set_input_size`: a model for another resolution, every other weight kept.
+- `set_input_size`: a model for another resolution (its positional grid resampled by `resample_pos_embed`),
+    every other weight kept; `with_dynamic_img_size`: a model that takes any size at call time.
+- `adapt_input_channels`: the patch embedding for another number of input channels (timm's rule).
 - `reset_classifier`: a fresh head for another number of classes (or none).
+- `with_dropout`: other dropout and stochastic-depth rates (e.g. for fine-tuning loaded weights).
+- `with_compute_dtype`, `with_remat`: the same weights, computing in another dtype or keeping other
+    intermediates for the backward pass.
 """
 
 from __future__ import annotations
@@ -16,58 +19,43 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
-from ._layers import Linear
+from ._config import check_compute_dtype, check_remat
+from ._inputs import adapt_input_conv, resample_pos_embed
+from ._layers import DropPath, Linear
 from ._model import CaiT
 
-__all__ = ["reset_classifier", "resample_pos_embed", "set_input_size"]
+__all__ = [
+    "adapt_input_channels",
+    "reset_classifier",
+    "resample_pos_embed",
+    "set_input_size",
+    "with_compute_dtype",
+    "with_dropout",
+    "with_dynamic_img_size",
+    "with_remat",
+]
+
+# The configuration fields that change no weight, only how a training call draws random numbers.
+DROPOUT_FIELDS = ("dropout", "emb_dropout", "attn_dropout", "layer_dropout")
 
 
-def _pair(name: str, grid: Any) -> tuple[int, int]:
-    if (
-        not isinstance(grid, (tuple, list))
-        or len(grid) != 2
-        or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)
-    ):
-        raise ValueError(f"`{name}` must be a (rows, columns) pair of positive ints, got {grid!r}.")
-    return int(grid[0]), int(grid[1])
-
-
-def resample_pos_embed(
-    pos_embed: Float[Array, "patches dim"] | Float[np.ndarray, "patches dim"],
-    source_grid: tuple[int, int],
-    target_grid: tuple[int, int],
-) -> Float[Array, "new_patches dim"]:
-    """Resample a positional embedding from one patch grid to another by bicubic interpolation.
-
-    The embedding is viewed as a `source_grid` image with `dim` channels (row-major over the patches, as
-    the patch embedding orders them) and resized to `target_grid` with the Keys cubic kernel (a = -0.5),
-    antialiased when shrinking: the same function as timm's `resample_abs_pos_embed` for ViTs. Grids may
-    be non-square. Computed in float32; the result has the input's dtype.
-
-    **Arguments:**
-
-    - `pos_embed`: the embedding, `(source_rows * source_cols, dim)`.
-    - `source_grid`: its grid, `(rows, cols)`.
-    - `target_grid`: the new grid, `(rows, cols)`.
-
-    **Returns:** the resampled embedding, `(target_rows * target_cols, dim)`.
-    """
-    source = _pair("source_grid", source_grid)
-    target = _pair("target_grid", target_grid)
-    pos_embed = jnp.asarray(pos_embed)
-    patches, dim = pos_embed.shape
-    if source[0] * source[1] != patches:
-        raise ValueError(
-            f"`pos_embed` has {patches} patches but `source_grid` {source} holds {source[0] * source[1]}. "
-            f"Pass the grid the embedding was trained on: (image height / patch, image width / patch)."
-        )
-    if source == target:
-        return pos_embed
-    image = pos_embed.astype(jnp.float32).reshape(*source, dim)
-    resized = jax.image.resize(image, (*target, dim), method="bicubic", antialias=True)
-    return resized.reshape(target[0] * target[1], dim).astype(pos_embed.dtype)
+def _rebuilt(model: CaiT, new_cfg: Any, replace: Any, value: Any) -> CaiT:
+    """`model`'s leaves (one of them replaced) in the structure of a model of configuration `new_cfg`:
+    static fields (e.g. the patch embedding's image size or channels) come from the new structure."""
+    skeleton = eqx.filter_eval_shape(
+        CaiT,
+        **new_cfg.kwargs(),
+        compute_dtype=model.compute_dtype,
+        remat=model.remat,
+        dynamic_img_size=model.dynamic_img_size,
+        key=jr.key(0),
+    )
+    changed = eqx.tree_at(replace, model, value, is_leaf=lambda x: x is None)
+    leaves = jax.tree_util.tree_leaves(changed, is_leaf=lambda x: x is None)
+    treedef = jax.tree_util.tree_structure(skeleton, is_leaf=lambda x: x is None)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def set_input_size(model: CaiT, image_size: int | tuple[int, int]) -> CaiT:
@@ -75,7 +63,7 @@ def set_input_size(model: CaiT, image_size: int | tuple[int, int]) -> CaiT:
 
     Use it to fine-tune or evaluate at a new resolution (e.g. a 224 checkpoint at 384). Every other weight
     is carried over unchanged; the patch size, each dropout's mode and the run-time choices
-    (`compute_dtype`, `remat`) stay.
+    (`compute_dtype`, `remat`, `dynamic_img_size`) stay.
 
     **Arguments:**
 
@@ -87,15 +75,85 @@ def set_input_size(model: CaiT, image_size: int | tuple[int, int]) -> CaiT:
     cfg = model.config
     new_cfg = cfg.replace(image_size=image_size)  # validates the size against the patch size
     pos_embed = resample_pos_embed(model.pos_embed, cfg.grid_size, new_cfg.grid_size)
-    # The same PyTree with a new configuration: the model's leaves in the structure of a model of the new size
-    # (static fields, e.g. the patch embedding's image size, come from the new structure).
-    skeleton = eqx.filter_eval_shape(
-        CaiT, **new_cfg.kwargs(), compute_dtype=model.compute_dtype, remat=model.remat, key=jr.key(0)
+    return _rebuilt(model, new_cfg, lambda m: m.pos_embed, pos_embed)
+
+
+def adapt_input_channels(model: CaiT, channels: int) -> CaiT:
+    """A copy of `model` for images with `channels` channels, its RGB patch kernels adapted (timm's rule).
+
+    One channel: the three kernels summed (a grey image gives the embedding its RGB copy gave). More
+    channels: the kernels repeated cyclically (R, G, B, R, ...) and scaled by `3 / channels`, which keeps
+    the embedding's scale (for a multiple of 3 channels, an image whose channels are all equal keeps its
+    embedding). The same numbers as timm's `adapt_input_conv`, which `timm.create_model(...,
+    in_chans=channels)` applies to pretrained weights. Every other weight is kept.
+
+    **Arguments:**
+
+    - `model`: a `CaiT` (with 3 input channels, unless `channels` is already its own).
+    - `channels`: the new number of input channels.
+
+    **Returns:** a `CaiT` whose `config.channels` is `channels` (the model itself when unchanged).
+
+    **Raises:** `ValueError` for a model without 3 input channels (only RGB kernels adapt).
+    """
+    if not isinstance(model, CaiT):
+        raise TypeError(f"`adapt_input_channels` takes a `CaiT`, got {type(model).__name__}.")
+    cfg = model.config
+    weight = model.patch_embed.proj.weight
+    adapted = adapt_input_conv(np.asarray(weight), channels)  # checks `channels`
+    if channels == cfg.channels:
+        return model
+    return _rebuilt(
+        model, cfg.replace(channels=channels), lambda m: m.patch_embed.proj.weight, jnp.asarray(adapted)
     )
-    resized = eqx.tree_at(lambda m: m.pos_embed, model, pos_embed, is_leaf=lambda x: x is None)
-    leaves = jax.tree_util.tree_leaves(resized, is_leaf=lambda x: x is None)
-    treedef = jax.tree_util.tree_structure(skeleton, is_leaf=lambda x: x is None)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def with_dropout(model: CaiT, **rates: Any) -> CaiT:
+    """A copy of `model` with other dropout or stochastic-depth rates; every weight is kept.
+
+    For fine-tuning loaded weights with the paper's regularisation (e.g. `layer_dropout=0.1`); each
+    dropout's mode (training or inference) is kept.
+
+    **Arguments:**
+
+    - `model`: a `CaiT`.
+    - `**rates`: any of `dropout`, `emb_dropout`, `attn_dropout`, `layer_dropout` (see `CaiTConfig`).
+
+    **Returns:** a `CaiT` whose `config` has the new rates.
+    """
+    unknown = sorted(set(rates) - set(DROPOUT_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"`with_dropout` changes only the rates {', '.join(DROPOUT_FIELDS)}; got {', '.join(unknown)}."
+        )
+    if not rates:
+        return model
+    new_cfg = model.config.replace(**rates)  # checks each rate
+    # The rates are leaves of the dropout modules (not static fields): take every non-array leaf from a model
+    # built with the new rates, every array from `model`, then each dropout's mode from `model`.
+    skeleton = eqx.filter_eval_shape(
+        CaiT,
+        **new_cfg.kwargs(),
+        compute_dtype=model.compute_dtype,
+        remat=model.remat,
+        dynamic_img_size=model.dynamic_img_size,
+        key=jr.key(0),
+    )
+    old_leaves = jax.tree_util.tree_leaves(model, is_leaf=lambda x: x is None)
+    new_leaves, treedef = jax.tree_util.tree_flatten(skeleton, is_leaf=lambda x: x is None)
+    leaves = [a if eqx.is_array(a) else b for a, b in zip(old_leaves, new_leaves, strict=True)]
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    modes = [m.inference for m in jax.tree_util.tree_leaves(model, is_leaf=_is_dropout) if _is_dropout(m)]
+    dropouts = [m for m in jax.tree_util.tree_leaves(rebuilt, is_leaf=_is_dropout) if _is_dropout(m)]
+    return eqx.tree_at(
+        lambda m: [d for d in jax.tree_util.tree_leaves(m, is_leaf=_is_dropout) if _is_dropout(d)],
+        rebuilt,
+        [eqx.tree_at(lambda d: d.inference, d, mode) for d, mode in zip(dropouts, modes, strict=True)],
+    )
+
+
+def _is_dropout(node: Any) -> bool:
+    return isinstance(node, (eqx.nn.Dropout, DropPath))
 
 
 def reset_classifier(model: CaiT, num_classes: int, *, key: PRNGKeyArray | None = None) -> CaiT:
@@ -129,3 +187,70 @@ def reset_classifier(model: CaiT, num_classes: int, *, key: PRNGKeyArray | None 
     object.__setattr__(new, "head", head)
     object.__setattr__(new, "config", cfg.replace(num_classes=num_classes))
     return new
+
+
+def with_compute_dtype(model: CaiT, dtype: Any) -> CaiT:
+    """A copy of `model` that computes in `dtype`, e.g. bfloat16 with its float32 weights (mixed precision).
+
+    The self-attention blocks, about 98 % of the work, then compute in `dtype`. The weights are shared, not
+    cast: they keep their dtype in the PyTree (so a trained or loaded float32 model trains on with float32
+    gradients and optimiser state) and are cast where they are used. LayerNorm statistics and softmaxes stay
+    float32; the patch embedding, the class-attention blocks and the head run in the parameter dtype, and
+    the outputs come back in it. On accelerators bfloat16 is faster and lighter; on CPUs it is usually
+    slower. bfloat16 logits agree with float32 ones to within 1e-2 of the largest logit.
+
+    **Arguments:**
+
+    - `model`: a `CaiT`.
+    - `dtype`: `jnp.bfloat16`, `jnp.float16` or `jnp.float32` (or their names), or `None` for the parameter
+        dtype.
+
+    **Returns:** the `CaiT`, with `compute_dtype` set.
+    """
+    if not isinstance(model, CaiT):
+        raise TypeError(f"`with_compute_dtype` takes a `CaiT`, got {type(model).__name__}.")
+    return _with_static(model, "compute_dtype", check_compute_dtype(dtype, model.config.dtype))
+
+
+def _with_static(model: CaiT, field: str, value: Any) -> CaiT:
+    # Static fields cannot be replaced by `eqx.tree_at`: set it on a shallow copy (the arrays are shared).
+    new = copy.copy(model)
+    object.__setattr__(new, field, value)
+    return new
+
+
+def with_remat(model: CaiT, policy: str) -> CaiT:
+    """A copy of `model` whose self-attention stage keeps `policy`'s intermediates for the backward pass.
+
+    **Arguments:**
+
+    - `model`: a `CaiT`.
+    - `policy`: one of `cait_eqx.REMAT_POLICIES` (see `CaiT`'s `remat`): `"none"`, `"weight_products"`,
+        `"dots"` or `"full"`.
+
+    **Returns:** the `CaiT`, sharing the weights, with `remat` set. Outputs and gradients are unchanged.
+    """
+    if not isinstance(model, CaiT):
+        raise TypeError(f"`with_remat` takes a `CaiT`, got {type(model).__name__}.")
+    return _with_static(model, "remat", check_remat(policy))
+
+
+def with_dynamic_img_size(model: CaiT, dynamic: bool = True) -> CaiT:
+    """A copy of `model` whose call takes any image size the patch size divides (or only `image_size`).
+
+    With `dynamic=True` the positional grid is resampled bicubically to each input's patch grid inside the
+    forward pass (the same numbers as `set_input_size` to that size); each new shape compiles once. The
+    weights are shared and unchanged; `config.image_size` stays the size they were trained at.
+
+    **Arguments:**
+
+    - `model`: a `CaiT`.
+    - `dynamic`: `True` for any size, `False` for `image_size` only.
+
+    **Returns:** the `CaiT`, with `dynamic_img_size` set.
+    """
+    if not isinstance(model, CaiT):
+        raise TypeError(f"`with_dynamic_img_size` takes a `CaiT`, got {type(model).__name__}.")
+    if not isinstance(dynamic, bool):
+        raise TypeError(f"`dynamic` must be True or False, got {dynamic!r}.")
+    return _with_static(model, "dynamic_img_size", dynamic)

@@ -23,8 +23,8 @@ import jax.random as jr
 import numpy as np
 
 from ._config import CaiTConfig
+from ._inputs import adapt_input_conv, resample_pos_embed
 from ._model import CaiT
-from ._surgery import resample_pos_embed
 from ._variants import variant_config
 
 __all__ = [
@@ -131,14 +131,16 @@ def _get_item(slot_path: str) -> Callable[[Any], Any]:
 
 
 def _to_numpy(value: Any, key: str) -> np.ndarray:
-    """A tensor-like (torch, NumPy, JAX) as a NumPy array, without importing torch."""
+    """A tensor-like (torch, NumPy, JAX) as a NumPy array of its own, without importing torch."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
         value = value.detach().cpu()
         if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
             value = value.float()
         value = value.numpy()
     try:
-        array = np.asarray(value)
+        # A copy: the model must not share memory with the caller's tensors (an in-place torch update, e.g.
+        # an optimiser step on the source model, would otherwise change the JAX weights behind their back).
+        array = np.array(value, copy=True)
     except Exception as error:  # noqa: BLE001 - we re-raise with the key named
         raise WeightsError(f"State-dict entry {key!r} is not an array: {type(value).__name__}.") from error
     if not jnp.issubdtype(array.dtype, jnp.floating):  # jnp: knows bfloat16 too
@@ -253,7 +255,8 @@ def from_timm_state_dict(state_dict: Mapping[str, Any], *, name: str | None = No
     - `**config`: `CaiT` keywords that override the variant's or the inferred values (e.g. `dtype`).
         An `image_size` whose patch grid differs from the checkpoint's resamples the positional embedding
         bicubically (`resample_pos_embed`); the checkpoint's grid is the variant's when `name` is given,
-        else the given grid when the patch counts agree, else the square grid of its patch count.
+        else the given grid when the patch counts agree, else the square grid of its patch count. A
+        `channels` other than the checkpoint's adapts RGB patch kernels (`adapt_input_conv`, timm's rule).
 
     **Returns:** a `CaiT` in inference mode holding exactly these weights.
 
@@ -273,6 +276,8 @@ def from_timm_state_dict(state_dict: Mapping[str, Any], *, name: str | None = No
             source = _checkpoint_grid(pos_shape[-2], name, target, patch_size)
             if source is not None and source != target:
                 state_dict = resample_state_dict(state_dict, source, target)
+    if "channels" in config:
+        state_dict = adapt_state_dict_channels(state_dict, kwargs["channels"])
     return build_from_state_dict(state_dict, kwargs)
 
 
@@ -283,6 +288,23 @@ def resample_state_dict(state_dict: Mapping[str, Any], source: tuple[int, int], 
     logger.info("cait_eqx: resampled the positional embedding from a %s to a %s patch grid (bicubic).",
                 source, target)
     return {**state_dict, "pos_embed": resampled.reshape(*pos.shape[:-2], -1, pos.shape[-1])}
+
+
+def adapt_state_dict_channels(state_dict: Mapping[str, Any], channels: int):
+    """`state_dict` with its patch-embedding kernels adapted to `channels` inputs (logged if they change)."""
+    key = "patch_embed.proj.weight"
+    shape = np.shape(state_dict[key]) if key in state_dict else ()
+    if len(shape) != 4 or shape[1] == channels:
+        return state_dict  # nothing to adapt (a missing or mis-shaped kernel is reported by the mapping)
+    weight = _to_numpy(state_dict[key], key)
+    try:
+        adapted = adapt_input_conv(weight, channels)
+    except ValueError as error:
+        raise WeightsError(f"The checkpoint's patch embedding {error}") from None
+    rule = "summed the RGB kernels" if channels == 1 else f"repeated the RGB kernels, scaled by 3/{channels}"
+    logger.info("cait_eqx: adapted the input channels from %d to %d (%s, timm's rule).", weight.shape[1],
+                channels, rule)
+    return {**state_dict, key: adapted}
 
 
 def build_from_state_dict(state_dict: Mapping[str, Any], kwargs: dict[str, Any]) -> CaiT:

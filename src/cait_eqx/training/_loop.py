@@ -61,7 +61,8 @@ class LoopState:
 
 @dataclasses.dataclass
 class Loop:
-    """What stays fixed while the loop runs (`bar` and `postfix`: the optional tqdm progress bar)."""
+    """What stays fixed while the loop runs (`bar` and `postfix`: the optional tqdm progress bar; `teacher`:
+    the distillation teacher, placed on the mesh, passed to every step)."""
 
     config: TrainConfig
     steps: TrainSteps
@@ -77,6 +78,7 @@ class Loop:
     on_step: Callable[[int, dict[str, float]], None] | None
     bar: Any = None
     postfix: dict[str, str] = dataclasses.field(default_factory=dict)
+    teacher: PyTree = None
 
     def show(self, **values: str) -> None:
         self.postfix.update(values)
@@ -106,13 +108,17 @@ def start_state(
     """The loop's first state: `model` fresh, or the newest checkpoint of `run` when resuming."""
     opt_state = steps.optim.init(eqx.filter(model, eqx.is_array))
     state = LoopState(model, opt_state, key)
-    found = run is not None and bool(list_checkpoints(run.checkpoint_dir))
+    checkpoints = list_checkpoints(run.checkpoint_dir) if run is not None else []
+    found = bool(checkpoints)
     if found and not resume:
         raise ValueError(
             f"{run.path} already holds checkpoints of a run: continue it with `resume=True` or train into a "
             f"new directory."
         )
     if found:
+        # Settings first: some (`freeze`) change the optimiser state's structure, which loading would refuse
+        # without naming the setting.
+        _check_resume(checkpoints[-1], config)
         state.model, state.opt_state, state.key, info = load_checkpoint(
             run.checkpoint_dir, model=model, opt_state=opt_state
         )
@@ -126,8 +132,9 @@ def start_state(
 
 def _train_step(loop: Loop, state: LoopState, batch: Any, batch_epoch: int, batch_index: int) -> None:
     """One optimiser step; the position moves past the batch, and the last step's metrics are read."""
+    teacher = () if loop.teacher is None else (loop.teacher,)  # a step without distillation takes none
     state.model, state.opt_state, metrics = loop.train_step(
-        state.model, state.opt_state, batch, jr.fold_in(state.key, state.step)
+        state.model, state.opt_state, batch, jr.fold_in(state.key, state.step), *teacher
     )
     state.step += 1
     state.images_done += loop.config.batch_size

@@ -1,4 +1,5 @@
-"""Label-smoothed soft-target cross-entropy, and mixup / cutmix on whole batches, with explicit keys."""
+"""Label-smoothed soft-target cross-entropy, DeiT's distillation losses, and mixup / cutmix on whole batches,
+with explicit keys."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-__all__ = ["cross_entropy", "cutmix", "mix_batch", "mixup", "smooth_labels"]
+__all__ = ["cross_entropy", "cutmix", "distillation_loss", "mix_batch", "mixup", "smooth_labels"]
 
 
 def smooth_labels(
@@ -31,6 +32,57 @@ def cross_entropy(
     """Cross-entropy of soft `targets` (rows summing to one) under `logits`, per example, in float32."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
+
+
+def distillation_loss(
+    logits: Float[Array, "batch classes"],
+    targets: Float[Array, "batch classes"],
+    teacher_logits: Float[Array, "batch classes"],
+    *,
+    kind: str,
+    alpha: float = 0.5,
+    tau: float = 1.0,
+) -> Float[Array, ""]:
+    """DeiT's distillation loss (Touvron et al. 2021, `DistillationLoss`) for a model with one head: the
+    class token's logits serve both terms.
+
+    `(1 - alpha) * mean(cross_entropy(logits, targets)) + alpha * term`, where `term` is
+
+    - `"hard"`: the cross-entropy of `logits` against the teacher's predicted classes (argmax, no
+        smoothing), averaged over the batch. With the default `alpha = 0.5`:
+        `CE(student, y) / 2 + CE(student, argmax teacher) / 2`.
+    - `"soft"`: `tau² · KL(softmax(teacher / tau) ‖ softmax(logits / tau))`, summed over the batch and the
+        classes and divided by their product `batch · classes`, as DeiT does (its `reduction="sum"` over
+        `numel`, not `batchmean`).
+
+    `targets` are the student's usual ones (label smoothing, mixup/cutmix), as DeiT's base criterion sees
+    them; the teacher's logits are taken as constants (no gradient flows into them). In float32.
+
+    **Arguments:**
+
+    - `logits`: the student's logits.
+    - `targets`: the soft targets, rows summing to one.
+    - `teacher_logits`: the teacher's logits on the same (augmented, mixed) images.
+    - `kind`: `"hard"` or `"soft"`. (Keyword only argument.)
+    - `alpha`: the weight of the distillation term. (Keyword only argument.)
+    - `tau`: the temperature of `"soft"`. (Keyword only argument.)
+
+    **Returns:** the scalar loss.
+    """
+    if kind not in ("hard", "soft"):
+        raise ValueError(f"`kind` must be 'hard' or 'soft', got {kind!r}.")
+    logits = logits.astype(jnp.float32)
+    teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    base = jnp.mean(cross_entropy(logits, targets))
+    if kind == "hard":
+        predicted = jax.nn.one_hot(jnp.argmax(teacher, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        term = jnp.mean(cross_entropy(logits, predicted))
+    else:
+        log_student = jax.nn.log_softmax(logits / tau, axis=-1)
+        log_teacher = jax.nn.log_softmax(teacher / tau, axis=-1)
+        kl = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student))
+        term = kl * jnp.float32(tau * tau) / jnp.float32(logits.size)
+    return jnp.float32(1.0 - alpha) * base + jnp.float32(alpha) * term
 
 
 def _partner(x: Array) -> Array:

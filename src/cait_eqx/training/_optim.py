@@ -1,23 +1,28 @@
 """The DeiT/CaiT optimiser recipe as composable optax pieces.
 
 `make_optimizer` chains: optional gradient clipping → Adam moments → decoupled weight decay on the weight
-matrices only (`weight_decay_mask`) → the learning-rate schedule → optional EMA of the weights. Every piece
-is a public function, so a user can re-chain them differently.
+matrices only (`weight_decay_mask`) → the learning-rate schedule → optional layer-wise learning-rate decay
+(`scale_by_layer_decay`, timm's grouping) → optional EMA of the weights. Freezing the backbone (a linear
+probe) routes every parameter but the head's to zero updates with `optax.multi_transform`. Every piece is a
+public function, so a user can re-chain them differently.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import PyTree
 
 from .._layers import Linear
-from ._config import TrainConfig
+from .._model import CaiT
+from ._config import FREEZE_MODES, TrainConfig
 
 __all__ = [
     "EmaState",
@@ -25,7 +30,9 @@ __all__ = [
     "decayed_leaf_names",
     "ema_model",
     "ema_weights",
+    "layer_decay_scales",
     "make_optimizer",
+    "scale_by_layer_decay",
     "warmup_cosine_schedule",
     "weight_decay_mask",
 ]
@@ -69,6 +76,121 @@ def decayed_leaf_names(model: PyTree) -> list[str]:
         if flag:
             names.append(jax.tree_util.keystr(path, simple=True, separator="."))
     return names
+
+
+# timm's `Cait.group_matcher` puts the stem in layer 0, SA block i in layer i + 1, the class-attention
+# blocks alongside the last SA blocks (their layers end at `depth`, the norm's), the rest (the head) last.
+_STEM_FIELDS = ("cls_token", "pos_embed", "patch_embed")
+
+
+def _layer_ordinals(path: tuple[Any, ...], leaf: Any, depth: int, cls_depth: int) -> list[int | float]:
+    """The ordinal of the layer of each row of a stacked leaf (one ordinal for any other leaf)."""
+    field = path[0].name
+    if field in _STEM_FIELDS:
+        return [0]
+    if field == "blocks":
+        return [i + 1 for i in range(leaf.shape[0])]
+    if field == "blocks_token_only":
+        return [path[1].idx + depth - cls_depth + 1]
+    if field == "norm":
+        return [depth]
+    return [math.inf]
+
+
+def _check_layer_decay(layer_decay: Any) -> None:
+    if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+        raise ValueError(
+            f"`layer_decay` must be in (0, 1] (e.g. 0.75; 1 is no decay), got {layer_decay!r}. For one rate "
+            f"everywhere pass `layer_decay=None` (`--layer-decay` not given)."
+        )
+
+
+def layer_decay_scales(model: PyTree, layer_decay: float) -> PyTree:
+    """The factor by which layer-wise learning-rate decay multiplies each parameter's learning rate.
+
+    The grouping is timm's (`param_groups_layer_decay` with `Cait.group_matcher`): the patch embedding,
+    `pos_embed` and `cls_token` form the first layer, each self-attention block one layer, the final `norm`
+    shares the last block's layer, the class-attention blocks take the layers of the last `cls_depth` SA
+    blocks (with `cls_depth=2`: the first CA block the second-to-last SA block's, the second the last's), and
+    the head is the top layer. With `L` the number of layers, layer `l` (from 0) learns at
+    `layer_decay ** (L - 1 - l)` times the rate: the head at the full rate, the stem at the smallest. Without
+    a head (`num_classes=0`) the final `norm` is the top layer.
+
+    **Arguments:**
+
+    - `model`: a `CaiT`, or a PyTree of the same structure (`eqx.filter(model, eqx.is_array)`, gradients).
+    - `layer_decay`: the decay per layer, in (0, 1] (timm's fine-tuning recipes use 0.65–0.75).
+
+    **Returns:** a PyTree with the structure of `eqx.filter(model, eqx.is_array)` holding float32 NumPy
+    arrays: a scalar per leaf, except for the stacked self-attention leaves (`model.blocks`, a leading depth
+    axis), which hold one factor per block, shaped `(depth, 1, ..., 1)` to broadcast against the leaf.
+    """
+    _check_layer_decay(layer_decay)
+    if not isinstance(model, CaiT):
+        raise TypeError(
+            f"Layer-wise learning-rate decay follows the layers of a `CaiT`, got a {type(model).__name__}. "
+            f"Pass the model (or `eqx.filter(model, eqx.is_array)`)."
+        )
+    params = eqx.filter(model, eqx.is_array)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    depth, cls_depth = model.config.depth, len(model.blocks_token_only)
+    ordinals = [_layer_ordinals(path, leaf, depth, cls_depth) for path, leaf in leaves]
+    # Layers are the distinct ordinals in order, numbered from 0, as timm renumbers its groups.
+    layer_of = {ordinal: i for i, ordinal in enumerate(sorted({o for row in ordinals for o in row}))}
+    top = len(layer_of) - 1
+    scales = []
+    for (path, leaf), rows in zip(leaves, ordinals, strict=True):
+        factors = np.array([float(layer_decay) ** (top - layer_of[o]) for o in rows], dtype=np.float32)
+        stacked = path[0].name == "blocks"
+        scales.append(
+            factors.reshape((len(rows),) + (1,) * (leaf.ndim - 1)) if stacked else factors.reshape(())
+        )
+    return jax.tree_util.tree_unflatten(treedef, scales)
+
+
+def scale_by_layer_decay(layer_decay: float) -> optax.GradientTransformation:
+    """Multiply each update by its `layer_decay_scales` factor: layer-wise learning-rate decay.
+
+    Put it after the learning rate (and after the weight decay, which the factor then scales too, as timm's
+    per-group `lr_scale` does for `torch.optim.AdamW`). The factors are constants of the model's structure,
+    computed while tracing: the optimiser state is empty, and a sharded update multiplies each block's rows
+    of a split weight by that block's factor.
+
+    **Arguments:**
+
+    - `layer_decay`: the decay per layer, in (0, 1].
+
+    **Returns:** a stateless `optax.GradientTransformation` for updates structured as a `CaiT`'s arrays.
+    """
+    _check_layer_decay(layer_decay)
+
+    def update_fn(updates, state, params=None):
+        del params
+        scales = layer_decay_scales(updates, layer_decay)
+        return jax.tree.map(lambda u, s: u * jnp.asarray(s, dtype=u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _negative_zeros() -> optax.GradientTransformation:
+    """Every update -0.0: adding it leaves every float bitwise as it is (+0.0 would turn -0.0 into +0.0)."""
+    return optax.stateless(
+        lambda updates, params=None: jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates)
+    )
+
+
+def _freeze_labels(params: PyTree) -> PyTree:
+    """`"train"` for the head's leaves and `"frozen"` for every other leaf (`freeze="backbone"`)."""
+    if not isinstance(params, CaiT):
+        raise TypeError(f"`freeze='backbone'` knows the head of a `CaiT`, got a {type(params).__name__}.")
+    if params.head is None:
+        raise ValueError(
+            "`freeze='backbone'` trains only the classifier head, but this model has none (num_classes=0). "
+            "Give it a head first (`cait_eqx.reset_classifier(model, num_classes, key=...)`), or use "
+            "`freeze='none'`."
+        )
+    labels = jax.tree.map(lambda _: "frozen", params)
+    return eqx.tree_at(lambda m: m.head, labels, jax.tree.map(lambda _: "train", params.head))
 
 
 def warmup_cosine_schedule(
@@ -152,6 +274,8 @@ def make_optimizer(
     eps: float = 1e-8,
     clip_norm: float | None = None,
     ema_decay: float | None = None,
+    layer_decay: float | None = None,
+    freeze: str = "none",
 ) -> optax.GradientTransformation:
     """AdamW as in DeiT/CaiT, with weight decay masked by `weight_decay_mask`.
 
@@ -164,9 +288,23 @@ def make_optimizer(
         (Keyword only argument.)
     - `ema_decay`: also keep an EMA of the weights (see `ema_model`); `None` for none. (Keyword only
         argument.)
+    - `layer_decay`: layer-wise learning-rate decay in (0, 1] (`scale_by_layer_decay`: every update of a
+        layer, weight decay included, times `layer_decay_scales`); `None` for one rate. (Keyword only
+        argument.)
+    - `freeze`: `"none"`, or `"backbone"` for a linear probe: only the head's parameters change; every other
+        update is zero (no Adam moments and no weight decay there; gradient clipping sees the head's gradient
+        only, as in PyTorch with the backbone's `requires_grad` off). (Keyword only argument.)
 
-    **Returns:** an `optax.GradientTransformation`; use it on `eqx.filter(model, eqx.is_array)`.
+    **Returns:** an `optax.GradientTransformation`; use it on `eqx.filter(model, eqx.is_array)` of a `CaiT`
+    (any model when `layer_decay` and `freeze` are off).
     """
+    if freeze not in FREEZE_MODES:
+        raise ValueError(
+            f"`freeze` must be one of {', '.join(map(repr, FREEZE_MODES))}, got {freeze!r} "
+            f"('backbone' trains the head only)."
+        )
+    if layer_decay is not None:
+        _check_layer_decay(layer_decay)
     parts = []
     if clip_norm is not None:
         if not clip_norm > 0:
@@ -178,6 +316,13 @@ def make_optimizer(
     if weight_decay > 0:
         parts.append(optax.masked(optax.add_decayed_weights(weight_decay), weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
+    if freeze == "backbone":
+        # Frozen leaves get -0.0 after the learning rate (whose sign would flip it), so they stay bitwise.
+        parts = [
+            optax.multi_transform({"train": optax.chain(*parts), "frozen": _negative_zeros()}, _freeze_labels)
+        ]
+    if layer_decay is not None:
+        parts.append(scale_by_layer_decay(layer_decay))
     if ema_decay is not None:
         parts.append(ema_weights(ema_decay))
     return optax.chain(*parts)
@@ -191,7 +336,7 @@ def build_optimizer(
     **Arguments:**
 
     - `config`: the `TrainConfig` (its `epochs`, `lr`, `min_lr`, `warmup_epochs`, `weight_decay`,
-        `clip_norm` and `ema_decay`).
+        `clip_norm`, `ema_decay`, `layer_decay` and `freeze`).
     - `steps_per_epoch`: optimiser steps per epoch (`len(train_data) // config.batch_size`).
 
     **Returns:** `(optim, schedule)`: `make_optimizer(schedule, ...)` and the `warmup_cosine_schedule`.
@@ -200,6 +345,11 @@ def build_optimizer(
     warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
     schedule = warmup_cosine_schedule(config.lr, total, warmup, config.min_lr)
     optim = make_optimizer(
-        schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm, ema_decay=config.ema_decay
+        schedule,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+        ema_decay=config.ema_decay,
+        layer_decay=config.layer_decay,
+        freeze=config.freeze,
     )
     return optim, schedule

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from jaxtyping import PyTree
 
 from ._config import StepConfig, TrainConfig
 from ._distributed import shard_batch
@@ -37,6 +38,7 @@ __all__ = [
     "TrainSteps",
     "make_sharded_eval_step",
     "make_sharded_train_step",
+    "replicate",
     "shard_eval_step",
     "shard_train_step",
 ]
@@ -48,13 +50,14 @@ def shard_train_step(
     *,
     min_size: int = DEFAULT_MIN_SHARD_SIZE,
 ) -> Callable[..., tuple[Any, Any, dict[str, Any]]]:
-    """Compile a pure training step `step(model, opt_state, batch, key)` to run on `mesh`.
+    """Compile a pure training step `step(model, opt_state, batch, key[, teacher])` to run on `mesh`.
 
     The model and optimiser state are constrained to `state_shardings` on the way in and out, the batch to
-    `batch_sharding`, the key and the metrics replicated; the whole is one `eqx.filter_jit` with every input
-    buffer donated (use only the returned model and state). The returned function accepts a host batch
-    (the whole global batch; `shard_batch` cuts it) or an already sharded one, and places a model or state
-    that is not yet on `mesh` (`shard_state`) before the first call.
+    `batch_sharding`, the key, a distillation teacher and the metrics replicated; the whole is one
+    `eqx.filter_jit` with every input buffer but the teacher's donated (use only the returned model and
+    state). The returned function accepts a host batch (the whole global batch; `shard_batch` cuts it) or an
+    already sharded one, and places a model or state that is not yet on `mesh` (`shard_state`), or a teacher
+    (`replicate`), before the first call: place the teacher once yourself to avoid a copy per step.
 
     **Arguments:**
 
@@ -62,32 +65,46 @@ def shard_train_step(
     - `mesh`: the mesh.
     - `min_size`: as in `partition_spec`. (Keyword only argument.)
 
-    **Returns:** `sharded_step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, the metrics
-    replicated (readable on every process).
+    **Returns:** `sharded_step(model, opt_state, batch, key, teacher=None) -> (model, opt_state, metrics)`,
+    the metrics replicated (readable on every process); `step` gets the teacher only when one is given.
     """
     batch_spec = batch_sharding(mesh)
     everywhere = replicated(mesh)
 
-    def constrained(model, opt_state, batch, key):
+    # The teacher first, so that every other input is donated.
+    def constrained(teacher, model, opt_state, batch, key):
         shardings = (state_shardings(model, mesh, min_size=min_size),
                      state_shardings(opt_state, mesh, min_size=min_size))
         model, opt_state = eqx.filter_shard((model, opt_state), shardings)
         batch = eqx.filter_shard(batch, batch_spec)
         key = eqx.filter_shard(key, everywhere)
-        model, opt_state, metrics = step(model, opt_state, batch, key)
+        if teacher is None:
+            model, opt_state, metrics = step(model, opt_state, batch, key)
+        else:
+            teacher = eqx.filter_shard(teacher, everywhere)
+            model, opt_state, metrics = step(model, opt_state, batch, key, teacher)
         model, opt_state = eqx.filter_shard((model, opt_state), shardings)
         return model, opt_state, eqx.filter_shard(metrics, everywhere)
 
-    compiled = eqx.filter_jit(constrained, donate="all")
+    compiled = eqx.filter_jit(constrained, donate="all-except-first")
 
-    def sharded_step(model, opt_state, batch, key):
+    def sharded_step(model, opt_state, batch, key, teacher=None):
         if not on_mesh((model, opt_state), mesh):
             model, opt_state = shard_state((model, opt_state), mesh, min_size=min_size)
         batch = shard_batch(batch, mesh)
         key = place(key, everywhere) if not on_mesh(key, mesh) else key
-        return compiled(model, opt_state, batch, key)
+        if teacher is not None and not on_mesh(teacher, mesh):
+            teacher = replicate(teacher, mesh)
+        return compiled(teacher, model, opt_state, batch, key)
 
     return sharded_step
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Place a full copy of every array leaf of `tree` on every device of `mesh` (e.g. a distillation
+    teacher, which every device runs on its slice of the batch); other leaves are kept."""
+    everywhere = replicated(mesh)
+    return jax.tree.map(lambda x: place(x, everywhere) if eqx.is_array(x) else x, tree)
 
 
 def make_sharded_train_step(

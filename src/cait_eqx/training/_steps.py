@@ -21,7 +21,7 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Shaped
 from .._atomic import atomic_write_bytes
 from ..data import Dataset, eval_batches, normalize_images, to_unit_float
 from ._config import StepConfig
-from ._losses import cross_entropy, mix_batch, smooth_labels
+from ._losses import cross_entropy, distillation_loss, mix_batch, smooth_labels
 
 __all__ = ["EvalResult", "NonFiniteLossError", "evaluate", "make_eval_step", "make_train_step"]
 
@@ -51,14 +51,17 @@ def _select(flag: Array, new: PyTree, old: PyTree) -> PyTree:
 def make_train_step(
     optim: optax.GradientTransformation, config: StepConfig, *, jit: bool = True
 ) -> Callable[..., tuple[Any, Any, dict[str, Array]]]:
-    """Build the training step `step(model, opt_state, (images, labels), key) -> (model, opt_state, metrics)`.
+    """Build the training step `step(model, opt_state, batch, key, teacher=None) -> (model, state, metrics)`.
 
     Inside: pixels to `[0, 1]`, per-image augmentation and per-example model keys (all split from `key`),
     normalisation, label smoothing and mixup/cutmix, then `eqx.filter_value_and_grad` of the mean
     cross-entropy over `jax.vmap(model)`, `optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))`
-    and `eqx.apply_updates`. If the loss or the gradient norm is not finite the update is **not** applied:
-    the model and optimiser state come back unchanged and `metrics["finite"]` is false (the caller decides
-    to stop or skip).
+    and `eqx.apply_updates`. With `config.distillation` `"hard"` or `"soft"` the step takes a `teacher`
+    (any image → logits callable that `jax.vmap` can map: a `CaiT`, an Equinox module, a pure function),
+    runs it in inference mode on the same augmented, mixed and normalised images, without gradients, and
+    the loss is `distillation_loss` (DeiT's). If the loss or the gradient norm is not finite the update is
+    **not** applied: the model and optimiser state come back unchanged and `metrics["finite"]` is false
+    (the caller decides to stop or skip).
 
     The step is a pure function of its arguments, so it runs unchanged on sharded inputs under a
     `jax.sharding` mesh.
@@ -67,8 +70,8 @@ def make_train_step(
 
     - `optim`: the optimiser, e.g. `make_optimizer(...)`.
     - `config`: a `StepConfig`.
-    - `jit`: wrap in `eqx.filter_jit(..., donate="all")` (model, optimiser state and batch buffers are
-        donated: use only the returned ones). `False` gives the plain function, to wrap yourself.
+    - `jit`: wrap in `eqx.filter_jit` with the model, optimiser state and batch buffers donated (use only
+        the returned ones; the teacher's are kept). `False` gives the plain function, to wrap yourself.
         (Keyword only argument.)
 
     **Returns:** the step. `metrics` holds scalars `loss`, `accuracy` (against the unmixed labels),
@@ -81,6 +84,7 @@ def make_train_step(
         opt_state: PyTree,
         batch: tuple[Shaped[Array, "batch channels height width"], Int[Array, " batch"]],
         key: PRNGKeyArray,
+        teacher: PyTree = None,
     ) -> tuple[PyTree, PyTree, dict[str, Array]]:
         images, labels = batch
         size = images.shape[0]
@@ -100,10 +104,21 @@ def make_train_step(
             switch_prob=config.switch_prob,
         )
         example_keys = jr.split(model_key, size)
+        teacher_logits = _teacher_logits(teacher, x, config.distillation)
 
         def loss_fn(model):
             logits = jax.vmap(lambda image, k: model(image, key=k))(x, example_keys)
-            return jnp.mean(cross_entropy(logits, targets)), logits
+            if teacher_logits is None:
+                return jnp.mean(cross_entropy(logits, targets)), logits
+            loss = distillation_loss(
+                logits,
+                targets,
+                teacher_logits,
+                kind=config.distillation,
+                alpha=config.distillation_alpha,
+                tau=config.distillation_tau,
+            )
+            return loss, logits
 
         (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
         updates, new_opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
@@ -116,7 +131,30 @@ def make_train_step(
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
         return new_model, new_opt_state, metrics
 
-    return eqx.filter_jit(train_step, donate="all") if jit else train_step
+    if not jit:
+        return train_step
+    # The teacher first, so that everything but it is donated.
+    compiled = eqx.filter_jit(
+        lambda teacher, *state: train_step(*state, teacher=teacher), donate="all-except-first"
+    )
+
+    def jitted_step(model, opt_state, batch, key, teacher=None):
+        return compiled(teacher, model, opt_state, batch, key)
+
+    return jitted_step
+
+
+def _teacher_logits(teacher: PyTree, x: Array, distillation: str) -> Array | None:
+    """The frozen teacher's logits on the batch the student sees (`None` without distillation)."""
+    if distillation == "none":
+        return None
+    if teacher is None:
+        raise ValueError(
+            f"`distillation={distillation!r}` needs a teacher: call the step with `teacher=...` (`fit` takes "
+            f"one as `fit(..., teacher=model)`)."
+        )
+    frozen = eqx.nn.inference_mode(teacher)
+    return jax.lax.stop_gradient(jax.vmap(frozen)(x))
 
 
 def _eval_step(

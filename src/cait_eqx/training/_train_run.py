@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import time
@@ -16,14 +17,19 @@ from jax.sharding import Mesh
 
 from .._atomic import atomic_write_bytes
 from .._io import save
+from .._model import CaiT
 from ..data import Dataset
+from ._checkpoint import list_checkpoints
 from ._config import RunConfig
 from ._run import Run, build_model, load_run_data
 from ._sharding import to_host
 from ._signals import StopSignals
+from ._sources import LoadedSource, initial_model, load_source
 from ._trainer import FitResult, fit
 
 __all__ = ["RunSummary", "resume_run", "train_run"]
+
+logger = logging.getLogger("cait_eqx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +92,31 @@ def _write_json(path: Path, values: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(values, indent=2) + "\n").encode())
 
 
+def _starting_model(
+    config: RunConfig,
+    run: Run,
+    train_data: Dataset,
+    *,
+    key: jax.Array,
+    resume: bool,
+    source: LoadedSource | None,
+) -> CaiT:
+    """The run's model before training: fresh, or from `config.init` (logged one line per change)."""
+    if config.init is None:
+        return build_model(config, train_data, key=key)
+    if resume and run.exists:
+        # The architecture recorded when the run started; with a checkpoint, its weights come from there
+        # and the source is not read again.
+        config = dataclasses.replace(config, model=run.config().model)
+        if list_checkpoints(run.checkpoint_dir):
+            return build_model(config, train_data, key=key)
+    model, loaded, notes = initial_model(config, train_data, key=key, source=source)
+    logger.info("init: %s", loaded.description)
+    for note in notes:
+        logger.info("init: %s", note)
+    return model
+
+
 def train_run(
     config: RunConfig,
     run_dir: str | os.PathLike,
@@ -96,6 +127,8 @@ def train_run(
     data: tuple[Dataset, Dataset] | None = None,
     mesh: Mesh | None = None,
     stop: StopSignals | None = None,
+    init_source: LoadedSource | None = None,
+    teacher_source: LoadedSource | None = None,
 ) -> RunSummary:
     """Train as `config` says and fill `run_dir` with the run's record (see `Run` for reading it back).
 
@@ -118,6 +151,15 @@ def train_run(
         0 alone writes the run directory. (Keyword only argument.)
     - `stop`: a `StopSignals` the caller has entered, passed to `fit` (see there); `None`: `fit` handles
         SIGINT/SIGTERM itself while it trains. (Keyword only argument.)
+    - `init_source`: `config.init` already read (`load_source`, e.g. by a caller that reported it), so
+        that it is not read twice; `None` reads it when needed. (Keyword only argument.)
+    - `teacher_source`: `config.teacher` already read, likewise. (Keyword only argument.)
+
+    With `config.init`, the model starts from that SOURCE fitted to the data (`initial_model`; each change
+    logged in one line at level INFO on the `"cait_eqx"` logger), and `config.json` records the resolved
+    architecture: a resumed run rebuilds it from there and reads the source again only when the run stopped
+    before its first checkpoint. With `config.teacher`, that SOURCE is the distillation teacher, as it is
+    (`fit`'s `teacher`); a resumed run reads it again.
 
     **Returns:** a `RunSummary`.
     """
@@ -126,7 +168,12 @@ def train_run(
     train_data, test_data = load_run_data(config) if data is None else data
     root = jr.key(config.train.seed)
     model_key, run_key = jr.fold_in(root, 0), jr.fold_in(root, 1)
-    model = build_model(config, train_data, key=model_key)
+    model = _starting_model(config, run, train_data, key=model_key, resume=resume, source=init_source)
+    teacher = None
+    if config.teacher is not None:
+        loaded = load_source(config.teacher) if teacher_source is None else teacher_source
+        logger.info("teacher: %s", loaded.description)
+        teacher = loaded.model
     record = config.to_dict()
     record["model"] = dict(model.config.kwargs())
     record["model"]["image_size"] = list(model.config.image_size)
@@ -152,6 +199,7 @@ def train_run(
         progress=progress,
         mesh=mesh,
         stop=stop,
+        teacher=teacher,
     )
     model_path = None
     if result.status == "completed":

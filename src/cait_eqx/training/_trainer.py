@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
-from .._model import CaiT, with_compute_dtype, with_remat
+from .._model import CaiT
+from .._surgery import with_compute_dtype, with_remat
 from ..data import BatchLoader, Dataset, prefetch
 from ._checkpoint import CheckpointInfo
 from ._config import TrainConfig
@@ -26,12 +27,12 @@ from ._loop import Loop, LoopState, evaluate_model, run_steps, start_state
 from ._metrics import MetricsLog
 from ._optim import ema_model
 from ._run import Run
-from ._sharded_steps import TrainSteps
+from ._sharded_steps import TrainSteps, replicate
 from ._sharding import check_batch_size, mesh_from_spec
 from ._signals import StopSignals
 from ._steps import EvalResult
 
-__all__ = ["FitResult", "fit"]
+__all__ = ["FitResult", "check_teacher", "fit"]
 
 
 @dataclasses.dataclass
@@ -82,6 +83,49 @@ def _prepare_model(model: PyTree, config: TrainConfig) -> PyTree:
     return jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
 
 
+def check_teacher(teacher: PyTree, data: Dataset) -> None:
+    """Check that a distillation `teacher` takes `data`'s images as they are and answers with its classes.
+
+    The teacher sees the images the student sees (same size, channels and normalisation) and its logits
+    are compared class by class with the student's, so nothing is adapted: a mismatch is an error.
+
+    **Arguments:**
+
+    - `teacher`: an image → logits callable (a `CaiT`, an Equinox module, a pure function).
+    - `data`: the training data.
+
+    **Raises:** `ValueError` that names what differs and how to fix it.
+    """
+    shape = (data.channels, *data.image_size)
+    size = "x".join(map(str, data.image_size))
+    hint = ""
+    if isinstance(teacher, CaiT):
+        cfg = teacher.config
+        hint = (
+            f" The teacher is a CaiT for {cfg.image_size[0]}x{cfg.image_size[1]} images of {cfg.channels} "
+            f"channel(s): resize the data to its size (--image-size), or fit the teacher to the data first "
+            f"(`cait_eqx.set_input_size`, `cait_eqx.adapt_input_channels`) and train it there."
+        )
+    try:
+        out = eqx.filter_eval_shape(
+            jax.vmap(eqx.nn.inference_mode(teacher)), jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+        )
+    except Exception as error:  # noqa: BLE001 - whatever the callable raises, the message says which data
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"The teacher cannot take the data's {size} images of {data.channels} channel(s) ({first}).{hint}"
+        ) from None
+    got = getattr(out, "shape", None)
+    if got != (2, data.num_classes):
+        per_image = got is not None and len(got) == 2
+        what = f"{got[-1]} classes" if per_image else f"outputs of shape {got} for 2 images"
+        raise ValueError(
+            f"The teacher has {what} but the data have {data.num_classes} classes: distillation compares "
+            f"their outputs class by class. Use a teacher trained on these classes (e.g. a run on the same "
+            f"data)."
+        )
+
+
 def _finish(loop: Loop, state: LoopState) -> FitResult:
     """The final evaluations (of a completed run) and the `FitResult`."""
     stopped = loop.signals.requested
@@ -129,6 +173,7 @@ def fit(
     mesh: Mesh | None = None,
     steps: TrainSteps | None = None,
     stop: StopSignals | None = None,
+    teacher: PyTree | None = None,
 ) -> FitResult:
     """Train `model` on `train_data` with the recipe of `config`, evaluating, checkpointing and resuming.
 
@@ -169,6 +214,12 @@ def fit(
         `fit` calls (a run and its resumption in one process); `None` builds them for this call.
     - `stop`: a `StopSignals` the caller has entered (e.g. around the whole program, so that a signal after
         `fit` returns is a flag too); `fit` reads it instead of installing handlers of its own.
+    - `teacher`: the teacher of `config.distillation` (`"hard"` or `"soft"`; needed then, refused
+        otherwise): any image → logits callable `jax.vmap` can map and `jax.jit` can take as an argument,
+        i.e. a `CaiT` or another Equinox module, or a pure function. It must take the data's images and
+        give their classes as they are (`check_teacher`). It stays fixed: it runs in inference mode inside
+        the compiled step (an argument of it, replicated on the mesh, never donated), without gradients,
+        and is not checkpointed; a resumed run needs the same teacher again to continue exactly.
 
     **Returns:** a `FitResult`.
 
@@ -187,6 +238,15 @@ def fit(
             f"Train and test data disagree on the number of classes: {num_classes} vs "
             f"{test_data.num_classes}."
         )
+    if (teacher is None) != (config.distillation == "none"):
+        raise ValueError(
+            f"TrainConfig `distillation` is {config.distillation!r} but "
+            f"{'no teacher' if teacher is None else 'a teacher'} was given: distillation 'hard' or 'soft' "
+            f"needs `fit(..., teacher=...)`, and a teacher needs one of them."
+        )
+    if teacher is not None:
+        check_teacher(teacher, train_data)  # before anything is compiled
+        teacher = replicate(eqx.nn.inference_mode(teacher), mesh)
     loader = BatchLoader(train_data, config.batch_size, seed=config.seed)
     if steps is None:
         steps = TrainSteps.build(config, loader.steps_per_epoch, num_classes, mesh, compile_step=compile_step)
@@ -216,6 +276,7 @@ def fit(
         log=MetricsLog(run.path if run is not None and primary else None, state.step if resume else None),
         signals=signals,
         on_step=on_step,
+        teacher=teacher,
     )
     if progress and primary:
         from tqdm.auto import tqdm
