@@ -15,6 +15,7 @@ import pytest
 from jaxtyping import TypeCheckError
 
 import cait_eqx
+from cait_eqx._inputs import check_image
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,7 @@ def test_unknown_variant_suggests_names():
 
 
 # How jaxtyping's import hook (on in every test, tests/conftest.py) reports a wrong argument: our own checks
-# (`CaiT._check_image`, active with the hook off too) say "argument `x`", so this tells the two apart.
+# (`cait_eqx._inputs.check_image`, active with the hook off too) say "argument `x`", so this tells the two apart.
 BY_JAXTYPING = r"typechecking parameter 'x'"
 
 
@@ -85,14 +86,14 @@ def test_batched_input_error_says_to_vmap(tiny_model):
         tiny_model(jnp.zeros((2, 3, 16, 16)))
     # Our own check (also active with jaxtyping off) names the fix.
     with pytest.raises(TypeCheckError, match=r"jax.vmap\(model\)\(images\)"):
-        tiny_model._check_image(jnp.zeros((2, 3, 16, 16)))
+        check_image(tiny_model.config, jnp.zeros((2, 3, 16, 16)), dynamic=False)
 
 
 def test_integer_images_are_rejected(tiny_model):
     with pytest.raises(TypeCheckError, match=BY_JAXTYPING):
         tiny_model(jnp.zeros((3, 16, 16), jnp.uint8))
     with pytest.raises(TypeCheckError, match=r"floating-point image .* got dtype uint8"):
-        tiny_model._check_image(jnp.zeros((3, 16, 16), jnp.uint8))
+        check_image(tiny_model.config, jnp.zeros((3, 16, 16), jnp.uint8), dynamic=False)
 
 
 _CALLS_WITH_WRONG_ARGUMENTS = """
