@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from jaxtyping import TypeCheckError
 
 import cait_eqx
+from cait_eqx._inputs import check_image
 
 # Reproducible in CI (no example database, the same examples every run); nothing here has a time limit.
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -282,7 +283,7 @@ def test_a_batch_of_the_right_images_is_refused_with_the_way_to_vmap(model):
         with pytest.raises(TypeCheckError, match=r"typechecking parameter 'x'"):
             model(x)
         with pytest.raises(TypeCheckError, match=r"jax.vmap\(model\)\(images\)"):
-            model._check_image(x)
+            check_image(model.config, x, dynamic=False)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
