@@ -41,10 +41,9 @@ __all__ = [
 DROPOUT_FIELDS = ("dropout", "emb_dropout", "attn_dropout", "layer_dropout")
 
 
-def _rebuilt(model: CaiT, new_cfg: Any, replace: Any, value: Any) -> CaiT:
-    """`model`'s leaves (one of them replaced) in the structure of a model of configuration `new_cfg`:
-    static fields (e.g. the patch embedding's image size or channels) come from the new structure."""
-    skeleton = eqx.filter_eval_shape(
+def _skeleton(model: CaiT, new_cfg: Any) -> CaiT:
+    """The structure (shapes only) of a model of configuration `new_cfg` with `model`'s run-time options."""
+    return eqx.filter_eval_shape(
         CaiT,
         **new_cfg.kwargs(),
         compute_dtype=model.compute_dtype,
@@ -52,6 +51,12 @@ def _rebuilt(model: CaiT, new_cfg: Any, replace: Any, value: Any) -> CaiT:
         dynamic_img_size=model.dynamic_img_size,
         key=jr.key(0),
     )
+
+
+def _rebuilt(model: CaiT, new_cfg: Any, replace: Any, value: Any) -> CaiT:
+    """`model`'s leaves (one of them replaced) in the structure of a model of configuration `new_cfg`:
+    static fields (e.g. the patch embedding's image size or channels) come from the new structure."""
+    skeleton = _skeleton(model, new_cfg)
     changed = eqx.tree_at(replace, model, value, is_leaf=lambda x: x is None)
     leaves = jax.tree_util.tree_leaves(changed, is_leaf=lambda x: x is None)
     treedef = jax.tree_util.tree_structure(skeleton, is_leaf=lambda x: x is None)
@@ -131,14 +136,7 @@ def with_dropout(model: CaiT, **rates: Any) -> CaiT:
     new_cfg = model.config.replace(**rates)  # checks each rate
     # The rates are leaves of the dropout modules (not static fields): take every non-array leaf from a model
     # built with the new rates, every array from `model`, then each dropout's mode from `model`.
-    skeleton = eqx.filter_eval_shape(
-        CaiT,
-        **new_cfg.kwargs(),
-        compute_dtype=model.compute_dtype,
-        remat=model.remat,
-        dynamic_img_size=model.dynamic_img_size,
-        key=jr.key(0),
-    )
+    skeleton = _skeleton(model, new_cfg)
     old_leaves = jax.tree_util.tree_leaves(model, is_leaf=lambda x: x is None)
     new_leaves, treedef = jax.tree_util.tree_flatten(skeleton, is_leaf=lambda x: x is None)
     leaves = [a if eqx.is_array(a) else b for a, b in zip(old_leaves, new_leaves, strict=True)]
