@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--fit-dir", type=Path, help="then run `fit` into this run directory")
+    parser.add_argument("--reads", type=Path, help="then write the examples the data pipeline read here")
     args = parser.parse_args(argv)
 
     import jax
@@ -137,8 +138,47 @@ def main(argv: list[str] | None = None) -> int:
         local = {s.data.shape for s in qkv.addressable_shards}
         assert local == {(2, 3 * FIT_DIM // 2, FIT_DIM)}, qkv.sharding  # (depth, 3·dim, dim): 3·dim split
         assert (result.checkpoint is not None) == parallel.is_primary()
+    if args.reads is not None:
+        _record_reads(args.reads, mesh)
     jax.distributed.shutdown()
     return 0
+
+
+# 8 batches an epoch, and 5 examples left over (dropped: different ones each epoch).
+READ_EXAMPLES = 8 * GLOBAL_BATCH + 5
+READ_EPOCHS = 2
+
+
+def id_dataset():
+    """`READ_EXAMPLES` examples whose pixels spell their index (two bytes), for counting what was read."""
+    import numpy as np
+
+    from cait_eqx.data import Dataset
+
+    ids = np.arange(READ_EXAMPLES)
+    images = np.stack([ids % 256, ids // 256], axis=-1).astype(np.uint8).reshape(-1, 1, 1, 2)
+    return Dataset(images, np.zeros(READ_EXAMPLES, np.int32), ("x",), "ids")
+
+
+def _record_reads(path: Path, mesh) -> None:
+    """Run the training data pipeline as `fit` does on this process (its rows, one Grain worker) for
+    `READ_EPOCHS` epochs and write `path/reads-<process>.npz`: the epoch, batch and example of every read."""
+    import jax
+    import numpy as np
+
+    from cait_eqx import parallel
+    from cait_eqx.data import TrainPipeline
+
+    pipeline = TrainPipeline(id_dataset(), GLOBAL_BATCH, seed=0, workers=1,
+                             rows=parallel.local_batch_rows(mesh, GLOBAL_BATCH))
+    epochs, batches, examples = [], [], []
+    for batch in pipeline.batches(0, 0, READ_EPOCHS):
+        ids = batch.images[:, 0, 0, 0].astype(np.int64) + 256 * batch.images[:, 0, 0, 1].astype(np.int64)
+        epochs += [batch.epoch] * len(ids)
+        batches += [batch.index] * len(ids)
+        examples += ids.tolist()
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / f"reads-{jax.process_index()}.npz", epoch=epochs, batch=batches, example=examples)
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ def two_processes(tmp_path_factory):
         subprocess.Popen(
             [sys.executable, str(WORKER), "--coordinator-address", address, "--num-processes", "2",
              "--process-id", str(rank), "--local-devices", "2", "--mesh", "data=2,fsdp=2",
-             "--steps", str(STEPS), "--out", str(out), "--fit-dir", str(run_dir)],
+             "--steps", str(STEPS), "--out", str(out), "--fit-dir", str(run_dir), "--reads", str(out / "reads")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in range(2)
@@ -253,7 +253,7 @@ def test_two_processes_match_one(reference, two_processes):
     want_losses, want_params, want_logits = reference
     tmp_path, _ = two_processes
     # Process 0 alone wrote the result; process 1 only its note.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.npz", "rows-1.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reads", "result.npz", "rows-1.txt"]
     result = np.load(tmp_path / "result.npz")
     assert int(result["num_devices"]) == 4
     # Each process loaded only its half of every global batch of 16: rows 0-8 and 8-16.
@@ -265,6 +265,28 @@ def test_two_processes_match_one(reference, two_processes):
     got = {name[len("param:"):]: result[name] for name in result.files if name.startswith("param:")}
     _assert_same_params(got, want_params, "two processes")
     np.testing.assert_allclose(result["logits"], want_logits, rtol=0, atol=1e-5)
+
+
+def test_two_processes_read_every_example_once_per_epoch(two_processes):
+    """Each process's data pipeline reads only its rows of every global batch: together, every example of
+    an epoch's order exactly once (the 5 left over are dropped), nothing twice, nothing of the other's."""
+    from _parallel_worker import READ_EPOCHS, READ_EXAMPLES
+
+    from cait_eqx.data import Sampler
+
+    out, _ = two_processes
+    reads = [np.load(out / "reads" / f"reads-{rank}.npz") for rank in range(2)]
+    sampler = Sampler(READ_EXAMPLES, GLOBAL_BATCH, seed=0)
+    kept = sampler.steps_per_epoch * GLOBAL_BATCH
+    for epoch in range(READ_EPOCHS):
+        order = sampler.order(epoch)[:kept].reshape(sampler.steps_per_epoch, GLOBAL_BATCH)
+        got = [r["example"][r["epoch"] == epoch] for r in reads]
+        both = np.concatenate(got)
+        assert len(both) == kept and len(np.unique(both)) == kept, epoch  # each once, none twice
+        assert set(both.tolist()) == set(order.ravel().tolist())
+        # Process 0 read rows 0-8 of every batch, process 1 rows 8-16: what their devices hold.
+        np.testing.assert_array_equal(got[0].reshape(-1, 8), order[:, :8])
+        np.testing.assert_array_equal(got[1].reshape(-1, 8), order[:, 8:])
 
 
 def test_fit_resumes_a_two_process_run_on_one_device(two_processes):

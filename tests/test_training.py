@@ -541,7 +541,8 @@ def test_train_config_is_declared_once_and_derives_the_rest():
     assert training.TrainConfig.trajectory_fields() == (
         "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_norm", "layer_decay",
         "freeze", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "crop_padding", "flip",
-        "ema_decay", "normalize", "distillation", "distillation_alpha", "distillation_tau", "seed",
+        "resized_crop", "crop_scale", "crop_ratio", "interpolation", "auto_augment", "aug_repeats", "reprob",
+        "remode", "recount", "ema_decay", "normalize", "distillation", "distillation_alpha", "distillation_tau", "seed",
         "compute_dtype",
     )
     # `StepConfig` is exactly `num_classes` and the "step" group, and `step_config` fills every one of them.

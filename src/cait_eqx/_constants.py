@@ -1,6 +1,6 @@
 """Constants shared by several rooms, defined once (pure Python: the command line's flags read them)."""
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS"]
+__all__ = ["BAD_IMAGE_POLICIES", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "NORMALIZATIONS", "ERASE_MODES"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """The per-channel mean of ImageNet images in [0, 1] (RGB), which the published CaiT weights expect."""
@@ -8,3 +8,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 """The per-channel standard deviation of ImageNet images in [0, 1] (RGB)."""
 NORMALIZATIONS = ("none", "imagenet")
 """What the model sees after pixels are scaled to [0, 1]: unchanged ("none"), or standardised ("imagenet")."""
+BAD_IMAGE_POLICIES = ("error", "skip")
+"""What a training image that cannot be read does: stop the run, naming it, or be replaced and counted."""
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+"""The resampling filters of the data pipeline's resized crops (PIL's)."""
+ERASE_MODES = ("pixel", "rand", "const")
+"""Random erasing's fills (timm's): per-pixel normal values, one normal value per channel, or zeros."""

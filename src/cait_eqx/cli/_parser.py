@@ -193,7 +193,7 @@ def float_in(
 
 
 def dataset_spec(text: str) -> str:
-    """An argparse type: `digits`, `mnist`, `folder:PATH` or `npz:PATH` (paths made absolute)."""
+    """An argparse type: `digits`, `mnist`, `folder:PATH`, `npz:PATH` or `npy:DIR` (paths made absolute)."""
     kind, sep, where = text.partition(":")
     if kind in ("digits", "mnist") and not sep:
         return text
@@ -205,7 +205,13 @@ def dataset_spec(text: str) -> str:
         if not Path(where).is_file():
             raise argparse.ArgumentTypeError(f"file not found: {where}")
         return f"npz:{Path(where).resolve()}"
-    raise argparse.ArgumentTypeError(f"expected digits, mnist, folder:PATH or npz:PATH, got {text!r}")
+    if kind == "npy" and where:
+        if not Path(where).is_dir():
+            raise argparse.ArgumentTypeError(f"folder of images.npy and labels.npy not found: {where}")
+        return f"npy:{Path(where).resolve()}"
+    raise argparse.ArgumentTypeError(
+        f"expected digits, mnist, folder:PATH, npz:PATH or npy:DIR, got {text!r}"
+    )
 
 
 

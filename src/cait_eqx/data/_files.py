@@ -273,31 +273,38 @@ def load_npz(path: str | os.PathLike, *, layout: str = "auto") -> Dataset:
         )
 
 
-def load_dataset(spec: str, *, image_size: int | tuple[int, int] | None = None) -> Dataset:
-    """Load a dataset by a short spec: `digits`, `mnist`, `folder:PATH` or `npz:PATH`.
+def load_dataset(spec: str, *, image_size: int | tuple[int, int] | None = None, lazy: bool = False):
+    """Load a dataset by a short spec: `digits`, `mnist`, `folder:PATH`, `npz:PATH` or `npy:PATH`.
 
     **Arguments:**
 
-    - `spec`: which dataset; a bare path to a folder or a `.npz` file also works.
+    - `spec`: which dataset; a bare path to a folder of class folders or to a `.npz` file also works.
+        `npy:PATH` is a folder holding `images.npy` and `labels.npy` (`open_arrays`), always memory-mapped.
     - `image_size`: resize to this size (bilinear); `None` keeps the native size. (Keyword only argument.)
+    - `lazy`: read an image folder lazily (`scan_image_folder`: the file list now, the pixels when a batch
+        needs them) rather than decoding it whole into memory. (Keyword only argument.)
 
-    **Returns:** the whole `Dataset` (split it with `train_test_split`).
+    **Returns:** the whole dataset (split it with `train_test_split`): a `Dataset` in memory, or a lazy
+    source for `npy:` and, with `lazy`, for folders.
     """
+    from ._sources import open_arrays, scan_image_folder
+
     kind, _, where = spec.partition(":")
     if kind == "digits" and not where:
         return load_digits(image_size=image_size)
     if kind == "mnist" and not where:
         return load_mnist(image_size=image_size)
-    if kind == "folder" and where:
-        return load_image_folder(where, image_size=image_size)
-    if kind == "npz" and where:
-        return resized_to(load_npz(where), image_size)
-    path = Path(spec)
-    if path.is_dir():
+    path = Path(where) if kind in ("folder", "npz", "npy") and where else Path(spec)
+    if kind == "npy" and where:
+        return open_arrays(path, image_size=image_size)
+    if (kind == "folder" and where) or (kind != "npz" and path.is_dir()):
+        if lazy:
+            return scan_image_folder(path, image_size=image_size)
         return load_image_folder(path, image_size=image_size)
-    if path.suffix == ".npz" and path.is_file():
+    if (kind == "npz" and where) or (path.suffix == ".npz" and path.is_file()):
         return resized_to(load_npz(path), image_size)
     raise ValueError(
-        f"Unknown dataset {spec!r}: use 'digits', 'mnist', 'folder:PATH' (one sub-folder per class) or "
-        f"'npz:PATH' (arrays 'images' and 'labels')."
+        f"Unknown dataset {spec!r}: use 'digits', 'mnist', 'folder:PATH' (one sub-folder per class), "
+        f"'npz:PATH' (arrays 'images' and 'labels') or 'npy:PATH' (a folder of images.npy and labels.npy, "
+        f"memory-mapped)."
     )

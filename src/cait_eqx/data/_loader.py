@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._datasets import Dataset
+from ._pipeline import Sampler
 
 __all__ = ["Batch", "BatchLoader", "eval_batches", "prefetch"]
 
@@ -65,10 +66,7 @@ class BatchLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         """The example indices of `epoch`, in the order they are served."""
-        n = len(self.dataset)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+        return Sampler(len(self.dataset), self.batch_size, self.seed, self.shuffle).order(epoch)
 
     def batches(
         self,
@@ -96,12 +94,13 @@ class BatchLoader:
             order = self.order(epoch)
             for b in range(index, self.steps_per_epoch):
                 take = order[b * self.batch_size : (b + 1) * self.batch_size][rows]
-                yield Batch(epoch, b, self.dataset.images[take], self.dataset.labels[take].astype(np.int32))
+                yield Batch(epoch, b, self.dataset.read(take), self.dataset.labels[take].astype(np.int32))
             epoch, index = epoch + 1, 0
 
 
-def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The whole dataset in order, in fixed-size batches: `(images, labels, valid)`.
+def eval_batches(dataset: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The whole dataset (a `Dataset` or a lazy source) in order, in fixed-size batches: `(images, labels,
+    valid)`.
 
     The last batch is padded (repeating the first example) to `batch_size`, so an evaluation step compiles
     once; `valid` marks the real examples.
@@ -112,7 +111,7 @@ def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray
         take = np.arange(start, start + batch_size)
         valid = take < stop
         take = np.where(valid, take, 0)
-        yield dataset.images[take], dataset.labels[take].astype(np.int32), valid
+        yield dataset.read(take), dataset.labels[take].astype(np.int32), valid
 
 
 _DONE = object()
@@ -129,7 +128,7 @@ def prefetch(
     """Run `iterator` (and `put` on each item, e.g. `jax.device_put`) in a thread, `size` items ahead.
 
     An error in the thread is raised in the consumer. Closing the returned generator (or leaving its `for`
-    loop) stops the thread.
+    loop) stops the thread, which then closes `iterator` (when it has a `close`, as generators do).
 
     **Arguments:**
 
@@ -163,6 +162,12 @@ def prefetch(
             offer(_DONE)
         except BaseException as error:  # noqa: BLE001 — handed to the consumer
             offer(_Failure(error))
+        finally:
+            # A generator (e.g. `TrainPipeline.batches`) releases what it holds (its worker processes) here,
+            # in the thread that ran it.
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
     def consume():
         # The thread starts with the first `next`: a generator that is never iterated leaves nothing behind.

@@ -10,12 +10,13 @@ so the command line can build its flags from it at once.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any
 
 from .._config import REMAT_POLICIES, CaiTConfig
-from .._constants import NORMALIZATIONS
-from .._spec import OneOf, Real, Whole, boolean, hyper, specs, validate
+from .._constants import BAD_IMAGE_POLICIES, ERASE_MODES, INTERPOLATIONS, NORMALIZATIONS
+from .._spec import Check, OneOf, Real, Whole, boolean, hyper, specs, validate
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -61,6 +62,23 @@ class _ComputeDtype(OneOf):
             raise ValueError(f"{error} (float16 would need loss scaling, which training lacks)") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class _AutoAugment(Check):
+    """A RandAugment config string of timm's form, `rand-m9-mstd0.5-inc1` (read in full by the data workers'
+    `RandAugment.from_config`; checked for its shape here, without importing them)."""
+
+    optional: bool = False
+
+    def check(self, value: Any) -> str:
+        if not isinstance(value, str) or not _AUTO_AUGMENT.fullmatch(value):
+            raise ValueError(
+                f"must be a RandAugment config string like 'rand-m9-mstd0.5-inc1' (rand, then -m<magnitude>, "
+                f"-n<layers>, -mstd<std>, -mmax<max>, -inc<0|1>, -p<prob>), got {value!r}"
+            )
+        return value
+
+
+_AUTO_AUGMENT = re.compile(r"rand(-(m|n|mstd|mmax|inc|p|w)[0-9.]+)*")
 _POSITIVE = Whole(1)
 _COUNT = Whole(0)
 _NON_NEGATIVE = Real(0.0)
@@ -91,6 +109,13 @@ class TrainConfig:
     (`"backbone"`: a linear probe, only the head trains). Distillation as DeiT's (`distillation` =
     `"hard"` or `"soft"`, weight `distillation_alpha`, temperature `distillation_tau`), from the teacher
     `fit(..., teacher=...)` takes.
+
+    Data (DeiT's augmentations): `resized_crop` (a random-resized crop of each image to the model's size,
+    areas in [`crop_scale`, 1], aspect ratios in [1/`crop_ratio`, `crop_ratio`], resampled with
+    `interpolation`), `auto_augment` (RandAugment, timm's config string) — both in the data workers — and
+    `aug_repeats` (repeated augmentation, `cait_eqx.data.Sampler`); random erasing on the device after
+    normalisation (`reprob`, `remode`, `recount`). The pipeline: `data_workers` (`None`: automatic),
+    `bad_images` (`"error"` or `"skip"`) and `check_data` (read every image once before training).
 
     Bookkeeping: evaluate every `eval_every` epochs; log training metrics every `log_every` steps;
     checkpoint every `checkpoint_every` steps (0: at the end of each epoch) and always at the end or on an
@@ -142,6 +167,31 @@ class TrainConfig:
                               metavar="N", trajectory=True, group="step")
     flip: bool = hyper(False, help="random left-right flips (off by default: wrong for digits)",
                        check=boolean, trajectory=True, group="step")
+    resized_crop: bool = hyper(
+        False, help="random-resized crop of each image to the model's size, in the data workers (DeiT's; "
+        "instead of the padded crop)", check=boolean, trajectory=True, group="data",
+    )
+    crop_scale: float = hyper(0.08, help="smallest area fraction a random-resized crop keeps (largest: 1)",
+                              check=Real(0.0, 1.0, low_open=True), metavar="S", trajectory=True, group="data")
+    crop_ratio: float = hyper(4 / 3, help="aspect ratios of a random-resized crop lie in [1/R, R]",
+                              check=Real(1.0), metavar="R", trajectory=True, group="data")
+    interpolation: str = hyper("bicubic", help="resampling filter of the random-resized crop",
+                               check=OneOf(INTERPOLATIONS), trajectory=True, group="data")
+    auto_augment: str | None = hyper(
+        None, help="RandAugment in the data workers, as timm's config string, e.g. rand-m9-mstd0.5-inc1 "
+        "(DeiT's); default off", check=_AutoAugment(optional=True), metavar="CONFIG", trajectory=True,
+        group="data",
+    )
+    aug_repeats: int = hyper(
+        1, help="repeated augmentation: each image of an epoch's order is served R times in a row, "
+        "augmented independently (DeiT: 3)", check=_POSITIVE, metavar="R", trajectory=True, group="data",
+    )
+    reprob: float = hyper(0.0, help="random-erasing probability per image, after normalisation (DeiT: 0.25)",
+                          check=_PROBABILITY, metavar="P", trajectory=True, group="step")
+    remode: str = hyper("pixel", help="random-erasing fill: pixel (per-pixel normal values), rand (one per "
+                        "channel) or const (zeros)", check=OneOf(ERASE_MODES), trajectory=True, group="step")
+    recount: int = hyper(1, help="random erasing draws 1 to N boxes per image", check=_POSITIVE, metavar="N",
+                         trajectory=True, group="step")
     ema_decay: float | None = hyper(
         None, help="also keep an EMA of the weights with this decay (default: none)",
         check=Real(0.0, 1.0, high_open=True, optional=True), metavar="D", trajectory=True,
@@ -188,6 +238,17 @@ class TrainConfig:
         "memory for recomputation, the same maths (see benchmarks/README.md)",
         check=OneOf(REMAT_POLICIES, optional=True),
     )
+    data_workers: int | None = hyper(
+        None, help="processes that read, decode and augment the images (default: none for arrays in memory "
+        "without per-image transforms, else one per spare core, at most 8)", check=Whole(0, optional=True),
+        metavar="N", group="loop",
+    )
+    bad_images: str = hyper("error", help="a training image that cannot be read: error (stop, naming it) or "
+                            "skip (replace it by the next readable one, and count it)",
+                            check=OneOf(BAD_IMAGE_POLICIES), group="loop")
+    check_data: bool = hyper(False, help="read every image once before training and report each that cannot "
+                             "be read (bad_images then stops the run or leaves them out)", check=boolean,
+                             group="loop")
 
     def __post_init__(self):
         validate(self, "TrainConfig ")
@@ -238,6 +299,7 @@ class StepConfig:
     - `mixup_alpha`, `cutmix_alpha`: Beta parameters; 0 switches each off (DeiT: 0.8 and 1.0).
     - `mix_prob`: probability of mixing a batch; `switch_prob`: of cutmix rather than mixup when both are on.
     - `crop_padding`, `flip`: the per-image `Augment` (random crop with zero padding; left–right flips).
+    - `reprob`, `remode`, `recount`: random erasing after normalisation (timm's; `reprob=0` is off).
     - `normalize`: `"none"` (the model sees pixels in [0, 1]) or `"imagenet"`.
     - `distillation`: `"none"`, `"hard"` or `"soft"` (`distillation_loss`; the step then takes a teacher);
         `distillation_alpha`, `distillation_tau`: its weight and temperature.
@@ -251,6 +313,9 @@ class StepConfig:
     switch_prob: float = 0.5
     crop_padding: int = 0
     flip: bool = False
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
     normalize: str = "none"
     distillation: str = "none"
     distillation_alpha: float = 0.5
@@ -270,7 +335,8 @@ class RunConfig:
 
     - `model`: `CaiT` keywords (without `image_size`, `channels`, `num_classes`, which come from the data
         unless given), e.g. `DEFAULT_MODEL` or `cait_eqx.variant_config(name)`.
-    - `dataset`: `"digits"`, `"mnist"`, `"folder:PATH"` or `"npz:PATH"`; `image_size`: resize to this
+    - `dataset`: `"digits"`, `"mnist"`, `"folder:PATH"` (read lazily), `"npz:PATH"` or `"npy:DIR"`
+        (memory-mapped, `cait_eqx.data.open_arrays`); `image_size`: resize to this
         (`None`: native); `test_fraction` and `split_seed`: the fixed held-out split.
     - `train`: the `TrainConfig` (its `seed` also seeds the model's initialisation).
     - `model_name`: the variant name when the model came from one (for the record).

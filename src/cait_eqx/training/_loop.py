@@ -21,7 +21,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
-from ..data import Dataset
+from ..data import DataSource
 from ._checkpoint import CheckpointError, CheckpointInfo, list_checkpoints, load_checkpoint, save_checkpoint
 from ._config import TrainConfig
 from ._metrics import MetricsLog, TrainWindow
@@ -57,6 +57,10 @@ class LoopState:
     # The last step's metrics, still on the device: read while the next step runs.
     pending: tuple[int, dict[str, Any]] | None = None
     train_seconds: float = 0.0
+    # The data pipeline's state after the last batch taken (`TrainPipeline.batches(state=...)`), and the
+    # unreadable images it replaced (`bad_images="skip"`).
+    data_state: dict[str, Any] | None = None
+    skipped_images: int = 0
 
 
 @dataclasses.dataclass
@@ -67,7 +71,7 @@ class Loop:
     config: TrainConfig
     steps: TrainSteps
     train_step: Callable[..., Any]
-    test_data: Dataset | None
+    test_data: DataSource | None
     total_steps: int
     stop_at: int
     checkpoint_dir: Path | None
@@ -125,6 +129,8 @@ def start_state(
         _check_resume(info, config)
         state.step, state.epoch, state.index, state.checkpoint = info.step, info.epoch, info.batch_index, info
         state.window = TrainWindow.restored(info.extra.get("window", {}))
+        state.data_state = info.extra.get("data_state")
+        state.skipped_images = int(info.extra.get("skipped_images", 0))
     # Replicated, or split along `fsdp`; a checkpoint saved on another mesh lands on this one here.
     state.model, state.opt_state = shard_state((state.model, state.opt_state), steps.mesh)
     return state
@@ -252,6 +258,9 @@ def _checkpoint(loop: Loop, state: LoopState) -> None:
             "total_steps": loop.total_steps,
             # The partly filled logging window, so a resumed run logs exactly what an unbroken one would.
             "window": state.window.saved(),
+            # Where the data pipeline goes on (its Grain iterator state), and what it skipped so far.
+            "data_state": state.data_state,
+            "skipped_images": state.skipped_images,
         },
     )
 
@@ -264,8 +273,19 @@ def _should_stop(loop: Loop, state: LoopState, stop_asked: bool) -> bool:
 def run_steps(loop: Loop, state: LoopState, batches: Any) -> None:
     """The loop: each step, then what is due at it (read metrics, log, evaluate, checkpoint), then stop?"""
     config, signals = loop.config, loop.signals
-    for batch_epoch, batch_index, batch in batches:
+    for batch_epoch, batch_index, batch, skipped, data_state in batches:
         _train_step(loop, state, batch, batch_epoch, batch_index)
+        state.data_state = data_state
+        if skipped:
+            state.skipped_images += skipped
+            message = (
+                f"step {state.step}: {skipped} unreadable image(s) replaced "
+                f"({state.skipped_images} so far)"
+            )
+            if loop.bar is not None:
+                loop.bar.write(message)
+            else:
+                logger.warning("cait_eqx: %s", message)
         stop_asked = signals.requested  # read once, so that what is due and whether to stop agree
         finishing = stop_asked or state.step >= loop.stop_at
         epoch_end = state.index == 0

@@ -19,7 +19,7 @@ from jaxtyping import PRNGKeyArray
 from .._config import image_size_pair
 from .._io import load
 from .._model import CaiT
-from ..data import Dataset, load_dataset, train_test_split
+from ..data import DataSource, load_dataset, train_test_split
 from ._checkpoint import load_checkpoint
 from ._config import RunConfig
 from ._optim import build_optimizer
@@ -151,7 +151,7 @@ class Run:
             return None
         return json.loads(self.summary_path.read_text())
 
-    def data(self) -> tuple[Dataset, Dataset]:
+    def data(self) -> tuple[DataSource, DataSource]:
         """The run's `(train, test)` datasets, loaded, resized and split as the run did (`load_run_data`)."""
         return load_run_data(self.config())
 
@@ -200,13 +200,14 @@ def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
     return Run(run_dir).config()
 
 
-def load_run_data(config: RunConfig) -> tuple[Dataset, Dataset]:
+def load_run_data(config: RunConfig) -> tuple[DataSource, DataSource]:
     """The run's `(train, test)` datasets: loaded, resized and split exactly as the run defines."""
-    dataset = load_dataset(config.dataset, image_size=config.image_size)
+    # Image folders are read lazily: the file list now, the pixels in the data pipeline's workers.
+    dataset = load_dataset(config.dataset, image_size=config.image_size, lazy=True)
     return train_test_split(dataset, test_fraction=config.test_fraction, seed=config.split_seed)
 
 
-def build_model(config: RunConfig, train_data: Dataset, *, key: PRNGKeyArray) -> CaiT:
+def build_model(config: RunConfig, train_data: DataSource, *, key: PRNGKeyArray) -> CaiT:
     """The run's `CaiT`; input size, channels and classes come from the data unless the config sets them.
 
     **Arguments:**

@@ -24,7 +24,7 @@ from .._pretrained import create_model
 from .._surgery import adapt_input_channels, reset_classifier, set_input_size, with_dropout
 from .._timm import WeightsError
 from .._variants import list_models
-from ..data import Dataset
+from ..data import DataSource
 from ._config import RunConfig
 from ._run import Run
 
@@ -168,7 +168,7 @@ def adapt_to_data(
 
 def initial_model(
     config: RunConfig,
-    train_data: Dataset,
+    train_data: DataSource,
     *,
     key: PRNGKeyArray,
     source: LoadedSource | None = None,

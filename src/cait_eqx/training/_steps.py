@@ -19,7 +19,7 @@ import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Shaped
 
 from .._atomic import atomic_write_bytes
-from ..data import Dataset, eval_batches, normalize_images, to_unit_float
+from ..data import DataSource, eval_batches, normalize_images, to_unit_float
 from ._config import StepConfig
 from ._losses import cross_entropy, distillation_loss, mix_batch, smooth_labels
 
@@ -227,7 +227,7 @@ class EvalResult:
 
 def evaluate(
     model: PyTree,
-    dataset: Dataset,
+    dataset: DataSource,
     *,
     batch_size: int = 500,
     normalize: str = "none",

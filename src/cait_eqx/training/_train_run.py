@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from .._atomic import atomic_write_bytes
 from .._io import save
 from .._model import CaiT
-from ..data import Dataset
+from ..data import DataSource
 from ._checkpoint import list_checkpoints
 from ._config import RunConfig
 from ._run import Run, build_model, load_run_data
@@ -59,6 +59,7 @@ class RunSummary:
             "train_seconds": result.train_seconds,
             "images_per_s": result.images_per_s,
             "skipped_steps": result.skipped_steps,
+            "skipped_images": result.skipped_images,
         }
         if result.test is not None:
             out.update(
@@ -95,7 +96,7 @@ def _write_json(path: Path, values: dict[str, Any]) -> None:
 def _starting_model(
     config: RunConfig,
     run: Run,
-    train_data: Dataset,
+    train_data: DataSource,
     *,
     key: jax.Array,
     resume: bool,
@@ -124,7 +125,7 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     max_steps: int | None = None,
-    data: tuple[Dataset, Dataset] | None = None,
+    data: tuple[DataSource, DataSource] | None = None,
     mesh: Mesh | None = None,
     stop: StopSignals | None = None,
     init_source: LoadedSource | None = None,

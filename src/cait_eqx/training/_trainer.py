@@ -19,10 +19,11 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from .._model import CaiT
 from .._surgery import with_compute_dtype, with_remat
-from ..data import BatchLoader, Dataset, prefetch
+from ..data import DataSource, TrainPipeline, prefetch
 from ._checkpoint import CheckpointInfo
 from ._config import TrainConfig
-from ._distributed import is_primary, process_local_batches, shard_batch
+from ._data import checked_data, train_transform
+from ._distributed import is_primary, local_batch_rows, shard_batch
 from ._loop import Loop, LoopState, evaluate_model, run_steps, start_state
 from ._metrics import MetricsLog
 from ._optim import ema_model
@@ -47,6 +48,8 @@ class FitResult:
     - `test`: the last evaluation on the test set (`None` without one); `ema_test`: the EMA model's, at
         the end.
     - `skipped_steps`: steps whose update was dropped as non-finite (`on_nonfinite="skip"`).
+    - `skipped_images`: unreadable training images replaced by others (`bad_images="skip"`), in the whole
+        run (resumed parts included).
     - `train_seconds`, `images_per_s`: wall time of this call's training steps and their throughput.
     - `checkpoint`: the last checkpoint written or resumed from.
     """
@@ -60,6 +63,7 @@ class FitResult:
     ema: PyTree | None = None
     ema_test: EvalResult | None = None
     skipped_steps: int = 0
+    skipped_images: int = 0
     train_seconds: float = 0.0
     images_per_s: float = 0.0
     checkpoint: CheckpointInfo | None = None
@@ -83,7 +87,7 @@ def _prepare_model(model: PyTree, config: TrainConfig) -> PyTree:
     return jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
 
 
-def check_teacher(teacher: PyTree, data: Dataset) -> None:
+def check_teacher(teacher: PyTree, data: DataSource) -> None:
     """Check that a distillation `teacher` takes `data`'s images as they are and answers with its classes.
 
     The teacher sees the images the student sees (same size, channels and normalisation) and its logits
@@ -149,6 +153,7 @@ def _finish(loop: Loop, state: LoopState) -> FitResult:
         ema=ema,
         ema_test=ema_test,
         skipped_steps=state.skipped,
+        skipped_images=state.skipped_images,
         train_seconds=state.train_seconds,
         images_per_s=state.images_done / state.train_seconds if state.train_seconds > 0 else 0.0,
         checkpoint=state.checkpoint,
@@ -157,8 +162,8 @@ def _finish(loop: Loop, state: LoopState) -> FitResult:
 
 def fit(
     model: PyTree,
-    train_data: Dataset,
-    test_data: Dataset | None = None,
+    train_data: DataSource,
+    test_data: DataSource | None = None,
     config: TrainConfig = TrainConfig(),  # noqa: B008 — frozen, never mutated
     *,
     key: PRNGKeyArray,
@@ -247,20 +252,34 @@ def fit(
     if teacher is not None:
         check_teacher(teacher, train_data)  # before anything is compiled
         teacher = replicate(eqx.nn.inference_mode(teacher), mesh)
-    loader = BatchLoader(train_data, config.batch_size, seed=config.seed)
+    primary, several_processes = is_primary(), jax.process_count() > 1
+    if config.check_data:
+        train_data, test_data = checked_data(train_data, test_data, config)
+    # With several processes, each reads only its rows of every global batch.
+    pipeline = TrainPipeline(
+        train_data,
+        config.batch_size,
+        seed=config.seed,
+        rows=local_batch_rows(mesh, config.batch_size) if several_processes else slice(None),
+        transform=train_transform(config, train_data.image_size),
+        workers=config.data_workers,
+        repeats=config.aug_repeats,
+        bad_images=config.bad_images,
+    )
     if steps is None:
-        steps = TrainSteps.build(config, loader.steps_per_epoch, num_classes, mesh, compile_step=compile_step)
+        steps = TrainSteps.build(
+            config, pipeline.steps_per_epoch, num_classes, mesh, compile_step=compile_step
+        )
         train_step = steps.train_step
     else:
-        steps.check_fits(config, loader.steps_per_epoch, num_classes, mesh)
+        steps.check_fits(config, pipeline.steps_per_epoch, num_classes, mesh)
         train_step = steps.train_step if compile_step is None else compile_step(steps.pure_step)
-    primary, several_processes = is_primary(), jax.process_count() > 1
     run = None if run_dir is None else Run(run_dir)
     # The model's structure (its static fields too) before the optimiser state, which holds it.
     state = start_state(_prepare_model(model, config), config, steps, key, run, resume)
     if run is not None and primary:
         run.path.mkdir(parents=True, exist_ok=True)
-    total_steps = config.epochs * loader.steps_per_epoch
+    total_steps = config.epochs * pipeline.steps_per_epoch
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
     signals = StopSignals(enabled=handle_signals) if stop is None else stop
     loop = Loop(
@@ -290,14 +309,13 @@ def fit(
     with contextlib.nullcontext() if stop is not None else signals:
         try:
             if state.step < stop_at:
-                # With several processes, each loads only its rows of every global batch.
-                source = (
-                    process_local_batches(loader, mesh, state.epoch, state.index, stop_epoch=config.epochs)
-                    if several_processes
-                    else loader.batches(state.epoch, state.index, stop_epoch=config.epochs)
+                source = pipeline.batches(
+                    state.epoch, state.index, stop_epoch=config.epochs, state=state.data_state
                 )
                 batches = prefetch(
-                    source, size=2, put=lambda b: (b.epoch, b.index, put((b.images, b.labels)))
+                    source,
+                    size=2,
+                    put=lambda b: (b.epoch, b.index, put((b.images, b.labels)), b.skipped, b.state),
                 )
                 started = time.perf_counter()
                 state.window.start = started

@@ -1,0 +1,370 @@
+"""Training batches through Grain: a random-access source, read and transformed in worker processes.
+
+The stream is a `grain.MapDataset` whose element `b` is global batch number `b` (epoch `b // steps_per_epoch`)
+as this process loads it: the examples come from the `Sampler`'s order of that epoch (DeiT's repeated
+augmentation included), this process's rows of it only, each read (and, with a `transform`, augmented from
+a generator seeded by its position) by `_BatchReader`. Everything an element holds is a pure function of
+`b`, so any number of workers gives the same bytes, and a run resumes exactly from a Grain iterator state
+or from a batch number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BAD_IMAGE_POLICIES",
+    "PipelineBatch",
+    "Sampler",
+    "TrainPipeline",
+    "default_data_workers",
+    "find_bad_images",
+]
+
+from .._constants import BAD_IMAGE_POLICIES
+from ._sources import BadImageError
+
+# How many other examples a skipped one may try before the batch gives up (a folder of mostly bad files).
+_MAX_REPLACEMENTS = 64
+
+
+def default_data_workers(source: Any, transform: Any) -> int:
+    """Worker processes for `source`: none for arrays in memory without a per-image transform (reading them
+    is one indexing), else one per core left over beside the training step, at most 8."""
+    from ._datasets import Dataset
+
+    if isinstance(source, Dataset) and transform is None:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """The order in which a training run sees its examples, epoch after epoch.
+
+    Epoch `e` is a permutation drawn from `numpy.random.default_rng([seed, e])` (a pure function of the seed
+    and the epoch number). With `repeats = r > 1` this is DeiT's repeated augmentation (its `RASampler`):
+    each example of the permutation is served `r` times in a row (the copies land in the same global batch,
+    on different devices, and are augmented independently) and the epoch keeps its length, so it covers
+    about `1/r` of the examples. Each epoch has `steps_per_epoch` whole batches; the rest is dropped.
+    """
+
+    num_examples: int
+    batch_size: int
+    seed: int
+    shuffle: bool = True
+    repeats: int = 1
+
+    def __post_init__(self):
+        for name in ("num_examples", "batch_size", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Sampler `{name}` must be a positive int, got {value!r}.")
+        if self.num_examples < self.batch_size:
+            raise ValueError(
+                f"The dataset has {self.num_examples} examples, fewer than one batch of {self.batch_size}. "
+                f"Use a batch size of at most {self.num_examples} or more data."
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example indices of `epoch` in the order they are served (`num_examples` of them)."""
+        n = self.num_examples
+        if not self.shuffle:
+            return np.repeat(np.arange(n), self.repeats)[:n]
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(n)
+        return permutation if self.repeats == 1 else np.repeat(permutation, self.repeats)[:n]
+
+
+class _BatchReader:
+    """Builds batch number `b` for one process: runs in the Grain workers (pickled there)."""
+
+    def __init__(self, source, sampler: Sampler, rows: slice, transform, bad_images: str):
+        self.source, self.sampler, self.transform, self.bad_images = source, sampler, transform, bad_images
+        start, stop, _ = rows.indices(sampler.batch_size)
+        self.rows = (start, stop)
+        self._order: tuple[int, np.ndarray] | None = None  # the last epoch's order, per worker
+
+    def __getstate__(self):
+        return {**self.__dict__, "_order": None}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.sampler.order(epoch))
+        return self._order[1]
+
+    def __call__(self, b: int) -> dict[str, np.ndarray]:
+        sampler, source = self.sampler, self.source
+        epoch, index = divmod(int(b), sampler.steps_per_epoch)
+        order = self.order(epoch)
+        start = index * sampler.batch_size
+        positions = np.arange(start + self.rows[0], start + self.rows[1])
+        skipped = 0
+        if self.transform is None and self.bad_images == "error":
+            images = self._read_many(order[positions])
+        else:
+            examples = []
+            for position in positions.tolist():
+                pixels, misses = self._read_one(order, position)
+                skipped += misses
+                if self.transform is not None:
+                    # Seeded by the example's place in the stream: the same bytes whatever the workers.
+                    rng = np.random.default_rng([sampler.seed, 1, epoch, position])
+                    pixels = self.transform(pixels, rng)
+                examples.append(pixels)
+            images = np.stack(examples)
+        labels = source.labels[order[positions]].astype(np.int32)
+        return {"images": images, "labels": labels, "batch": np.int64(b), "skipped": np.int64(skipped)}
+
+    def _fail(self, index: int, error: Exception) -> BadImageError:
+        where = self.source.describe(index)
+        return BadImageError(
+            f"Cannot read {where}: {error} Find every such file before training with `--check-data` "
+            f"(`check_images`), or skip them with `--bad-images skip` (`bad_images='skip'`).",
+            [where],
+        )
+
+    def _read_many(self, indices: np.ndarray) -> np.ndarray:
+        try:
+            return self.source.read(indices)
+        except ValueError:  # find which one, and name it
+            for index in indices.tolist():
+                try:
+                    self.source.read(np.asarray([index]))
+                except ValueError as error:
+                    raise self._fail(index, error) from None
+            raise
+
+    def _read_one(self, order: np.ndarray, position: int) -> tuple[np.ndarray, int]:
+        """Example `order[position]` (native size with a transform, else the source's size); in skip mode a
+        file that cannot be read is replaced by the next readable one of the epoch's order."""
+        read = (
+            self.source.read_native
+            if self.transform is not None
+            else (lambda i: self.source.read(np.asarray([i]))[0])
+        )
+        for attempt in range(_MAX_REPLACEMENTS + 1):
+            index = int(order[(position + attempt) % len(order)])
+            try:
+                return read(index), attempt
+            except ValueError as error:
+                if self.bad_images == "error":
+                    raise self._fail(index, error) from None
+        raise self._fail(int(order[position]), ValueError(f"nor the {_MAX_REPLACEMENTS} examples after it."))
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    """In each data worker: die with the trainer (Linux), and leave Ctrl-C to it (it stops the workers)."""
+    del worker_index, worker_count
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(os, "sched_getaffinity"):  # Linux: PR_SET_PDEATHSIG, so a SIGKILLed trainer leaves no worker
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+
+@dataclasses.dataclass
+class PipelineBatch:
+    """One batch from `TrainPipeline.batches`: its position, its arrays, and the state to resume after it.
+
+    `state` is what a checkpoint taken after this batch records (`TrainPipeline.batches(state=...)` goes
+    on from there); `skipped` counts the unreadable examples replaced in it (`bad_images="skip"`).
+    """
+
+    epoch: int
+    index: int
+    images: np.ndarray
+    labels: np.ndarray
+    skipped: int
+    state: dict[str, Any]
+
+
+class TrainPipeline:
+    """Shuffled, seeded, resumable training batches of a source, read by Grain (in worker processes).
+
+    **Arguments:**
+
+    - `source`: a `Dataset`, or a lazy source (`scan_image_folder`, `open_arrays`, `subset`s of them).
+    - `batch_size`: the global batch (all processes together).
+    - `seed`: the order's and the transforms' seed. (Keyword only argument, like all that follow.)
+    - `rows`: which rows of every global batch this process loads (all of them with one process; see
+        `cait_eqx.parallel.local_batch_rows`).
+    - `transform`: a per-image transform run in the workers, `transform(pixels, rng) -> pixels` on
+        `uint8` `(channels, height, width)` images at their native size (e.g. `TrainTransform`), giving
+        every image the same size; `None`: images at the source's `image_size`.
+    - `workers`: Grain worker processes (0: read in this process, in a thread); `None`:
+        `default_data_workers`.
+    - `shuffle`, `repeats`: as in `Sampler`.
+    - `bad_images`: `"error"` (a file that cannot be read stops the run, naming it) or `"skip"` (it is
+        replaced by the next readable example of the epoch and counted in `PipelineBatch.skipped`).
+    - `buffer`: batches each worker (or the reading thread) prepares ahead.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        batch_size: int,
+        *,
+        seed: int,
+        rows: slice = slice(None),
+        transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+        workers: int | None = None,
+        shuffle: bool = True,
+        repeats: int = 1,
+        bad_images: str = "error",
+        buffer: int = 2,
+    ):
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"`bad_images` must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}.")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise ValueError(f"`workers` must be an int >= 0 (or None: automatic), got {workers!r}.")
+        self.sampler = Sampler(len(source), batch_size, int(seed), shuffle, repeats)
+        self.source, self.transform, self.bad_images, self.buffer = source, transform, bad_images, buffer
+        self.rows = rows
+        self.workers = default_data_workers(source, transform) if workers is None else workers
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def _iterator(self, start: int, stop: int):
+        import grain
+
+        reader = _BatchReader(self.source, self.sampler, self.rows, self.transform, self.bad_images)
+        data = grain.MapDataset.range(start, stop).map(reader)
+        read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.buffer)
+        stream = data.to_iter_dataset(read)
+        if self.workers > 0:
+            options = grain.MultiprocessingOptions(
+                num_workers=self.workers, per_worker_buffer_size=self.buffer
+            )
+            stream = stream.mp_prefetch(options, worker_init_fn=_worker_init)
+        return iter(stream)
+
+    def batches(
+        self,
+        start_epoch: int = 0,
+        start_index: int = 0,
+        stop_epoch: int | None = None,
+        *,
+        state: dict[str, Any] | None = None,
+    ) -> Iterator[PipelineBatch]:
+        """Batches from position `(start_epoch, start_index)` to the end of epoch `stop_epoch - 1`.
+
+        **Arguments:**
+
+        - `start_epoch`, `start_index`: the position of the first batch.
+        - `stop_epoch`: stop before this epoch; `None`: run on (for 2**40 batches).
+        - `state`: a `PipelineBatch.state` from a checkpoint at this position: the Grain iterator goes on
+            from it when it was saved with as many workers as this pipeline has (otherwise, and without
+            one, the stream starts at the position: the same batches). (Keyword only argument.)
+
+        **Returns:** a generator of `PipelineBatch`; closing it stops the workers.
+        """
+        spe = self.steps_per_epoch
+        if not 0 <= start_index <= spe:
+            raise ValueError(f"`start_index` must be in [0, {spe}], got {start_index}.")
+        position = start_epoch * spe + start_index
+        stop = 2**40 if stop_epoch is None else stop_epoch * spe
+        start, restore = position, None
+        if state is not None and state.get("workers") == self.workers and "grain" in state:
+            start, restore = int(state["start"]), state["grain"]
+        if position >= stop:
+            return
+        iterator = self._iterator(start, stop)
+        try:
+            if restore is not None:
+                iterator.set_state(restore)
+            expected = position
+            for element in iterator:
+                b = int(element["batch"])
+                if b != expected:
+                    raise RuntimeError(
+                        f"The data pipeline gave batch {b} where batch {expected} was due: the saved data "
+                        f"state does not match the checkpoint's position. Resume with the same data settings."
+                    )
+                expected += 1
+                epoch, index = divmod(b, spe)
+                # Copies: Grain's arrays may live in shared memory that the next batches reuse.
+                yield PipelineBatch(
+                    epoch,
+                    index,
+                    np.array(element["images"]),
+                    np.array(element["labels"]),
+                    int(element["skipped"]),
+                    {"start": start, "workers": self.workers, "grain": iterator.get_state()},
+                )
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            del iterator
+
+
+class _CheckChunk:
+    """Reads examples `[start, start + size)` of a source whole; the ones that fail, with why."""
+
+    def __init__(self, source, size: int):
+        self.source, self.size = source, size
+
+    def __call__(self, chunk: int) -> list[tuple[int, str]]:
+        bad = []
+        for index in range(chunk * self.size, min((chunk + 1) * self.size, len(self.source))):
+            try:
+                self.source.read_native(index)
+            except ValueError as error:
+                bad.append((index, str(error)))
+        return bad
+
+
+def find_bad_images(source: Any, *, workers: int | None = None, chunk: int = 256) -> list[tuple[int, str]]:
+    """Read every example of `source` once (in Grain workers) and list those that cannot be read.
+
+    What `--check-data` runs before training: a corrupt or unreadable file, an image of another size than
+    the folder's (without `image_size`), a colour image in a folder read as greyscale.
+
+    **Arguments:**
+
+    - `source`: a `Dataset` (always readable) or a lazy source.
+    - `workers`: worker processes (`None`: `default_data_workers` for a transformed source). (Keyword only
+        argument.)
+    - `chunk`: examples per work item. (Keyword only argument.)
+
+    **Returns:** `(index, reason)` for every example that fails, in index order (`source.describe(index)`
+    names its file).
+    """
+    import grain
+
+    from ._datasets import Dataset
+
+    if isinstance(source, Dataset) or len(source) == 0:
+        return []
+    workers = default_data_workers(source, True) if workers is None else workers
+    chunks = -(-len(source) // chunk)
+    data = grain.MapDataset.range(chunks).map(_CheckChunk(source, chunk))
+    stream = data.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    if workers > 0:
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+        stream = stream.mp_prefetch(options, worker_init_fn=_worker_init)
+    iterator = iter(stream)
+    try:
+        return [item for found in iterator for item in found]
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+        del iterator

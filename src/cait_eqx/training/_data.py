@@ -1,0 +1,73 @@
+"""What `fit` asks of the data: the per-image transform its recipe names, and the `check_data` pass."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..data import BadImageError, find_bad_images
+from ._config import TrainConfig
+
+__all__ = ["checked_data", "train_transform"]
+
+logger = logging.getLogger("cait_eqx")
+
+# How many unreadable files an error message lists before it only counts the rest.
+_LISTED = 20
+
+
+def train_transform(config: TrainConfig, image_size: tuple[int, int]) -> Any:
+    """The per-image transform the data workers run for `config` (`None` when it names none): DeiT's
+    random-resized crop to `image_size` and RandAugment, as `TrainTransform`."""
+    if not config.resized_crop and config.auto_augment is None:
+        return None
+    from ..data import TrainTransform
+
+    return TrainTransform(
+        image_size=tuple(image_size),
+        resized_crop=config.resized_crop,
+        scale=(config.crop_scale, 1.0),
+        ratio=(1.0 / config.crop_ratio, config.crop_ratio),
+        interpolation=config.interpolation,
+        hflip=0.0,  # flips are the step's (`flip`), on the device
+        auto_augment=config.auto_augment,
+    )
+
+
+def checked_data(train_data: Any, test_data: Any, config: TrainConfig) -> tuple[Any, Any]:
+    """`config.check_data`: read every image of both splits once; with `bad_images="error"` raise
+    `BadImageError` listing every file that fails, with `"skip"` leave them out (logged, with the count)."""
+    parts = []
+    for data in (train_data, test_data):
+        if data is None:
+            parts.append((data, []))
+            continue
+        bad = find_bad_images(data, workers=config.data_workers)
+        parts.append((data, bad))
+    found = [(data, index, reason) for data, bad in parts for index, reason in bad]
+    if not found:
+        logger.info("check_data: every image reads")
+        return train_data, test_data
+    if config.bad_images == "error":
+        paths = [data.describe(index) for data, index, _ in found]
+        listed = "\n".join(f"  {reason}" for _, _, reason in found[:_LISTED])
+        more = f"\n  ... and {len(found) - _LISTED} more" if len(found) > _LISTED else ""
+        raise BadImageError(
+            f"{len(found)} image(s) cannot be read:\n{listed}{more}\nFix or remove them, or leave them out "
+            f"with bad_images='skip' (CLI: --bad-images skip).",
+            paths,
+        )
+    out = []
+    for data, bad in parts:
+        if data is None or not bad:
+            out.append(data)
+            continue
+        import numpy as np
+
+        keep = np.setdiff1d(np.arange(len(data)), [index for index, _ in bad])
+        logger.warning(
+            "check_data: left out %d unreadable image(s) of %s, e.g. %s", len(bad), data.name,
+            data.describe(bad[0][0]),
+        )
+        out.append(data.subset(keep, data.name))
+    return out[0], out[1]

@@ -1,0 +1,309 @@
+"""The streaming data pipeline: lazy sources (image folders, memory-mapped arrays), the Grain-driven
+`TrainPipeline` (order, workers, exact resume), bad files, and worker processes that never outlive a trainer.
+
+Real files throughout: MNIST-5k digits written as PNGs, `.npy` arrays opened memory-mapped.
+"""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cait_eqx import data
+from cait_eqx.data import BadImageError, Sampler, TrainPipeline
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return data.load_mnist()
+
+
+@pytest.fixture(scope="module")
+def mnist_folder(tmp_path_factory, mnist):
+    """60 real MNIST digits as PNGs, 20 in each of three class folders."""
+    root = tmp_path_factory.mktemp("mnist_folder")
+    for digit in (3, 5, 8):
+        folder = root / f"digit{digit}"
+        folder.mkdir()
+        for j, i in enumerate(np.flatnonzero(mnist.labels == digit)[:20]):
+            Image.fromarray(mnist.images[i, 0]).save(folder / f"{j:03d}.png")
+    return root
+
+
+def _all_batches(pipeline, *args, **kwargs):
+    return list(pipeline.batches(*args, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------- sources
+
+
+def test_scanned_folder_reads_what_the_eager_reader_reads_and_holds_no_pixels(mnist_folder):
+    eager = data.load_image_folder(mnist_folder)
+    lazy = data.scan_image_folder(mnist_folder)
+    assert (lazy.class_names, len(lazy), lazy.channels, lazy.image_size) == (
+        eager.class_names, len(eager), 1, (28, 28)
+    )
+    np.testing.assert_array_equal(lazy.labels, eager.labels)
+    np.testing.assert_array_equal(lazy.read(np.arange(len(lazy))), eager.images)
+    # The file list only: what is pickled into each data worker is a few bytes per file, not 784 pixels.
+    assert len(pickle.dumps(lazy)) < 40 * len(lazy) + 1000
+    # Resized on read, as the eager reader resizes; a split stays lazy and reads the same examples.
+    small = data.scan_image_folder(mnist_folder, image_size=14)
+    eager_small = data.load_image_folder(mnist_folder, image_size=14)
+    np.testing.assert_array_equal(small.read(np.arange(5)), eager_small.images[:5])
+    train, test = data.train_test_split(lazy, test_fraction=0.25, seed=0)
+    eager_train, eager_test = data.train_test_split(eager, test_fraction=0.25, seed=0)
+    assert isinstance(test, data.SubsetSource)
+    np.testing.assert_array_equal(test.read(np.arange(len(test))), eager_test.images)
+    np.testing.assert_array_equal(train.labels, eager_train.labels)
+    assert data.load_dataset(f"folder:{mnist_folder}", lazy=True).files.tolist() == lazy.files.tolist()
+
+
+def test_a_folder_that_mixes_modes_or_sizes_or_has_an_empty_class_is_refused(tmp_path, mnist):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(mnist.images[0, 0]).save(tmp_path / "a" / "0.png")
+    colour = np.repeat(mnist.images[1, 0][..., None], 3, axis=-1)
+    colour[..., 0] = 255
+    Image.fromarray(colour).save(tmp_path / "b" / "0.png")
+    Image.fromarray(mnist.images[2, 0][:20]).save(tmp_path / "b" / "1.png")
+    source = data.scan_image_folder(tmp_path)  # greyscale and 28×28, from the first image
+    with pytest.raises(ValueError, match=r"b/0.png is a colour image .* mixes modes. Pass channels=3"):
+        source.read_native(1)
+    with pytest.raises(ValueError, match=r"b/1.png is 28×20 but the folder's images are 28×28 .* image_size"):
+        source.read_native(2)
+    # Both are fine when asked for: RGB for everything, one size for everything.
+    rgb = data.scan_image_folder(tmp_path, channels=3, image_size=28)
+    assert rgb.read(np.arange(3)).shape == (3, 3, 28, 28)
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ValueError, match=r"Class folder .*c holds no image files"):
+        data.scan_image_folder(tmp_path)
+
+
+def test_memory_mapped_arrays_read_rows_and_refuse_wrong_dtype_or_layout(tmp_path, mnist):
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    np.save(folder / "images.npy", mnist.images[:100])
+    np.save(folder / "labels.npy", mnist.labels[:100].astype(np.int64))
+    (folder / "class_names.txt").write_text("\n".join(f"digit {i}" for i in range(10)))
+    source = data.load_dataset(f"npy:{folder}")
+    assert isinstance(source.images, np.memmap) and source.class_names[3] == "digit 3"
+    picks = np.array([17, 3, 99, 3])
+    np.testing.assert_array_equal(source.read(picks), mnist.images[picks])
+    # Pickled by path (into the workers), not by its pixels.
+    assert len(pickle.dumps(source)) < 2000
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(source)).read(picks), mnist.images[picks])
+    first_100 = data.Dataset(mnist.images[:100], mnist.labels[:100], mnist.class_names)
+    resized = data.open_arrays(folder, image_size=14).read(picks)
+    np.testing.assert_array_equal(resized, first_100.resized(14).images[picks])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "labels.npy", np.zeros(4, np.int64))
+    for array, message in [
+        (np.zeros((4, 1, 8, 8), np.float32), r"float32 images; memory-mapped images must be uint8"),
+        (np.zeros((4, 8, 8), np.uint8), r"shape \(4, 8, 8\); memory-mapped images must be \(n, channels"),
+        (np.zeros((4, 8, 8, 3), np.uint8), r"looks channels-last .*transpose\(0, 3, 1, 2\)"),
+        (np.asfortranarray(np.zeros((4, 1, 8, 8), np.uint8)), r"Fortran order"),
+    ]:
+        np.save(bad / "images.npy", array)
+        with pytest.raises(ValueError, match=message):
+            data.open_arrays(bad)
+    np.save(bad / "images.npy", np.zeros((5, 1, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"must hold 5 integer labels .* got shape \(4,\)"):
+        data.open_arrays(bad)
+
+
+# ------------------------------------------------------------------------------------------------- sampler
+
+
+@pytest.mark.torch
+def test_repeated_augmentation_orders_examples_as_timms_repeat_aug_sampler():
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    n = 50
+    # Unshuffled, one replica, no rounding of the epoch: timm's order is ours exactly.
+    timm_sampler = RepeatAugSampler(range(n), num_replicas=1, rank=0, shuffle=False, num_repeats=3,
+                                    selected_round=0)
+    theirs = list(timm_sampler)
+    np.testing.assert_array_equal(Sampler(n, 10, seed=0, shuffle=False, repeats=3).order(0), theirs)
+    # Shuffled: each image of the permutation three times in a row, the epoch as long as the data.
+    order = Sampler(n, 10, seed=4, repeats=3).order(2)
+    assert len(order) == n
+    assert np.all(order[0:48:3] == order[1:48:3]) and np.all(order[0:48:3] == order[2:48:3])
+    assert len(np.unique(order)) == 17  # ceil(50 / 3) images this epoch
+    np.testing.assert_array_equal(np.unique(order[::3]), np.sort(order[::3]))  # no image in two triples
+    # Without repeats the order is the seeded permutation of the in-memory BatchLoader.
+    ds = data.load_digits()
+    np.testing.assert_array_equal(
+        Sampler(len(ds), 64, seed=3).order(5), data.BatchLoader(ds, 64, seed=3).order(5)
+    )
+
+
+# ---------------------------------------------------------------------------------------- the pipeline
+
+
+def test_batches_are_the_same_bytes_whatever_the_workers_and_resume_exactly(mnist_folder):
+    source = data.scan_image_folder(mnist_folder, image_size=16)
+    eager = data.load_image_folder(mnist_folder, image_size=16)
+    serial = _all_batches(TrainPipeline(source, 8, seed=1, workers=0), 0, 0, 2)
+    assert [(b.epoch, b.index) for b in serial] == [(e, i) for e in range(2) for i in range(7)]
+    in_memory = _all_batches(TrainPipeline(eager, 8, seed=1), 0, 0, 2)
+    two = TrainPipeline(source, 8, seed=1, workers=2)
+    parallel = _all_batches(two, 0, 0, 2)
+    for a, b, c in zip(serial, parallel, in_memory, strict=True):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.images, c.images)
+        np.testing.assert_array_equal(a.labels, c.labels)
+    # The batch's labels are its images' labels: the order is that of `Sampler`.
+    order = Sampler(len(source), 8, seed=1).order(1)
+    np.testing.assert_array_equal(serial[8].labels, source.labels[order[8:16]])
+    # Resume after batch 9 from its saved state: with as many workers the Grain iterator goes on from its
+    # state; with another count the stream restarts at the position. The same batches either way.
+    state = parallel[9].state
+    assert state["workers"] == 2 and "grain" in state
+    for pipeline in (two, TrainPipeline(source, 8, seed=1, workers=0)):
+        rest = _all_batches(pipeline, 1, 3, 2, state=state)
+        assert [(b.epoch, b.index) for b in rest] == [(1, i) for i in range(3, 7)]
+        for a, b in zip(rest, parallel[10:], strict=True):
+            np.testing.assert_array_equal(a.images, b.images)
+    # A state that does not belong to the position is caught, not trained on.
+    with pytest.raises(RuntimeError, match="gave batch 10 where batch 12 was due"):
+        _all_batches(two, 1, 5, 2, state=state)
+
+
+def test_an_unreadable_file_is_named_or_skipped_and_counted(tmp_path, mnist):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for j in range(6):
+            Image.fromarray(mnist.images[j + (6 if name == "b" else 0), 0]).save(tmp_path / name / f"{j}.png")
+    (tmp_path / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "a" / "5.png").write_text("not an image")
+    source = data.scan_image_folder(tmp_path)
+    named = r"Cannot read .*(b/3|a/5).png.*--check-data.*--bad-images skip"
+    with pytest.raises(BadImageError, match=named) as caught:
+        _all_batches(TrainPipeline(source, 4, seed=0, workers=1), 0, 0, 1)
+    assert caught.value.paths[0].endswith(("b/3.png", "a/5.png"))
+    # Skip: replaced by the next readable example of the epoch and counted, every batch still whole.
+    batches = _all_batches(TrainPipeline(source, 4, seed=0, bad_images="skip"), 0, 0, 1)
+    assert sum(b.skipped for b in batches) == 2 and {b.images.shape for b in batches} == {(4, 1, 28, 28)}
+    # The check pass lists every bad file; `fit`'s check stops with that list, or leaves them out.
+    bad = data.find_bad_images(source, workers=1)
+    assert [source.describe(i)[-7:] for i, _ in bad] == ["a/5.png", "b/3.png"]
+    from cait_eqx.training import TrainConfig
+    from cait_eqx.training._data import checked_data
+
+    listed = r"2 image\(s\) cannot be read:\n  Cannot read image .*a/5.png"
+    with pytest.raises(BadImageError, match=listed) as caught:
+        checked_data(source, None, TrainConfig(check_data=True))
+    assert [p[-7:] for p in caught.value.paths] == ["a/5.png", "b/3.png"]
+    kept, _ = checked_data(source, None, TrainConfig(check_data=True, bad_images="skip"))
+    assert len(kept) == 10 and data.find_bad_images(kept, workers=0) == []
+
+
+def test_fit_trains_from_a_lazy_folder_with_workers_as_from_memory(mnist_folder):
+    import jax.random as jr
+
+    import cait_eqx
+    from cait_eqx.training import TrainConfig, fit
+
+    model = cait_eqx.CaiT(image_size=16, patch_size=4, num_classes=3, dim=16, depth=1, cls_depth=1, heads=2,
+                          mlp_dim=32, channels=1, key=jr.key(0))
+    config = TrainConfig(epochs=1, batch_size=8, log_every=1, data_workers=1)
+    losses = {}
+    for name, source in (("lazy", data.scan_image_folder(mnist_folder, image_size=16)),
+                         ("memory", data.load_image_folder(mnist_folder, image_size=16))):
+        losses[name] = []
+        fit(model, source, None, config, key=jr.key(1), progress=False, handle_signals=False,
+            on_step=lambda step, m, name=name: losses[name].append(m["loss"]))
+    assert len(losses["lazy"]) == 7 and losses["lazy"] == losses["memory"]
+
+
+# ------------------------------------------------------------------------------------ worker processes
+
+_TRAINER = textwrap.dedent(
+    """
+    import sys
+    import jax.random as jr
+    import cait_eqx
+    from cait_eqx import data
+    from cait_eqx.training import TrainConfig, fit
+
+    if __name__ == "__main__":
+        source = data.scan_image_folder(sys.argv[1], image_size=16)
+        model = cait_eqx.CaiT(image_size=16, patch_size=4, num_classes=3, dim=16, depth=1, cls_depth=1,
+                              heads=2, mlp_dim=32, channels=1, key=jr.key(0))
+        def on_step(step, metrics):
+            print(f"step {step}", flush=True)
+        config = TrainConfig(epochs=10000, batch_size=8, data_workers=2)
+        result = fit(model, source, None, config, key=jr.key(1), progress=False, on_step=on_step)
+        print("status", result.status, flush=True)
+    """
+)
+
+
+def _tagged_processes(tag: str) -> list[int]:
+    """The processes whose environment carries `tag` (a trainer and every process it started)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if tag.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def _start_trainer(tmp_path, folder):
+    script = tmp_path / "trainer.py"
+    script.write_text(_TRAINER)
+    tag = f"CAIT_EQX_TEST_TAG={uuid.uuid4().hex}"
+    env = {**os.environ, "CAIT_EQX_TEST_TAG": tag.split("=")[1]}
+    proc = subprocess.Popen([sys.executable, str(script), str(folder)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:
+        if line.startswith("step 3"):
+            break
+        assert time.monotonic() < deadline, "the trainer did not start"
+    else:
+        pytest.fail(f"the trainer ended early:\n{proc.stderr.read()[-3000:]}")
+    workers = [pid for pid in _tagged_processes(tag) if pid != proc.pid]
+    assert len(workers) >= 2, workers  # the two Grain workers (and multiprocessing's resource tracker)
+    return proc, tag
+
+
+def _wait_gone(tag: str, seconds: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := _tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_trainer_leaves_no_data_worker_behind(tmp_path, mnist_folder):
+    proc, tag = _start_trainer(tmp_path, mnist_folder)
+    proc.kill()  # SIGKILL: the trainer cannot clean up; its workers must die with it
+    proc.communicate()
+    assert _wait_gone(tag) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_the_trainer_and_its_workers_cleanly(tmp_path, mnist_folder):
+    proc, tag = _start_trainer(tmp_path, mnist_folder)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "status interrupted" in out
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err, err[-3000:]
+    assert _wait_gone(tag) == []
