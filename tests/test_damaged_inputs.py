@@ -95,8 +95,13 @@ def test_the_cli_reports_a_damaged_image_as_a_one_line_usage_error(tmp_path, cap
     root = _good_folder(tmp_path / "images")
     bad = root / "cat" / "cut.png"
     bad.write_bytes(_damaged_files()["cut.png"])
-    message = _usage_error(["train", "--dataset", f"folder:{root}", "--out", str(tmp_path / "run")], capsys)
-    assert str(bad) in message
+    (root / "dog" / "empty.png").write_bytes(b"")
+    argv = ["train", "--dataset", f"folder:{root}", "--image-size", "8", "--out", str(tmp_path / "run")]
+    message = _usage_error(argv, capsys)
+    # The `--check-data` pass (on by default) lists every file that cannot be read, before any training.
+    assert "2 image(s) cannot be read" in message and str(bad) in message
+    assert str(root / "dog" / "empty.png") in message and "--bad-images skip" in message
+    assert not (tmp_path / "run").exists()
 
 
 def _pixels(mode: str) -> tuple[Image.Image, np.ndarray, int]:
@@ -379,6 +384,10 @@ def _bad_values(action: argparse.Action) -> list[str]:
         return ["0", "16x", "axb", "4x4x4", "16x0", ""]
     if kind == "dtype":
         return ["int8", "bf16", ""]
+    if kind == "autoaugment":  # timm's RandAugment config string
+        return ["rand-x", "autoaugment", "rand-m", ""]
+    if kind == "trackers":  # --log: names of experiment trackers
+        return ["mlflow", "jsonl,tb"]
     if kind == "mesh_spec":
         return ["data=0", "tp=2", "data=2,data=2", ""]
     return []

@@ -198,13 +198,13 @@ def test_an_unreadable_file_is_named_or_skipped_and_counted(tmp_path, mnist):
     bad = data.find_bad_images(source, workers=1)
     assert [source.describe(i)[-7:] for i, _ in bad] == ["a/5.png", "b/3.png"]
     from cait_eqx.training import TrainConfig
-    from cait_eqx.training._data import checked_data
+    from cait_eqx.training import check_images
 
     listed = r"2 image\(s\) cannot be read:\n  Cannot read image .*a/5.png"
     with pytest.raises(BadImageError, match=listed) as caught:
-        checked_data(source, None, TrainConfig(check_data=True))
+        check_images(source, None, TrainConfig(check_data=True))
     assert [p[-7:] for p in caught.value.paths] == ["a/5.png", "b/3.png"]
-    kept, _ = checked_data(source, None, TrainConfig(check_data=True, bad_images="skip"))
+    kept, _ = check_images(source, None, TrainConfig(check_data=True, bad_images="skip"))
     assert len(kept) == 10 and data.find_bad_images(kept, workers=0) == []
 
 

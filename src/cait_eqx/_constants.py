@@ -1,6 +1,8 @@
 """Constants shared by several rooms, defined once (pure Python: the command line's flags read them)."""
 
-__all__ = ["BAD_IMAGE_POLICIES", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "NORMALIZATIONS", "ERASE_MODES"]
+__all__ = [
+    "BAD_IMAGE_POLICIES", "ERASE_MODES", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "NORMALIZATIONS"
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """The per-channel mean of ImageNet images in [0, 1] (RGB), which the published CaiT weights expect."""

@@ -19,8 +19,7 @@ from jaxtyping import PRNGKeyArray
 from ._config import check_compute_dtype
 from ._io import load_timm
 from ._model import CaiT
-from ._surgery import with_compute_dtype
-from ._surgery import reset_classifier
+from ._surgery import reset_classifier, with_compute_dtype
 from ._timm import WeightsError
 from ._variants import variant_config
 

@@ -8,14 +8,13 @@ this command's own: which data, where the run goes, how the process runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import cait_eqx
-from cait_eqx import training
+from cait_eqx import data as cait_data, training
 
 from ._parser import (
     add_config_flags,
@@ -54,7 +53,10 @@ NON_CONFIG_FLAGS = (
 RESUME_FLAGS = (
     "--resume", "--max-steps", "--no-progress", "--allocator",
     "--mesh", "--coordinator-address", "--num-processes", "--process-id",
+    "--log", "--data-workers",  # where records go and who reads the data: never what is trained
 )
+# The `TrainConfig` fields of those flags, which a resumed run takes from the command line.
+_RESUME_FIELDS = ("log", "data_workers")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -262,6 +264,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
             config = training.Run(run_dir).config()
         except (OSError, ValueError) as error:
             parser.error(str(error))
+        given = {name: getattr(args, name) for name in _RESUME_FIELDS}
+        given = {name: value for name, value in given.items() if value is not None}
+        if given:
+            import dataclasses
+
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, **given))
     else:
         config = run_config(args, parser)
         kind = config.dataset.partition(":")[0]
@@ -287,6 +295,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
     sources = Sources()
     try:
         data = training.load_run_data(config)
+        if config.train.check_data:  # every image read once, before anything is built (`fit` then skips it)
+            data = training.check_images(*data, config.train)
         import jax.random as jr
 
         # Validate the model against the data now, so a bad combination is a usage error, not a traceback.
@@ -301,6 +311,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
     except ImportError as error:
         print(f"cait-eqx train: error: {error}", file=sys.stderr)
         return 1
+    except cait_data.BadImageError as error:
+        more = len(error.paths) - 5
+        shown = ", ".join(error.paths[:5]) + (f" and {more} more" if more > 0 else "")
+        parser.error(
+            f"{len(error.paths)} image(s) cannot be read: {shown}. Fix or remove them, or leave them out "
+            f"with --bad-images skip"
+        )
     except (OSError, ValueError) as error:
         parser.error(str(error))
 

@@ -339,7 +339,7 @@ def find_bad_images(source: Any, *, workers: int | None = None, chunk: int = 256
 
     **Arguments:**
 
-    - `source`: a `Dataset` (always readable) or a lazy source.
+    - `source`: a `Dataset` (always readable) or a lazy source (not read again once `checked`).
     - `workers`: worker processes (`None`: `default_data_workers` for a transformed source). (Keyword only
         argument.)
     - `chunk`: examples per work item. (Keyword only argument.)
@@ -351,7 +351,7 @@ def find_bad_images(source: Any, *, workers: int | None = None, chunk: int = 256
 
     from ._datasets import Dataset
 
-    if isinstance(source, Dataset) or len(source) == 0:
+    if isinstance(source, Dataset) or len(source) == 0 or getattr(source, "checked", False):
         return []
     workers = default_data_workers(source, True) if workers is None else workers
     chunks = -(-len(source) // chunk)

@@ -53,6 +53,8 @@ class LazySource:
     name: str
     channels: int
     image_size: tuple[int, int]
+    # Set by the `check_data` pass once every example has been read: `find_bad_images` skips it then.
+    checked: bool = False
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

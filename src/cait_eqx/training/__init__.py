@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         StepConfig as StepConfig,
         TrainConfig as TrainConfig,
     )
+    from ._data import check_images as check_images, train_transform as train_transform
     from ._losses import (
         cross_entropy as cross_entropy,
         cutmix as cutmix,

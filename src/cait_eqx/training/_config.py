@@ -78,6 +78,24 @@ class _AutoAugment(Check):
         return value
 
 
+@dataclasses.dataclass(frozen=True)
+class _Trackers(Check):
+    """Where records go: a comma-separated list (or a sequence) of `TRACKERS`; `jsonl` is always kept."""
+
+    def check(self, value: Any) -> tuple[str, ...]:
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"must be a comma-separated list of {', '.join(TRACKERS)}, got {value!r}")
+        names = [n.strip() for n in names if n.strip()]
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"names unknown tracker(s) {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(TRACKERS)}")
+        return tuple(n for n in TRACKERS if n == "jsonl" or n in names)
+
+
+# The experiment trackers `TrainConfig.log` may name (`cait_eqx.training._tracking` opens them).
+TRACKERS = ("jsonl", "tensorboard", "wandb")
 _AUTO_AUGMENT = re.compile(r"rand(-(m|n|mstd|mmax|inc|p|w)[0-9.]+)*")
 _POSITIVE = Whole(1)
 _COUNT = Whole(0)
@@ -116,6 +134,7 @@ class TrainConfig:
     `aug_repeats` (repeated augmentation, `cait_eqx.data.Sampler`); random erasing on the device after
     normalisation (`reprob`, `remode`, `recount`). The pipeline: `data_workers` (`None`: automatic),
     `bad_images` (`"error"` or `"skip"`) and `check_data` (read every image once before training).
+    Experiment tracking: `log`, any of `"jsonl"` (always), `"tensorboard"`, `"wandb"`.
 
     Bookkeeping: evaluate every `eval_every` epochs; log training metrics every `log_every` steps;
     checkpoint every `checkpoint_every` steps (0: at the end of each epoch) and always at the end or on an
@@ -246,9 +265,17 @@ class TrainConfig:
     bad_images: str = hyper("error", help="a training image that cannot be read: error (stop, naming it) or "
                             "skip (replace it by the next readable one, and count it)",
                             check=OneOf(BAD_IMAGE_POLICIES), group="loop")
-    check_data: bool = hyper(False, help="read every image once before training and report each that cannot "
-                             "be read (bad_images then stops the run or leaves them out)", check=boolean,
-                             group="loop")
+    log: tuple[str, ...] = hyper(
+        ("jsonl",), help="where training records go, comma-separated: jsonl (metrics.jsonl, always), "
+        "tensorboard, wandb (offline without an API key); the last two need the tracking extra "
+        "(pip install \"cait_eqx[tracking]\")",
+        check=_Trackers(), metavar="LIST", group="loop",
+    )
+    check_data: bool = hyper(
+        True, help="read every image of a lazy source (a folder, npy arrays) once before training and report "
+        "each that cannot be read (bad_images then stops the run with the list or leaves them out); "
+        "--no-check-data skips the pass", check=boolean, group="loop",
+    )
 
     def __post_init__(self):
         validate(self, "TrainConfig ")

@@ -8,7 +8,7 @@ from typing import Any
 from ..data import BadImageError, find_bad_images
 from ._config import TrainConfig
 
-__all__ = ["checked_data", "train_transform"]
+__all__ = ["check_images", "train_transform"]
 
 logger = logging.getLogger("cait_eqx")
 
@@ -34,9 +34,15 @@ def train_transform(config: TrainConfig, image_size: tuple[int, int]) -> Any:
     )
 
 
-def checked_data(train_data: Any, test_data: Any, config: TrainConfig) -> tuple[Any, Any]:
-    """`config.check_data`: read every image of both splits once; with `bad_images="error"` raise
-    `BadImageError` listing every file that fails, with `"skip"` leave them out (logged, with the count)."""
+def check_images(train_data: Any, test_data: Any, config: TrainConfig) -> tuple[Any, Any]:
+    """The `check_data` pass: read every image of both splits once (in `config.data_workers` workers).
+
+    With `config.bad_images == "error"` raise `cait_eqx.data.BadImageError` listing every file that fails
+    (`paths` holds them all); with `"skip"` leave them out (logged, with the count). `fit` runs it when
+    `config.check_data` is set; a source that passed is marked (`checked`) and not read again.
+
+    **Returns:** `(train_data, test_data)`, without the unreadable images.
+    """
     parts = []
     for data in (train_data, test_data):
         if data is None:
@@ -47,6 +53,7 @@ def checked_data(train_data: Any, test_data: Any, config: TrainConfig) -> tuple[
     found = [(data, index, reason) for data, bad in parts for index, reason in bad]
     if not found:
         logger.info("check_data: every image reads")
+        _mark_checked(train_data, test_data)
         return train_data, test_data
     if config.bad_images == "error":
         paths = [data.describe(index) for data, index, _ in found]
@@ -70,4 +77,11 @@ def checked_data(train_data: Any, test_data: Any, config: TrainConfig) -> tuple[
             data.describe(bad[0][0]),
         )
         out.append(data.subset(keep, data.name))
+    _mark_checked(*out)
     return out[0], out[1]
+
+
+def _mark_checked(*sources: Any) -> None:
+    for source in sources:
+        if source is not None and hasattr(source, "checked"):
+            source.checked = True

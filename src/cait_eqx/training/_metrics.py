@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,13 @@ class MetricsLog:
     - `run_dir`: the run directory; `None` keeps the records in memory only.
     - `resume_step`: the step a run resumes from: the records after it are dropped (they will be logged
         again). `None`: a new run, an empty file.
+    - `trackers`: more destinations for every record (TensorBoard, W&B: `cait_eqx.training._tracking`),
+        closed with this log.
     """
 
-    def __init__(self, run_dir: Path | None, resume_step: int | None):
+    def __init__(self, run_dir: Path | None, resume_step: int | None, trackers: Sequence[Any] = ()):
         self.records: list[dict[str, Any]] = []
+        self.trackers = list(trackers)
         self.path = None if run_dir is None else Run(run_dir).metrics_path
         if self.path is not None and self.path.is_file():
             if resume_step is not None:
@@ -76,8 +80,13 @@ class MetricsLog:
         self.records.append(record)
         if self._handle is not None:
             self._handle.write((json.dumps(record) + "\n").encode())
+        for tracker in self.trackers:
+            tracker.write(record)
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()

@@ -78,6 +78,8 @@ def make_train_step(
     `grad_norm` and `finite`.
     """
     augment = config.augment
+    if config.reprob > 0:
+        from ..data import random_erasing
 
     def train_step(
         model: PyTree,
@@ -93,6 +95,13 @@ def make_train_step(
         if not augment.is_identity:
             x = jax.vmap(lambda image, k: augment(image, key=k))(x, jr.split(aug_key, size))
         x = normalize_images(x, config.normalize)
+        if config.reprob > 0:  # timm's random erasing, after normalisation; its own key leaves the rest alone
+            erase_keys = jr.split(jr.fold_in(aug_key, 1), size)
+            x = jax.vmap(
+                lambda image, k: random_erasing(
+                    image, key=k, probability=config.reprob, mode=config.remode, count=config.recount
+                )
+            )(x, erase_keys)
         targets = smooth_labels(labels, config.num_classes, config.label_smoothing)
         x, targets = mix_batch(
             x,

@@ -22,7 +22,7 @@ from .._surgery import with_compute_dtype, with_remat
 from ..data import DataSource, TrainPipeline, prefetch
 from ._checkpoint import CheckpointInfo
 from ._config import TrainConfig
-from ._data import checked_data, train_transform
+from ._data import check_images, train_transform
 from ._distributed import is_primary, local_batch_rows, shard_batch
 from ._loop import Loop, LoopState, evaluate_model, run_steps, start_state
 from ._metrics import MetricsLog
@@ -128,6 +128,14 @@ def check_teacher(teacher: PyTree, data: DataSource) -> None:
             f"their outputs class by class. Use a teacher trained on these classes (e.g. a run on the same "
             f"data)."
         )
+
+
+def _metrics_log(config: TrainConfig, run_dir: Any, resume_step: int | None) -> MetricsLog:
+    """`metrics.jsonl` and the trackers `config.log` names (only where a run directory is written)."""
+    from ._tracking import open_trackers
+
+    trackers = open_trackers(config.log, run_dir, config.to_dict(), resume_step)
+    return MetricsLog(run_dir, resume_step, trackers)
 
 
 def _finish(loop: Loop, state: LoopState) -> FitResult:
@@ -254,7 +262,7 @@ def fit(
         teacher = replicate(eqx.nn.inference_mode(teacher), mesh)
     primary, several_processes = is_primary(), jax.process_count() > 1
     if config.check_data:
-        train_data, test_data = checked_data(train_data, test_data, config)
+        train_data, test_data = check_images(train_data, test_data, config)
     # With several processes, each reads only its rows of every global batch.
     pipeline = TrainPipeline(
         train_data,
@@ -292,7 +300,9 @@ def fit(
         checkpoint_dir=None if run is None else run.checkpoint_dir,
         primary=primary,
         several_processes=several_processes,
-        log=MetricsLog(run.path if run is not None and primary else None, state.step if resume else None),
+        log=_metrics_log(
+            config, run.path if run is not None and primary else None, state.step if resume else None
+        ),
         signals=signals,
         on_step=on_step,
         teacher=teacher,
