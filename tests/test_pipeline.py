@@ -197,15 +197,15 @@ def test_an_unreadable_file_is_named_or_skipped_and_counted(tmp_path, mnist):
     # The check pass lists every bad file; `fit`'s check stops with that list, or leaves them out.
     bad = data.find_bad_images(source, workers=1)
     assert [source.describe(i)[-7:] for i, _ in bad] == ["a/5.png", "b/3.png"]
-    from cait_eqx.training import TrainConfig
-    from cait_eqx.training import check_images
+    from cait_eqx.training import TrainConfig, check_images
 
     listed = r"2 image\(s\) cannot be read:\n  Cannot read image .*a/5.png"
     with pytest.raises(BadImageError, match=listed) as caught:
         check_images(source, None, TrainConfig(check_data=True))
     assert [p[-7:] for p in caught.value.paths] == ["a/5.png", "b/3.png"]
     kept, _ = check_images(source, None, TrainConfig(check_data=True, bad_images="skip"))
-    assert len(kept) == 10 and data.find_bad_images(kept, workers=0) == []
+    assert len(kept) == 10 and kept.checked  # marked: `fit` does not read it all again
+    assert kept.read(np.arange(10)).shape == (10, 1, 28, 28)  # every image left reads
 
 
 def test_fit_trains_from_a_lazy_folder_with_workers_as_from_memory(mnist_folder):
@@ -307,3 +307,38 @@ def test_ctrl_c_stops_the_trainer_and_its_workers_cleanly(tmp_path, mnist_folder
     assert "status interrupted" in out
     assert "KeyboardInterrupt" not in err and "Traceback" not in err, err[-3000:]
     assert _wait_gone(tag) == []
+
+
+def test_deits_augmentations_run_in_the_workers_reproducibly_and_train(mnist_folder):
+    """Random-resized crop + RandAugment in the workers (the same bytes with 0 or 2 of them, a pure function
+    of the seed), repeated augmentation (copies of one image augmented differently), random erasing and
+    mixup/cutmix on the device: `fit` trains with DeiT's whole recipe."""
+    import jax.random as jr
+
+    import cait_eqx
+    from cait_eqx.training import TrainConfig, fit, train_transform
+
+    # Read at 16×16 (evaluation); the workers crop the native 28×28 images to that size.
+    source = data.scan_image_folder(mnist_folder, image_size=16, channels=3)
+    config = TrainConfig(epochs=1, batch_size=12, resized_crop=True, auto_augment="rand-m9-mstd0.5-inc1",
+                         aug_repeats=3, reprob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, flip=True,
+                         normalize="imagenet", data_workers=2)
+    transform = train_transform(config, (16, 16))
+    assert isinstance(transform, data.TrainTransform) and transform.rand_augment == config.auto_augment
+    runs = [
+        _all_batches(TrainPipeline(source, 12, seed=5, transform=transform, workers=w, repeats=3), 0, 0, 1)
+        for w in (0, 2)
+    ]
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a.images, b.images)
+    first = runs[0][0]
+    assert first.images.shape == (12, 3, 16, 16) and first.images.dtype == np.uint8
+    assert first.labels[0] == first.labels[1] == first.labels[2]  # one image, three times
+    assert not np.array_equal(first.images[0], first.images[1])  # augmented independently
+    other = TrainPipeline(source, 12, seed=6, transform=transform, workers=0, repeats=3)
+    other_seed = _all_batches(other, 0, 0, 1)
+    assert not np.array_equal(other_seed[0].images, first.images)
+    model = cait_eqx.CaiT(image_size=16, patch_size=4, num_classes=3, dim=16, depth=1, cls_depth=1, heads=2,
+                          mlp_dim=32, channels=3, key=jr.key(0))
+    result = fit(model, source, None, config, key=jr.key(1), progress=False, handle_signals=False)
+    assert result.status == "completed" and result.step == 5

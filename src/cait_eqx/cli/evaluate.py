@@ -50,18 +50,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _dataset(args: argparse.Namespace, run_dir: training.Run, config: training.RunConfig, model: Any):
     """The images to evaluate on and their description: the run's split, or `--dataset` (split or whole)."""
     if args.dataset is None:
-        train_data, test_data = run_dir.data()
         split = args.split or "test"
-        if split == "all":
-            import numpy as np
-
-            dataset = data.Dataset(
-                np.concatenate([train_data.images, test_data.images]),
-                np.concatenate([train_data.labels, test_data.labels]),
-                train_data.class_names,
-                config.dataset,
-            )
+        if split == "all":  # the whole dataset, unsplit (a folder read lazily, as the run read it)
+            dataset = data.load_dataset(config.dataset, image_size=config.image_size, lazy=True)
         else:
+            train_data, test_data = run_dir.data()
             dataset = test_data if split == "test" else train_data
         return dataset, f"{config.dataset} ({split})"
     dataset = data.load_dataset(args.dataset, image_size=model.config.image_size)

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         save_checkpoint as save_checkpoint,
     )
     from ._config import (
+        TRACKERS as TRACKERS,
         DEFAULT_MODEL as DEFAULT_MODEL,
         DISTILLATION_KINDS as DISTILLATION_KINDS,
         FREEZE_MODES as FREEZE_MODES,

@@ -17,21 +17,42 @@ _LISTED = 20
 
 
 def train_transform(config: TrainConfig, image_size: tuple[int, int]) -> Any:
-    """The per-image transform the data workers run for `config` (`None` when it names none): DeiT's
-    random-resized crop to `image_size` and RandAugment, as `TrainTransform`."""
+    """The per-image transform the data workers run for `config`, or `None` when it names none.
+
+    `resized_crop`: DeiT's random-resized crop to `image_size` (`TrainTransform`), then RandAugment when
+    `auto_augment` names it. RandAugment alone: each image resized to `image_size` (bilinear, as the sources
+    read) and then augmented. Flips are the training step's (`flip`, on the device), not the workers'.
+    """
     if not config.resized_crop and config.auto_augment is None:
         return None
-    from ..data import TrainTransform
+    from ..data import RandAugment, TrainTransform
 
-    return TrainTransform(
-        image_size=tuple(image_size),
-        resized_crop=config.resized_crop,
-        scale=(config.crop_scale, 1.0),
-        ratio=(1.0 / config.crop_ratio, config.crop_ratio),
-        interpolation=config.interpolation,
-        hflip=0.0,  # flips are the step's (`flip`), on the device
-        auto_augment=config.auto_augment,
-    )
+    if config.resized_crop:
+        return TrainTransform(
+            image_size=tuple(image_size),
+            scale=(config.crop_scale, 1.0),
+            ratio=(1.0 / config.crop_ratio, config.crop_ratio),
+            interpolation=config.interpolation,
+            hflip=0.0,
+            rand_augment=config.auto_augment,
+        )
+    size = tuple(image_size)
+    augment = RandAugment.from_config(config.auto_augment, size, interpolation=config.interpolation)
+    return _ResizedRandAugment(size, augment)
+
+
+class _ResizedRandAugment:
+    """RandAugment on images first resized to one size (picklable, for the data workers)."""
+
+    def __init__(self, image_size: tuple[int, int], augment: Any):
+        self.image_size, self.augment = image_size, augment
+
+    def __call__(self, image, rng):
+        from ..data._datasets import resize_images
+
+        if image.shape[1:] != self.image_size:
+            image = resize_images(image[None], self.image_size)[0]
+        return self.augment(image, rng)
 
 
 def check_images(train_data: Any, test_data: Any, config: TrainConfig) -> tuple[Any, Any]:
