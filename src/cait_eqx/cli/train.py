@@ -28,6 +28,7 @@ from ._parser import (
     mesh_spec,
     source_spec,
 )
+from ._report import report
 from ._sources import Sources, check_teacher_flags, init_model_flags, read_sources
 
 __all__ = [
@@ -224,10 +225,6 @@ def _check_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fla
 # ---------------------------------------------------------------------------------------------- command
 
 
-def _fmt_time(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[str, str]) -> int:
     """Run `cait-eqx train` with the parsed `args`; returns the exit status (130: interrupted).
 
@@ -367,49 +364,4 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
             from cait_eqx import viz
 
             summary = dataclasses.replace(summary, curves_path=viz.plot_training_curves(run_dir))
-    return _report(summary, run_dir, primary=primary, seconds=time.perf_counter() - started)
-
-
-def _report(summary: training.RunSummary, run_dir: Path, *, primary: bool, seconds: float) -> int:
-    """Print how the run ended; return the exit status."""
-    run = training.Run(run_dir)
-    result = summary.fit
-    if not primary:
-        return 130 if result.status == "interrupted" else 0
-    if result.status == "interrupted":
-        saved = result.checkpoint
-        where = (
-            f"checkpoint saved in {run.checkpoint_dir}" if saved is not None and saved.step == result.step
-            else f"its newest checkpoint (step {saved.step}) is in {run.checkpoint_dir}" if saved is not None
-            else "no checkpoint yet"
-        )
-        print(
-            f"interrupted at step {result.step}/{result.total_steps}; {where}. Continue with: "
-            f"cait-eqx train --resume {run_dir}",
-            file=sys.stderr,
-        )
-        return 130
-    if result.status == "max_steps":
-        print(
-            f"stopped after step {result.step}/{result.total_steps} (--max-steps); continue with: "
-            f"cait-eqx train --resume {run_dir}",
-            file=sys.stderr,
-        )
-        return 0
-    lines = [f"run directory: {run_dir}"]
-    if result.test is not None:
-        lines.append(
-            f"test accuracy: {100 * result.test.top1:.2f}% (top-5 {100 * result.test.top5:.2f}%, loss "
-            f"{result.test.loss:.4f}) on {result.test.num_examples} held-out images"
-        )
-    if result.ema_test is not None:
-        lines.append(f"EMA model test accuracy: {100 * result.ema_test.top1:.2f}%")
-    lines.append(
-        f"time: {_fmt_time(seconds)} ({result.step} steps, {result.images_per_s:.0f} images/s while training)"
-    )
-    written = [run.CONFIG_FILE, run.METRICS_FILE, run.CHECKPOINT_DIR + "/"]
-    written += [path.name for path in (summary.model_path, summary.curves_path) if path is not None]
-    written.append(run.SUMMARY_FILE)
-    lines.append("wrote: " + ", ".join(written))
-    print("\n".join(lines))
-    return 0
+    return report(summary, run_dir, primary=primary, seconds=time.perf_counter() - started)

@@ -69,7 +69,7 @@ def load_image_folder(
                 f"Class folder {class_dir} holds no image files (looked for {', '.join(IMAGE_SUFFIXES)}). "
                 f"Remove the folder or add its images."
             )
-        pictures.extend((path, label, _read_image(path)) for path in files)
+        pictures.extend((path, label, read_image(path)) for path in files)
     if channels is None:
         channels = 1 if all(img.mode in ("1", "L", "I", "I;16", "F", "LA") for _, _, img in pictures) else 3
     mode = "L" if channels == 1 else "RGB"
@@ -119,11 +119,11 @@ def load_images(
     mode = "L" if channels == 1 else "RGB"
     images = np.empty((len(paths), channels, *size), np.uint8)
     for i, path in enumerate(paths):
-        images[i] = _pixels(_read_image(Path(path)), mode, size)
+        images[i] = _pixels(read_image(Path(path)), mode, size)
     return images
 
 
-def _read_image(path: Path):
+def read_image(path: Path):
     """The PIL image in `path`, fully read; a `ValueError` naming the file if it is not a readable image."""
     from PIL import Image, UnidentifiedImageError
 
@@ -139,14 +139,14 @@ def _pixels(img, mode: str, size: tuple[int, int]) -> np.ndarray:
     """A PIL image as `uint8` `(channels, height, width)` in `mode` ("L" or "RGB"), bilinearly resized."""
     from PIL import Image
 
-    img = _to_mode(img, mode)
+    img = to_mode(img, mode)
     if img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def _to_mode(img, mode: str):
+def to_mode(img, mode: str):
     """Convert a PIL image to `"L"` or `"RGB"`, flattening transparency onto black first."""
     from PIL import Image
 

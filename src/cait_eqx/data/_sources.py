@@ -143,10 +143,10 @@ class ImageFolderSource(LazySource):
         return str(self.path(index))
 
     def read_native(self, index: int) -> np.ndarray:
-        from ._files import _read_image, _to_mode
+        from ._files import read_image, to_mode
 
         path = self.path(index)
-        img = _read_image(path)
+        img = read_image(path)
         if self.channels == 1 and img.mode not in _GREY_MODES:
             raise ValueError(
                 f"{path} is a colour image ({img.mode}) but the folder was read as greyscale (its first "
@@ -159,7 +159,7 @@ class ImageFolderSource(LazySource):
                 f"{self.image_size[1]}×{self.image_size[0]} (width×height, from its first image). Pass "
                 f"image_size (CLI: --image-size) to resize them all."
             )
-        pixels = np.asarray(_to_mode(img, "L" if self.channels == 1 else "RGB"), dtype=np.uint8)
+        pixels = np.asarray(to_mode(img, "L" if self.channels == 1 else "RGB"), dtype=np.uint8)
         return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
@@ -187,7 +187,7 @@ def scan_image_folder(
     **Raises:** `FileNotFoundError` if `root` is not a folder; `ValueError` naming the folder for a class
     folder without images, and naming the file if the first image cannot be read.
     """
-    from ._files import IMAGE_SUFFIXES, _read_image
+    from ._files import IMAGE_SUFFIXES, read_image
 
     root = Path(root)
     if not root.is_dir():
@@ -217,7 +217,7 @@ def scan_image_folder(
         counts.append(len(files))
     files_array = np.array(names)  # fixed-width bytes: a few bytes per file, not a Python object each
     labels = np.repeat(np.arange(len(class_dirs), dtype=np.int32), counts)
-    first = _read_image(root / names[0].decode())
+    first = read_image(root / names[0].decode())
     if channels is None:
         channels = 1 if first.mode in _GREY_MODES else 3
     size = (first.size[1], first.size[0]) if image_size is None else image_size_pair(image_size)

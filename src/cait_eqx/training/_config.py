@@ -5,6 +5,9 @@ From that one declaration come the constructor's validation, the saved metadata 
 the fields a resumed run must keep (`trajectory_fields`), the per-batch part of the recipe (`step_config`,
 the fields of group `"step"`) and the `cait-eqx train` flags. Pure Python: importing it does not import JAX,
 so the command line can build its flags from it at once.
+
+It is one room, though over 400 lines: `TrainConfig` is the one place every training hyper-parameter is
+declared (recipe, data pipeline, augmentations, bookkeeping), and its field order is the flags' order.
 """
 
 from __future__ import annotations
