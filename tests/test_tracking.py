@@ -166,3 +166,21 @@ def test_a_tracker_without_its_package_or_an_unknown_one_is_a_clear_error(tiny, 
     with pytest.raises(ImportError, match=missing):
         fit(model, train, test, _config(log="tensorboard"), key=jr.key(1), run_dir=tmp_path, progress=False,
             handle_signals=False)
+
+
+def test_the_cli_logs_to_tensorboard_and_a_resumed_run_may_switch_it_on(tmp_path, capsys):
+    from cait_eqx import cli
+
+    run_dir = tmp_path / "run"
+    common = ["--no-progress", "--max-steps"]
+    assert cli.main(["train", "--quick", "--out", str(run_dir), *common, "4"]) == 0
+    assert not (run_dir / "tensorboard").exists()  # jsonl only, by default
+    # `--log` is how this process reports, not what the run trains: a resumed run may take it.
+    assert cli.main(["train", "--resume", str(run_dir), "--log", "jsonl,tensorboard", *common, "10"]) == 0
+    got = _tensorboard_scalars(run_dir)
+    later = [r for r in _jsonl(run_dir) if r["step"] > 4]
+    assert later and got["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
+                                           for r in later if r["split"] == "train"]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--quick", "--out", str(tmp_path / "other"), "--log", "mlflow"])
+    assert "--log: names unknown tracker(s) 'mlflow'" in capsys.readouterr().err

@@ -8,6 +8,7 @@ this command's own: which data, where the run goes, how the process runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -264,8 +265,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
         given = {name: getattr(args, name) for name in _RESUME_FIELDS}
         given = {name: value for name, value in given.items() if value is not None}
         if given:
-            import dataclasses
-
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, **given))
     else:
         config = run_config(args, parser)
