@@ -10,6 +10,9 @@
   (`Sampler`: the order, with DeiT's repeated augmentation); `find_bad_images`: the `--check-data` pass.
 - `BatchLoader`: shuffled, seeded, resumable batches in memory; `prefetch` runs them ahead in a thread.
 - `Augment`, `random_crop`, `random_flip`: per-image augmentation in JAX, driven by explicit keys.
+- `TrainTransform`, `EvalTransform`: DeiT's (timm's) per-image transforms in the data workers, NumPy and PIL,
+  every draw from a `np.random.Generator` (`rrc_params`, `resized_crop`, `hflip`, `vflip`, `RandAugment`,
+  `eval_resize_crop`); `random_erasing`: timm's random erasing, on the device in JAX.
 """
 
 from typing import TYPE_CHECKING
@@ -18,8 +21,10 @@ if TYPE_CHECKING:
     from .._constants import NORMALIZATIONS as NORMALIZATIONS
     from ._augment import (
         Augment as Augment,
+        erase_box as erase_box,
         normalize_images as normalize_images,
         random_crop as random_crop,
+        random_erasing as random_erasing,
         random_flip as random_flip,
         to_unit_float as to_unit_float,
     )
@@ -38,6 +43,13 @@ if TYPE_CHECKING:
         load_images as load_images,
         load_npz as load_npz,
     )
+    from ._image_ops import (
+        eval_resize_crop as eval_resize_crop,
+        hflip as hflip,
+        resized_crop as resized_crop,
+        rrc_params as rrc_params,
+        vflip as vflip,
+    )
     from ._loader import (
         Batch as Batch,
         BatchLoader as BatchLoader,
@@ -52,6 +64,11 @@ if TYPE_CHECKING:
         default_data_workers as default_data_workers,
         find_bad_images as find_bad_images,
     )
+    from ._rand_augment import (
+        RAND_AUGMENT_OPS as RAND_AUGMENT_OPS,
+        AugmentOp as AugmentOp,
+        RandAugment as RandAugment,
+    )
     from ._sources import (
         ArraySource as ArraySource,
         BadImageError as BadImageError,
@@ -61,6 +78,7 @@ if TYPE_CHECKING:
         open_arrays as open_arrays,
         scan_image_folder as scan_image_folder,
     )
+    from ._transforms import EvalTransform as EvalTransform, TrainTransform as TrainTransform
 else:
     from .._lazy import attach as _attach
 

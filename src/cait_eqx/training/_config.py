@@ -99,7 +99,7 @@ class _Trackers(Check):
 
 # The experiment trackers `TrainConfig.log` may name (`cait_eqx.training._tracking` opens them).
 TRACKERS = ("jsonl", "tensorboard", "wandb")
-_AUTO_AUGMENT = re.compile(r"rand(-(m|n|mstd|mmax|inc|p|w)[0-9.]+)*")
+_AUTO_AUGMENT = re.compile(r"rand(-(m|n|mmax|inc)[0-9]+|-(mstd|p)[0-9.]+)*")
 _POSITIVE = Whole(1)
 _COUNT = Whole(0)
 _NON_NEGATIVE = Real(0.0)
