@@ -38,6 +38,11 @@ from cait_eqx import cli, data
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+# Hypothesis writes the repr of each call (fixtures included) for its reports; after other test modules
+# in the same process a fixture's repr can pass its size warning, which says nothing about the inputs.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Generating overly large repr:hypothesis.errors.HypothesisWarning"
+)
 
 
 # ------------------------------------------------------------------------------------------ image folders

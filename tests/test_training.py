@@ -580,20 +580,24 @@ def test_remat_from_the_config_is_applied_to_a_cait_only(digits):
 
 
 def test_signals_only_set_flags_and_a_second_one_hands_them_back():
-    """No handler raises: a raise could land in JAX's GC callback, where Python only prints it and goes on."""
+    """No handler raises: a raise could land in JAX's GC callback, where Python only prints it and goes on.
+
+    Raised in this thread (`signal.raise_signal`), so each runs its handler before the next is sent: a
+    signal sent to the process may land on another thread (Grain's, JAX's), and two of the same kind
+    pending at once count as one."""
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with training.StopSignals() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
         assert stop.requested and stop.received == signal.SIGTERM and not stop.urgent
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) != previous
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert stop.urgent and stop.received == signal.SIGTERM
         # Handed back after the second: a third signal reaches the handler that was there before.
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
     with pytest.raises(KeyboardInterrupt), training.StopSignals():
         for _ in range(3):
-            os.kill(os.getpid(), signal.SIGINT)  # the third meets Python's own SIGINT handler
+            signal.raise_signal(signal.SIGINT)  # the third meets Python's own SIGINT handler
     assert signal.getsignal(signal.SIGINT) == previous[0]
     # `request` is the same flag, for a program that decides to stop by itself.
     with training.StopSignals(enabled=False) as stop:
