@@ -131,7 +131,8 @@ def _read_torch(path: Path) -> dict[str, Any]:
             f"load it yourself with `weights_only=False` and pass its state dict to "
             f"`cait_eqx.from_timm_state_dict`."
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, struct.error) as error:
+        # (a legacy pickle cut short makes torch's weights-only unpickler index past its end)
         raise WeightsError(
             f"Could not read {path} as a PyTorch checkpoint ({type(error).__name__}: {error}). The file is "
             f"truncated or corrupt (fetch it again), or not a checkpoint."
