@@ -120,8 +120,8 @@ def _read_torch(path: Path) -> dict[str, Any]:
             _check_zip_records(path)
     try:
         with warnings.catch_warnings():
-            # A pickle protocol other than torch's default only earns a warning; the weights-only unpickler
-            # below still refuses anything that is not tensors, so the warning adds nothing for the user.
+            # A pickle protocol other than torch's default only earns a warning (the weights-only unpickler
+            # still refuses all but tensors); a legacy pickle cut short raises IndexError, caught below.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -132,7 +132,6 @@ def _read_torch(path: Path) -> dict[str, Any]:
             f"`cait_eqx.from_timm_state_dict`."
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, struct.error) as error:
-        # (a legacy pickle cut short makes torch's weights-only unpickler index past its end)
         raise WeightsError(
             f"Could not read {path} as a PyTorch checkpoint ({type(error).__name__}: {error}). The file is "
             f"truncated or corrupt (fetch it again), or not a checkpoint."
