@@ -6,12 +6,14 @@ Real files throughout: MNIST-5k digits written as PNGs, `.npy` arrays opened mem
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,3 +344,105 @@ def test_deits_augmentations_run_in_the_workers_reproducibly_and_train(mnist_fol
                           mlp_dim=32, channels=3, key=jr.key(0))
     result = fit(model, source, None, config, key=jr.key(1), progress=False, handle_signals=False)
     assert result.status == "completed" and result.step == 5
+
+
+def _grain_workers() -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name.startswith("grain-process-prefetch")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and PR_SET_PDEATHSIG")
+@pytest.mark.parametrize(
+    ("sig", "said"),
+    [
+        (signal.SIGKILL, r"killed by SIGKILL: on Linux most often the kernel's out-of-memory killer.*fewer of "
+                         r"them \(now 2; `--data-workers`"),
+        (signal.SIGSEGV, r"crashed \(SIGSEGV\) in native code.*`--check-data`"),
+    ],
+    ids=["SIGKILL", "SIGSEGV"],
+)
+def test_a_data_worker_that_dies_stops_the_stream_with_what_happened(mnist_folder, sig, said):
+    """Grain's own error is a bare "Worker process was terminated unexpectedly"; ours says how the worker
+    died and what to change, and keeps the exit status. Wrong would be a hang or Grain's bare message."""
+    source = data.scan_image_folder(mnist_folder, image_size=16)
+    stream = TrainPipeline(source, 8, seed=0, workers=2).batches()
+    try:
+        next(stream)
+        (victim, _) = _grain_workers()
+        os.kill(victim.pid, sig)
+        started = time.monotonic()
+        with pytest.raises(data.DataWorkerError, match=said) as caught:
+            for _ in range(10_000):  # the workers' buffers drain, then the dead one's turn comes
+                next(stream)
+        assert caught.value.exit_code == -sig and time.monotonic() - started < 60
+        assert "Worker process was terminated unexpectedly" in str(caught.value.__cause__)  # Grain's, kept
+    finally:
+        stream.close()
+    assert _grain_workers() == []  # the live worker is stopped too
+
+
+def test_a_dead_worker_of_the_check_pass_and_other_errors_are_told_apart():
+    from cait_eqx.data._workers import worker_died
+
+    grain_said = RuntimeError("Worker process was terminated unexpectedly with exit code 3. Search the logs")
+    died = worker_died(grain_said, 1, "reading every image once (the --check-data pass)")
+    assert died.exit_code == 3 and "the --check-data pass): it exited with status 3" in str(died)
+    assert 'without `if __name__ == "__main__":`' in str(died)  # the usual cause of a status
+    assert worker_died(RuntimeError("The data pipeline gave batch 4 where batch 3 was due"), 1, "x") is None
+    not_grains = ValueError("Worker process was terminated unexpectedly with exit code 3")
+    assert worker_died(not_grains, 1, "x") is None
+    assert pickle.loads(pickle.dumps(died)).exit_code == 3  # crosses processes as BadImageError does
+
+
+def test_a_script_without_the_main_guard_is_told_what_is_missing_not_left_waiting(tmp_path, mnist_folder):
+    """spawn imports the script again in each worker; unguarded, the worker's own pipeline fails to start and
+    it exits. Wrong would be a trainer that waits for it, or an error that does not name the missing guard."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\nfrom cait_eqx import data\n"
+        f"source = data.scan_image_folder({str(mnist_folder)!r}, image_size=16)\n"
+        "next(data.TrainPipeline(source, 8, seed=0, workers=1).batches())\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("cait_eqx.data._workers.DataWorkerError: A data worker process died"), last
+    assert 'status 1: code run in the worker ended it (its traceback is above). Most often a script that ' \
+        'trains without `if __name__ == "__main__":`' in last
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cli_run_whose_data_worker_dies_stops_with_one_line_and_a_resume_hint(tmp_path, mnist_folder):
+    out = tmp_path / "run"
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "CAIT_EQX_TEST_TAG": tag}
+    program = Path(sys.executable).with_name("cait-eqx")  # the tests' own environment's console script
+    program = str(program) if program.is_file() else shutil.which("cait-eqx")
+    cmd = [program, "train", "--dataset", f"folder:{mnist_folder}", "--image-size",
+           "16", "--batch-size", "8", "--epochs", "100000", "--data-workers", "1", "--no-check-data",
+           "--log-every", "1", "--checkpoint-every", "5", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        workers = []
+        for pid in _tagged_processes(f"CAIT_EQX_TEST_TAG={tag}"):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    workers.append(pid)
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("cait-eqx train: stopped:")]
+    assert "A data worker process died while preparing training batches: it was killed by SIGKILL" in line
+    assert line.endswith(f"continue with cait-eqx train --resume {out}")

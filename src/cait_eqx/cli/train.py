@@ -304,7 +304,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
     except cait_eqx.PretrainedWeightsUnavailable as error:  # no network and no cached copy: says what to do
         print(f"cait-eqx train: error: {error}", file=sys.stderr)
         return 1
-    except ImportError as error:
+    except (ImportError, cait_data.DataWorkerError) as error:  # a missing extra; a worker of the check died
         print(f"cait-eqx train: error: {error}", file=sys.stderr)
         return 1
     except cait_data.BadImageError as error:
@@ -352,6 +352,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
             )
         except training.NonFiniteLossError as error:
             print(f"cait-eqx train: stopped: {error}", file=sys.stderr)
+            return 1
+        except (cait_data.DataWorkerError, cait_data.BadImageError) as error:
+            # A worker that died, or a file that went bad after the check (or with --no-check-data): what
+            # happened, and that nothing written is lost.
+            hint = ""
+            if training.Run(run_dir).exists:
+                hint = f" Its newest checkpoint is kept: continue with cait-eqx train --resume {run_dir}"
+            print(f"cait-eqx train: stopped: {error}{hint}", file=sys.stderr)
             return 1
         finally:
             if allocator.active:

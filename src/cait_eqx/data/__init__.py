@@ -7,7 +7,8 @@
 - `train_test_split(dataset, test_fraction=, seed=)`: a fixed, seeded, stratified split.
 - `scan_image_folder(root)`, `open_arrays(path)`: the same data read lazily (file list / memory map).
 - `TrainPipeline`: shuffled, seeded, resumable training batches read by Grain in worker processes
-  (`Sampler`: the order, with DeiT's repeated augmentation); `find_bad_images`: the `--check-data` pass.
+  (`Sampler`: the order, with DeiT's repeated augmentation; `DataWorkerError`: a worker died);
+  `find_bad_images`: the `--check-data` pass.
 - `BatchLoader`: shuffled, seeded, resumable batches in memory; `prefetch` runs them ahead in a thread.
 - `Augment`, `random_crop`, `random_flip`: per-image augmentation in JAX, driven by explicit keys.
 - `TrainTransform`, `EvalTransform`: DeiT's (timm's) per-image transforms in the data workers, NumPy and PIL,
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
         PipelineBatch as PipelineBatch,
         Sampler as Sampler,
         TrainPipeline as TrainPipeline,
-        default_data_workers as default_data_workers,
         find_bad_images as find_bad_images,
     )
     from ._rand_augment import (
@@ -79,6 +79,7 @@ if TYPE_CHECKING:
         scan_image_folder as scan_image_folder,
     )
     from ._transforms import EvalTransform as EvalTransform, TrainTransform as TrainTransform
+    from ._workers import DataWorkerError as DataWorkerError, default_data_workers as default_data_workers
 else:
     from .._lazy import attach as _attach
 

@@ -11,7 +11,6 @@ or from a batch number.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,26 +21,15 @@ __all__ = [
     "PipelineBatch",
     "Sampler",
     "TrainPipeline",
-    "default_data_workers",
     "find_bad_images",
 ]
 
 from .._constants import BAD_IMAGE_POLICIES
 from ._sources import BadImageError
+from ._workers import default_data_workers, worker_died, worker_init
 
 # How many other examples a skipped one may try before the batch gives up (a folder of mostly bad files).
 _MAX_REPLACEMENTS = 64
-
-
-def default_data_workers(source: Any, transform: Any) -> int:
-    """Worker processes for `source`: none for arrays in memory without a per-image transform (reading them
-    is one indexing), else one per core left over beside the training step, at most 8."""
-    from ._datasets import Dataset
-
-    if isinstance(source, Dataset) and transform is None:
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,21 +150,6 @@ class _BatchReader:
         raise self._fail(int(order[position]), ValueError(f"nor the {_MAX_REPLACEMENTS} examples after it."))
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
-    """In each data worker: die with the trainer (Linux), and leave Ctrl-C to it (it stops the workers)."""
-    del worker_index, worker_count
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(os, "sched_getaffinity"):  # Linux: PR_SET_PDEATHSIG, so a SIGKILLed trainer leaves no worker
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
-
-
 @dataclasses.dataclass
 class PipelineBatch:
     """One batch from `TrainPipeline.batches`: its position, its arrays, and the state to resume after it.
@@ -252,7 +225,7 @@ class TrainPipeline:
             options = grain.MultiprocessingOptions(
                 num_workers=self.workers, per_worker_buffer_size=self.buffer
             )
-            stream = stream.mp_prefetch(options, worker_init_fn=_worker_init)
+            stream = stream.mp_prefetch(options, worker_init_fn=worker_init)
         return iter(stream)
 
     def batches(
@@ -308,6 +281,11 @@ class TrainPipeline:
                     int(element["skipped"]),
                     {"start": start, "workers": self.workers, "grain": iterator.get_state()},
                 )
+        except RuntimeError as error:
+            died = worker_died(error, self.workers, "preparing training batches")
+            if died is None:
+                raise
+            raise died from error
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
@@ -359,10 +337,15 @@ def find_bad_images(source: Any, *, workers: int | None = None, chunk: int = 256
     stream = data.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if workers > 0:
         options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
-        stream = stream.mp_prefetch(options, worker_init_fn=_worker_init)
+        stream = stream.mp_prefetch(options, worker_init_fn=worker_init)
     iterator = iter(stream)
     try:
         return [item for found in iterator for item in found]
+    except RuntimeError as error:
+        died = worker_died(error, workers, "reading every image once (the --check-data pass)")
+        if died is None:
+            raise
+        raise died from error
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
