@@ -417,3 +417,116 @@ def test_remat_script_quick_mode(tmp_path, jax_cache):
     proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and _tables(proc.stdout) == [table], proc.stderr
+
+
+_SPAWNS_A_WORKER = """
+import multiprocessing
+import time
+
+import numpy as np
+
+
+def worker():
+    block = np.ones(100 * 2**20 // 8)  # 100 MB touched
+    time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    block = np.ones(250 * 2**20 // 8)  # 250 MB touched, before the worker starts
+    process = multiprocessing.get_context("spawn").Process(target=worker)
+    process.start()
+    process.join()
+"""
+
+
+def test_data_pipeline_watcher_gives_each_process_its_own_peak(tmp_path):
+    """`data_pipeline.watch_training` (behind the README's peak-memory table) reads each process's own peak:
+    a spawned worker's is its own 100 MB, not the 250 MB of the process that started it (which
+    `getrusage` would report for it), and the trainer's peak from `wait4` agrees with the sampled one."""
+    import data_pipeline
+
+    program = tmp_path / "spawns_a_worker.py"
+    program.write_text(_SPAWNS_A_WORKER)
+    memory = data_pipeline.watch_training([sys.executable, str(program)], tmp_path / "log.txt", 0.05)
+    assert memory["trainer_peak_mb"] > 250, memory
+    assert memory["trainer_sampled_peak_mb"] == pytest.approx(memory["trainer_peak_mb"], rel=0.05), memory
+    (worker,) = memory["worker_peaks_mb"]
+    assert 100 < worker < 200, memory
+    assert memory["peak_sum_rss_mb"] > memory["trainer_peak_mb"] + 100 * 0.9, memory
+    assert 0 < memory["peak_sum_pss_mb"] <= memory["peak_sum_rss_mb"], memory
+
+
+def test_data_pipeline_script_quick_mode(tmp_path):
+    """`data_pipeline.py --quick --only digits` (behind the README's throughput table) measures every source
+    with every worker count, and its table is its JSON rendered: the ratios are the measured images/s over
+    the step's, which is the timed steps' images over their time."""
+    script = ROOT / "benchmarks" / "data_pipeline.py"
+    path = tmp_path / "data_pipeline.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--only", "digits", "--cache", str(tmp_path / "cache"),
+         "--json", str(path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(path.read_text())
+    generated, throughput = _tables(proc.stdout)
+    assert [cells[4] for cells in generated] == ["generated"]
+    measured = results["throughput"]
+    assert [t["source"] for t in measured] == ["mnist-png-256 (PNG files)"]  # --quick: the files only
+    rows = iter(throughput)
+    for t in measured:
+        step = t["step"]
+        assert step["images_per_s"] == pytest.approx(step["timed_steps"] * t["batch"] / step["timed_s"])
+        assert [r["workers"] for r in t["rows"]] == [0, 1]
+        for r in t["rows"]:
+            cells = next(rows)
+            assert cells[0] == t["source"] and int(cells[3]) == r["workers"]
+            assert r["pipeline_images_per_s"] > 0 and r["fit_images_per_s"] > 0
+            assert cells[7] == f"{r['pipeline_images_per_s'] / step['images_per_s']:.2f}×"
+            assert cells[9] == f"{r['fit_images_per_s'] / step['images_per_s']:.2f}×"
+    assert next(rows, None) is None
+    proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and _tables(proc.stdout) == [generated, throughput], proc.stderr
+
+
+def test_data_pipeline_times_fit_between_stamps_one_step_late():
+    """The fit column's premise, on `fit` itself: `on_step(k)` for a step `data_pipeline._read_late` returns
+    comes once `fit` has called step k + 1 (its stamp is the end of step k + 1), and for every other step (a
+    log, an epoch's end, the last step) before that call. A window with one end of each kind counts one step
+    too many or too few (it did: `fit` measured 1.18× the step alone)."""
+    import data_pipeline
+    import jax.random as jr
+    import numpy as np
+
+    import cait_eqx
+    from cait_eqx import data, parallel, training
+
+    train = data.load_digits().subset(np.arange(160))
+    config = training.TrainConfig(epochs=3, batch_size=32, log_every=3, data_workers=0)
+    mesh = parallel.make_mesh(data=1)
+    events: list[tuple[str, int]] = []
+
+    def compile_logged(pure):
+        step = parallel.shard_train_step(pure, mesh)
+
+        def logged(*args):
+            events.append(("call", sum(kind == "call" for kind, _ in events) + 1))
+            return step(*args)
+
+        return logged
+
+    steps = training.TrainSteps.build(config, 5, 10, mesh, compile_step=compile_logged)
+    model = cait_eqx.CaiT(image_size=8, patch_size=4, num_classes=10, dim=16, depth=1, cls_depth=1, heads=2,
+                          mlp_dim=32, channels=1, key=jr.key(0))
+    last = 12
+    training.fit(model, train, None, config, key=jr.key(1), max_steps=last, progress=False,
+                 handle_signals=False, steps=steps, on_step=lambda k, _: events.append(("metrics", k)))
+    late = {k for k in range(1, last) if data_pipeline._read_late(k, config, steps.steps_per_epoch) == k}
+    assert late == {1, 2, 4, 7, 8, 11}  # not 3, 6, 9 (logs), 5, 10 (epochs' ends) or 12 (the last)
+    for k in range(1, last + 1):
+        metrics, next_call = events.index(("metrics", k)), events.index(("call", k + 1)) if k < last else None
+        if k in late:
+            assert next_call is not None and next_call < metrics, (k, events)
+        else:
+            assert next_call is None or metrics < next_call, (k, events)
