@@ -13,7 +13,8 @@ another's figures:
   `--interval` seconds: each process's own peak resident set (`VmHWM`, the kernel's high-water mark) for
   the trainer and every process below it (the Grain data workers and multiprocessing's resource tracker),
   and the sum of their resident sets and of their proportional sets (`Pss`, shared pages split between
-  the processes sharing them). The trainer's peak is also read exactly when it exits, from `os.wait4`.
+  the processes sharing them). The trainer's peak is also read exactly when it exits, from `os.wait4`
+  (where it exceeds this script's own: Linux carries the launcher's high-water mark into the child).
   Beside it, a fresh process lists each folder (`scan_image_folder` plus the run's held-out split) and
   reports what the lazy source keeps in memory per file.
 - `digits` and `deit`: throughput. `digits` is the default `cait-eqx train` (16×16, batch 64, the default
@@ -491,11 +492,17 @@ def watch_training(cmd: list[str], log_path: Path, interval: float) -> dict:
     by_role: dict[str, list[float]] = {}
     for role, peak in peaks.values():
         by_role.setdefault(role, []).append(peak)
+    # Linux carries a process's high-water mark across exec, so wait4's figure is the larger of the trainer's
+    # own peak and this process's resident set when it forked: exact (to the end of the run) where it is
+    # above this process's peak, and otherwise not the trainer's at all, which then has the sampled one.
+    exited_peak, sampled_peak = usage.ru_maxrss / 1024, max(by_role.get("trainer", [0.0]))
+    exact = exited_peak > own_peak
     return dict(
         wall_s=wall,
         samples=samples,
-        trainer_peak_mb=usage.ru_maxrss / 1024,  # from wait4: exact, at exit
-        trainer_sampled_peak_mb=max(by_role.get("trainer", [0.0])),
+        trainer_peak_mb=exited_peak if exact else sampled_peak,
+        trainer_peak_from="wait4" if exact else "samples",
+        trainer_sampled_peak_mb=sampled_peak,
         worker_peaks_mb=by_role.get("data worker", []),  # in the order they started
         other_peaks_mb={r: v for r, v in by_role.items() if r not in ("trainer", "data worker")},
         peak_sum_rss_mb=peak_sum_rss,

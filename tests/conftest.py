@@ -5,14 +5,35 @@ Fixtures: `getkey` (fresh PRNG keys), `tiny_config` (the keywords of the small C
 released (`_release_compiled_programs`).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Runtime jaxtyping + beartype checks must be on in every test (the package reads this at import).
 os.environ["CAIT_EQX_TYPECHECK"] = "1"
 
+# One persistent compilation cache for the processes the tests start (the CLI runs of tests/test_faults.py
+# and tests/test_cli.py, two-process runs, examples, benchmark scripts): each is a fresh process that would
+# compile the same training step again; with the cache only the first does (tests/test_faults.py and
+# tests/test_cli.py: 168 s without, 104 s with). Every program is stored (no minimum compile time), and a
+# cached program is the same machine code, so no result changes. The cache is bounded, which makes JAX
+# guard it with a file lock: processes that start together never read a half-written entry. This process
+# stores only programs that took at least a second to compile: storing all of them cost more than it saved
+# (tests/test_model.py, test_training.py and test_features.py: 212 s without the cache, 262 s storing all,
+# 213 s storing those).
+# A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="cait-eqx-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # this process only (see above)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Strict dtype promotion breaks optax's own update rules, so it is checked for our model alone in
 # tests/test_model.py::test_model_runs_under_strict_dtype_promotion rather than globally.

@@ -584,7 +584,16 @@ def test_signals_only_set_flags_and_a_second_one_hands_them_back():
 
     Raised in this thread (`signal.raise_signal`), so each runs its handler before the next is sent: a
     signal sent to the process may land on another thread (Grain's, JAX's), and two of the same kind
-    pending at once count as one."""
+    pending at once count as one. Python's own SIGINT handler is installed first: a process started in the
+    background by a shell inherits SIGINT ignored, and Python then leaves it ignored."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _signals_only_set_flags()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _signals_only_set_flags():
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with training.StopSignals() as stop:
         signal.raise_signal(signal.SIGTERM)
