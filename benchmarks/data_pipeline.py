@@ -247,8 +247,8 @@ def throughput(spec: dict) -> dict:
         build_model,
         fit,
         load_run_data,
+        train_transform,
     )
-    from cait_eqx.training import train_transform
 
     train_config = TrainConfig(batch_size=spec["batch"], **spec["augment"])
     # The model as `cait-eqx train` builds it: a variant's architecture (its classes from the data), given

@@ -8,9 +8,10 @@ released (`_release_compiled_programs`).
 import atexit
 import importlib.metadata
 import os
-import re
 import shutil
 import tempfile
+
+from packaging.version import Version
 
 # Runtime jaxtyping + beartype checks must be on in every test (the package reads this at import).
 os.environ["CAIT_EQX_TYPECHECK"] = "1"
@@ -18,7 +19,7 @@ os.environ["CAIT_EQX_TYPECHECK"] = "1"
 # One persistent compilation cache for the processes the tests start (the CLI runs of tests/test_faults.py
 # and tests/test_cli.py, two-process runs, examples, benchmark scripts): each is a fresh process that would
 # compile the same training step again; with the cache only the first does (tests/test_faults.py and
-# tests/test_cli.py: 168 s without, 104 s with). Every program is stored (no minimum compile time), and a
+# tests/test_cli.py: 168 s without, 101 s with). Every program is stored (no minimum compile time), and a
 # cached program is the same machine code, so no result changes. The cache is bounded, which makes JAX
 # guard it with a file lock: processes that start together never read a half-written entry. This process
 # stores only programs that took at least a second to compile: storing all of them cost more than it saved
@@ -27,8 +28,8 @@ os.environ["CAIT_EQX_TYPECHECK"] = "1"
 # A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is. Only from JAX 0.10 (checked with 0.10.2):
 # under JAX 0.5.3, the floor CI also tests, a training step crashed the process with the cache on
 # (SIGSEGV in tests/test_training.py), so older JAX runs the tests without it.
-_JAX_VERSION = tuple(int(part) for part in re.findall(r"\d+", importlib.metadata.version("jax"))[:2])
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ and _JAX_VERSION >= (0, 10):
+_JAX_VERSION = Version(importlib.metadata.version("jax"))  # read without importing JAX (it reads the env)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and _JAX_VERSION >= Version("0.10"):
     _cache_dir = tempfile.mkdtemp(prefix="cait-eqx-tests-jax-cache-")
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
