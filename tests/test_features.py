@@ -146,7 +146,9 @@ def test_intermediates_have_gradients_and_keep_dropout_keys(pair, getkey):
     key = getkey()
     full = noisy.forward_intermediates(x, indices=[1], key=key, intermediates_only=True)
     early = noisy.forward_intermediates(x, indices=[1], key=key, intermediates_only=True, stop_early=True)
-    np.testing.assert_array_equal(np.asarray(full[0]), np.asarray(early[0]))
+    # The same draws (a different program: the scan stops early), so the same maps to float32 rounding; a
+    # draw that changed with stop_early would move them by the dropout's O(1) scale.
+    np.testing.assert_allclose(np.asarray(full[0]), np.asarray(early[0]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

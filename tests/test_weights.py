@@ -307,7 +307,9 @@ def test_reset_classifier_gives_a_fresh_head_and_keeps_the_rest(small, getkey):
     headless = cait_eqx.reset_classifier(model, 0)
     assert headless.head is None and headless.config.num_classes == 0
     x = jnp.asarray(images[0])
-    np.testing.assert_array_equal(np.asarray(headless(x)), np.asarray(model.forward_features(x)[0]))
+    np.testing.assert_allclose(  # two programs: float32 rounding
+        np.asarray(headless(x)), np.asarray(model.forward_features(x)[0]), rtol=1e-6, atol=1e-6
+    )
     with pytest.raises(ValueError, match="needs a key"):
         cait_eqx.reset_classifier(model, 5)
 
