@@ -51,7 +51,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import allocator  # noqa: E402
 import bench  # noqa: E402
 
 PARTS = ("rss", "digits", "deit")
@@ -165,7 +164,7 @@ def ensure_folder(folder: Path, spec: dict, args) -> dict:
 def locked(args):
     """Hold `--lock` while inside; the time spent waiting for it is added up (and left out of the totals)."""
     asked = time.perf_counter()
-    with allocator.holding(args.lock):
+    with bench.holding(args.lock):
         args.lock_wait_s += time.perf_counter() - asked
         yield
 
@@ -825,7 +824,7 @@ def main(argv=None) -> int:
             parts=parts,
             quick=args.quick,
             git_head=_git_head(),
-            **allocator.source_meta(),
+            **bench.source_meta(),
         ),
         generated=[],
         file_list=[],

@@ -21,8 +21,6 @@
 - Starting from weights: `load_source` (a variant name, a checkpoint file or a run directory),
   `adapt_to_data` (input size, channels and classes of the data), `initial_model` (both, for
   `RunConfig.init`).
-- The process: `configure_allocator` (glibc malloc settings for fast CPU steps, applied in-process; modes
-  `ALLOCATOR_MODES`; it returns `AllocatorSettings`) and `release_free_memory`.
 
 The names are imported on first use (`cait_eqx._lazy`): `import cait_eqx.training` does not import JAX.
 """
@@ -30,12 +28,6 @@ The names are imported on first use (`cait_eqx._lazy`): `import cait_eqx.trainin
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._allocator import (
-        ALLOCATOR_MODES as ALLOCATOR_MODES,
-        AllocatorSettings as AllocatorSettings,
-        configure_allocator as configure_allocator,
-        release_free_memory as release_free_memory,
-    )
     from ._checkpoint import (
         CheckpointError as CheckpointError,
         CheckpointInfo as CheckpointInfo,
