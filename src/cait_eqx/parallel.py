@@ -28,9 +28,9 @@ model, opt_state, metrics = step(model, opt_state, (images, labels), key)   # ho
 
 Several hosts: start one process per host with `initialize_distributed(...)` (or the variables
 `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`) before anything else touches JAX; each
-process loads only its rows of every global batch (`local_batch_rows`, `process_local_batches`) and passes
-them with `shard_batch(..., local=True)`; `to_host` gathers a sharded state for one process (`is_primary()`)
-to write.
+process loads only its rows of every global batch (`local_batch_rows`, the `rows` of
+`cait_eqx.data.TrainPipeline`) and passes them with `shard_batch(..., local=True)`; `to_host` gathers a
+sharded state for one process (`is_primary()`) to write.
 
 The code lives with the trainer that uses it (`cait_eqx/training/_sharding.py`, `_distributed.py`,
 `_sharded_steps.py`); this module is its public face.
@@ -40,7 +40,6 @@ from .training._distributed import (
     initialize_distributed as initialize_distributed,
     is_primary as is_primary,
     local_batch_rows as local_batch_rows,
-    process_local_batches as process_local_batches,
     shard_batch as shard_batch,
 )
 from .training._sharded_steps import (
@@ -88,7 +87,6 @@ __all__ = [
     "num_batch_shards",
     "parse_mesh_spec",
     "partition_spec",
-    "process_local_batches",
     "replicated",
     "shard_batch",
     "shard_eval_step",

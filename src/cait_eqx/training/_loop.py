@@ -1,9 +1,11 @@
 """The training loop: an explicit state, and the steps `fit` runs over it.
 
 `Loop` holds what stays fixed while training (the data, the compiled steps, the log, the signals);
-`LoopState` what changes (model, optimiser state, key, data position, the logging window). `run_steps` is one
-`for` over the batches: `_train_step`, then what is due at that step (`_take_metrics`, `_log`, `_log_test`,
-`_checkpoint`), then `_should_stop`. `start_state` builds the first state, fresh or from a checkpoint.
+`LoopState` what changes (model, optimiser state, key, step, the logging window). The data position is the
+step: batch number `step` comes next (`Loop.position`), so no iterator state is kept or saved. `run_steps`
+is one `for` over the batches: `_train_step`, then what is due at that step (`_take_metrics`, `_log`,
+`_log_test`, `_checkpoint`), then `_should_stop`. `start_state` builds the first state, fresh or from a
+checkpoint.
 `cait_eqx.training.fit` (`_trainer.py`) sets them up and ends with the final evaluations.
 """
 
@@ -38,17 +40,12 @@ logger = logging.getLogger("cait_eqx")
 
 @dataclasses.dataclass
 class LoopState:
-    """What changes as the loop runs (`start_state` builds it).
-
-    `epoch`, `index`: the data position of the next batch.
-    """
+    """What changes as the loop runs (`start_state` builds it); `step` is also the next batch's number."""
 
     model: PyTree
     opt_state: PyTree
     key: PRNGKeyArray
     step: int = 0
-    epoch: int = 0
-    index: int = 0
     checkpoint: CheckpointInfo | None = None
     window: TrainWindow = dataclasses.field(default_factory=TrainWindow)
     last_test: EvalResult | None = None
@@ -57,9 +54,7 @@ class LoopState:
     # The last step's metrics, still on the device: read while the next step runs.
     pending: tuple[int, dict[str, Any]] | None = None
     train_seconds: float = 0.0
-    # The data pipeline's state after the last batch taken (`TrainPipeline.batches(state=...)`), and the
-    # unreadable images it replaced (`bad_images="skip"`).
-    data_state: dict[str, Any] | None = None
+    # The unreadable images the data pipeline replaced (`bad_images="skip"`).
     skipped_images: int = 0
 
 
@@ -83,6 +78,10 @@ class Loop:
     bar: Any = None
     postfix: dict[str, str] = dataclasses.field(default_factory=dict)
     teacher: PyTree = None
+
+    def position(self, step: int) -> tuple[int, int]:
+        """`(epoch, index within it)` of batch number `step`: the data position after `step` steps."""
+        return divmod(step, self.steps.steps_per_epoch)
 
     def show(self, **values: str) -> None:
         self.postfix.update(values)
@@ -127,26 +126,22 @@ def start_state(
             run.checkpoint_dir, model=model, opt_state=opt_state
         )
         _check_resume(info, config)
-        state.step, state.epoch, state.index, state.checkpoint = info.step, info.epoch, info.batch_index, info
+        state.step, state.checkpoint = info.step, info
         state.window = TrainWindow.restored(info.extra.get("window", {}))
-        state.data_state = info.extra.get("data_state")
         state.skipped_images = int(info.extra.get("skipped_images", 0))
     # Replicated, or split along `fsdp`; a checkpoint saved on another mesh lands on this one here.
     state.model, state.opt_state = shard_state((state.model, state.opt_state), steps.mesh)
     return state
 
 
-def _train_step(loop: Loop, state: LoopState, batch: Any, batch_epoch: int, batch_index: int) -> None:
-    """One optimiser step; the position moves past the batch, and the last step's metrics are read."""
+def _train_step(loop: Loop, state: LoopState, batch: Any) -> None:
+    """One optimiser step (on batch number `state.step`, which moves on), and the last step's metrics read."""
     teacher = () if loop.teacher is None else (loop.teacher,)  # a step without distillation takes none
     state.model, state.opt_state, metrics = loop.train_step(
         state.model, state.opt_state, batch, jr.fold_in(state.key, state.step), *teacher
     )
     state.step += 1
     state.images_done += loop.config.batch_size
-    state.epoch, state.index = batch_epoch, batch_index + 1
-    if state.index == loop.steps.steps_per_epoch:
-        state.epoch, state.index = state.epoch + 1, 0
     _take_metrics(loop, state)  # the previous step's, fetched while this one runs
     state.pending = (state.step, metrics)
     if loop.bar is not None:
@@ -243,14 +238,15 @@ def _checkpoint(loop: Loop, state: LoopState) -> None:
     if not loop.primary:
         return
     config = loop.config
+    epoch, index = loop.position(state.step)
     state.checkpoint = save_checkpoint(
         loop.checkpoint_dir,
         model=model,
         opt_state=opt_state,
         key=state.key,
         step=state.step,
-        epoch=state.epoch,
-        batch_index=state.index,
+        epoch=epoch,
+        batch_index=index,
         shuffle_seed=config.seed,
         keep=config.keep_checkpoints,
         extra={
@@ -258,8 +254,7 @@ def _checkpoint(loop: Loop, state: LoopState) -> None:
             "total_steps": loop.total_steps,
             # The partly filled logging window, so a resumed run logs exactly what an unbroken one would.
             "window": state.window.saved(),
-            # Where the data pipeline goes on (its Grain iterator state), and what it skipped so far.
-            "data_state": state.data_state,
+            # What the data pipeline skipped so far (where it goes on is the step).
             "skipped_images": state.skipped_images,
         },
     )
@@ -273,9 +268,8 @@ def _should_stop(loop: Loop, state: LoopState, stop_asked: bool) -> bool:
 def run_steps(loop: Loop, state: LoopState, batches: Any) -> None:
     """The loop: each step, then what is due at it (read metrics, log, evaluate, checkpoint), then stop?"""
     config, signals = loop.config, loop.signals
-    for batch_epoch, batch_index, batch, skipped, data_state in batches:
-        _train_step(loop, state, batch, batch_epoch, batch_index)
-        state.data_state = data_state
+    for batch, skipped in batches:
+        _train_step(loop, state, batch)
         if skipped:
             state.skipped_images += skipped
             message = (
@@ -288,9 +282,10 @@ def run_steps(loop: Loop, state: LoopState, batches: Any) -> None:
                 logger.warning("cait_eqx: %s", message)
         stop_asked = signals.requested  # read once, so that what is due and whether to stop agree
         finishing = stop_asked or state.step >= loop.stop_at
-        epoch_end = state.index == 0
+        epoch, index = loop.position(state.step)
+        epoch_end = index == 0
         log_due = state.step % config.log_every == 0 or epoch_end
-        eval_due = epoch_end and (state.epoch % config.eval_every == 0 or state.epoch == config.epochs)
+        eval_due = epoch_end and (epoch % config.eval_every == 0 or epoch == config.epochs)
         checkpoint_due = (
             epoch_end if config.checkpoint_every == 0 else state.step % config.checkpoint_every == 0
         ) or finishing

@@ -319,14 +319,10 @@ def fit(
     with contextlib.nullcontext() if stop is not None else signals:
         try:
             if state.step < stop_at:
-                source = pipeline.batches(
-                    state.epoch, state.index, stop_epoch=config.epochs, state=state.data_state
-                )
-                batches = prefetch(
-                    source,
-                    size=2,
-                    put=lambda b: (b.epoch, b.index, put((b.images, b.labels)), b.skipped, b.state),
-                )
+                # Batch number `state.step` comes next: the stream starts there, fresh or resumed.
+                start = divmod(state.step, pipeline.steps_per_epoch)
+                source = pipeline.batches(*start, stop_epoch=config.epochs)
+                batches = prefetch(source, size=2, put=lambda b: (put((b.images, b.labels)), b.skipped))
                 started = time.perf_counter()
                 state.window.start = started
                 run_steps(loop, state, batches)
