@@ -32,7 +32,7 @@ from ._sharding import (
     shard_state,
     state_shardings,
 )
-from ._steps import make_eval_step, make_train_step
+from ._steps import jit_train_step, make_eval_step, make_train_step
 
 __all__ = [
     "TrainSteps",
@@ -71,8 +71,7 @@ def shard_train_step(
     batch_spec = batch_sharding(mesh)
     everywhere = replicated(mesh)
 
-    # The teacher first, so that every other input is donated.
-    def constrained(teacher, model, opt_state, batch, key):
+    def constrained(model, opt_state, batch, key, teacher=None):
         shardings = (state_shardings(model, mesh, min_size=min_size),
                      state_shardings(opt_state, mesh, min_size=min_size))
         model, opt_state = eqx.filter_shard((model, opt_state), shardings)
@@ -86,7 +85,7 @@ def shard_train_step(
         model, opt_state = eqx.filter_shard((model, opt_state), shardings)
         return model, opt_state, eqx.filter_shard(metrics, everywhere)
 
-    compiled = eqx.filter_jit(constrained, donate="all-except-first")
+    compiled = jit_train_step(constrained)
 
     def sharded_step(model, opt_state, batch, key, teacher=None):
         if not on_mesh((model, opt_state), mesh):
@@ -95,7 +94,7 @@ def shard_train_step(
         key = place(key, everywhere) if not on_mesh(key, mesh) else key
         if teacher is not None and not on_mesh(teacher, mesh):
             teacher = replicate(teacher, mesh)
-        return compiled(teacher, model, opt_state, batch, key)
+        return compiled(model, opt_state, batch, key, teacher)
 
     return sharded_step
 
