@@ -37,15 +37,17 @@ if TYPE_CHECKING:
         save_checkpoint as save_checkpoint,
     )
     from ._config import (
-        TRACKERS as TRACKERS,
         DEFAULT_MODEL as DEFAULT_MODEL,
         DISTILLATION_KINDS as DISTILLATION_KINDS,
         FREEZE_MODES as FREEZE_MODES,
+        TRACKERS as TRACKERS,
         RunConfig as RunConfig,
         StepConfig as StepConfig,
         TrainConfig as TrainConfig,
     )
     from ._data import check_images as check_images, train_transform as train_transform
+    from ._fit import FitResult as FitResult, check_teacher as check_teacher, fit as fit
+    from ._loop import TrainSteps as TrainSteps
     from ._losses import (
         cross_entropy as cross_entropy,
         cutmix as cutmix,
@@ -72,7 +74,6 @@ if TYPE_CHECKING:
         load_run_config as load_run_config,
         load_run_data as load_run_data,
     )
-    from ._sharded_steps import TrainSteps as TrainSteps
     from ._signals import StopSignals as StopSignals
     from ._sources import (
         LoadedSource as LoadedSource,
@@ -92,7 +93,6 @@ if TYPE_CHECKING:
         resume_run as resume_run,
         train_run as train_run,
     )
-    from ._trainer import FitResult as FitResult, check_teacher as check_teacher, fit as fit
 else:
     from .._lazy import attach as _attach
 

@@ -21,21 +21,94 @@ from typing import Any
 import equinox as eqx
 import jax.random as jr
 import numpy as np
+import optax
+from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ..data import DataSource
+from ..parallel import make_sharded_eval_step, mesh_from_spec, shard_state, shard_train_step, to_host
 from ._checkpoint import CheckpointError, CheckpointInfo, list_checkpoints, load_checkpoint, save_checkpoint
 from ._config import TrainConfig
 from ._metrics import MetricsLog, TrainWindow
+from ._optim import build_optimizer
 from ._run import Run
-from ._sharded_steps import TrainSteps
-from ._sharding import shard_state, to_host
 from ._signals import StopSignals
-from ._steps import EvalResult, NonFiniteLossError, evaluate
+from ._steps import EvalResult, NonFiniteLossError, evaluate, make_train_step
 
-__all__ = ["Loop", "LoopState", "evaluate_model", "run_steps", "start_state"]
+__all__ = ["Loop", "LoopState", "TrainSteps", "evaluate_model", "run_steps", "start_state"]
 
 logger = logging.getLogger("cait_eqx")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSteps:
+    """The steps of one recipe on one mesh, built once: pass the same object to several `fit` calls (a run
+    and its resumption in one process, say) and they share one compilation.
+
+    Build it with `TrainSteps.build`. Each step compiles on its first call; `fit` checks that the object was
+    built for its own config, data size and mesh.
+
+    - `config`, `steps_per_epoch`, `num_classes`, `mesh`: what it was built for.
+    - `optim`, `schedule`: `build_optimizer(config, steps_per_epoch)`.
+    - `pure_step`: `make_train_step(optim, config.step_config(num_classes), jit=False)`.
+    - `train_step`: the step `fit` runs, by default `shard_train_step(pure_step, mesh)`.
+    - `eval_step`: `make_sharded_eval_step(mesh, config.normalize)`.
+    """
+
+    config: TrainConfig
+    steps_per_epoch: int
+    num_classes: int
+    mesh: Mesh
+    optim: optax.GradientTransformation
+    schedule: optax.Schedule
+    pure_step: Callable[..., tuple[Any, Any, dict[str, Any]]]
+    train_step: Callable[..., tuple[Any, Any, dict[str, Any]]]
+    eval_step: Callable[..., dict[str, np.ndarray]]
+
+    @classmethod
+    def build(
+        cls,
+        config: TrainConfig,
+        steps_per_epoch: int,
+        num_classes: int,
+        mesh: Mesh | None = None,
+        *,
+        compile_step: Callable[[Callable], Callable] | None = None,
+    ) -> TrainSteps:
+        """Build the optimiser, schedule and steps of `config` (nothing is compiled yet).
+
+        **Arguments:**
+
+        - `config`: the `TrainConfig`.
+        - `steps_per_epoch`: `len(train_data) // config.batch_size`.
+        - `num_classes`: the size of the classifier's output.
+        - `mesh`: the mesh to run on (`cait_eqx.parallel.make_mesh`); `None`: `fit`'s default (one device;
+            with several processes, every device).
+        - `compile_step`: turns the pure training step into the one to run; default
+            `shard_train_step(step, mesh)`. (Keyword only argument.)
+
+        **Returns:** a `TrainSteps`.
+        """
+        mesh = mesh_from_spec(None) if mesh is None else mesh
+        optim, schedule = build_optimizer(config, steps_per_epoch)
+        pure_step = make_train_step(optim, config.step_config(num_classes), jit=False)
+        train_step = shard_train_step(pure_step, mesh) if compile_step is None else compile_step(pure_step)
+        eval_step = make_sharded_eval_step(mesh, config.normalize)
+        return cls(
+            config, steps_per_epoch, num_classes, mesh, optim, schedule, pure_step, train_step, eval_step
+        )
+
+    def check_fits(self, config: TrainConfig, steps_per_epoch: int, num_classes: int, mesh: Mesh) -> None:
+        """Raise `ValueError` unless these steps were built for this config, data size and mesh."""
+        built = (self.config, self.steps_per_epoch, self.num_classes, self.mesh)
+        asked = (config, steps_per_epoch, num_classes, mesh)
+        names = ("config", "steps per epoch", "number of classes", "mesh")
+        differ = [name for name, a, b in zip(names, built, asked, strict=True) if a != b]
+        if differ:
+            raise ValueError(
+                f"These `TrainSteps` were built for another {', '.join(differ)} than this `fit` call's; "
+                f"build them with `TrainSteps.build` for this config, data and mesh, or leave `steps` out."
+            )
 
 
 @dataclasses.dataclass

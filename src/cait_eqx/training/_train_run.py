@@ -19,13 +19,13 @@ from .._atomic import atomic_write_bytes
 from .._io import save
 from .._model import CaiT
 from ..data import DataSource
+from ..parallel import to_host
 from ._checkpoint import list_checkpoints
 from ._config import RunConfig
+from ._fit import FitResult, fit
 from ._run import Run, build_model, load_run_data
-from ._sharding import to_host
 from ._signals import StopSignals
 from ._sources import LoadedSource, initial_model, load_source
-from ._trainer import FitResult, fit
 
 __all__ = ["RunSummary", "resume_run", "train_run"]
 

@@ -32,66 +32,49 @@ process loads only its rows of every global batch (`local_batch_rows`, the `rows
 `cait_eqx.data.TrainPipeline`) and passes them with `shard_batch(..., local=True)`; `to_host` gathers a
 sharded state for one process (`is_primary()`) to write.
 
-The code lives with the trainer that uses it (`cait_eqx/training/_sharding.py`, `_distributed.py`,
-`_sharded_steps.py`); this module is its public face.
+The room: `_mesh.py` (the mesh, and where arrays live on it: the placement rule, `shard_state`, `to_host`),
+`_hosts.py` (what each process loads and places: its rows of a global batch, `shard_batch`; joining a run of
+several processes) and `_compile.py` (the training and evaluation steps compiled for a mesh). It shares a
+layer with `cait_eqx.training`: `fit` trains on a mesh, and the steps compiled here are training's steps.
+The names are imported on first use (`cait_eqx._lazy`): `import cait_eqx.parallel` does not import JAX.
 """
 
-from .training._distributed import (
-    initialize_distributed as initialize_distributed,
-    is_primary as is_primary,
-    local_batch_rows as local_batch_rows,
-    shard_batch as shard_batch,
-)
-from .training._sharded_steps import (
-    make_sharded_eval_step as make_sharded_eval_step,
-    make_sharded_train_step as make_sharded_train_step,
-    shard_eval_step as shard_eval_step,
-    shard_train_step as shard_train_step,
-)
-from .training._sharding import (
-    BATCH_AXES as BATCH_AXES,
-    DATA_AXIS as DATA_AXIS,
-    DEFAULT_MIN_SHARD_SIZE as DEFAULT_MIN_SHARD_SIZE,
-    FSDP_AXIS as FSDP_AXIS,
-    MeshError as MeshError,
-    batch_sharding as batch_sharding,
-    check_batch_size as check_batch_size,
-    describe_mesh as describe_mesh,
-    make_mesh as make_mesh,
-    mesh_from_spec as mesh_from_spec,
-    num_batch_shards as num_batch_shards,
-    parse_mesh_spec as parse_mesh_spec,
-    partition_spec as partition_spec,
-    replicated as replicated,
-    shard_state as shard_state,
-    state_shardings as state_shardings,
-    to_host as to_host,
-)
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "BATCH_AXES",
-    "DATA_AXIS",
-    "DEFAULT_MIN_SHARD_SIZE",
-    "FSDP_AXIS",
-    "MeshError",
-    "batch_sharding",
-    "check_batch_size",
-    "describe_mesh",
-    "initialize_distributed",
-    "is_primary",
-    "local_batch_rows",
-    "make_mesh",
-    "make_sharded_eval_step",
-    "make_sharded_train_step",
-    "mesh_from_spec",
-    "num_batch_shards",
-    "parse_mesh_spec",
-    "partition_spec",
-    "replicated",
-    "shard_batch",
-    "shard_eval_step",
-    "shard_state",
-    "shard_train_step",
-    "state_shardings",
-    "to_host",
-]
+if TYPE_CHECKING:
+    from ._compile import (
+        make_sharded_eval_step as make_sharded_eval_step,
+        make_sharded_train_step as make_sharded_train_step,
+        replicate as replicate,
+        shard_eval_step as shard_eval_step,
+        shard_train_step as shard_train_step,
+    )
+    from ._hosts import (
+        initialize_distributed as initialize_distributed,
+        is_primary as is_primary,
+        local_batch_rows as local_batch_rows,
+        shard_batch as shard_batch,
+    )
+    from ._mesh import (
+        BATCH_AXES as BATCH_AXES,
+        DATA_AXIS as DATA_AXIS,
+        DEFAULT_MIN_SHARD_SIZE as DEFAULT_MIN_SHARD_SIZE,
+        FSDP_AXIS as FSDP_AXIS,
+        MeshError as MeshError,
+        batch_sharding as batch_sharding,
+        check_batch_size as check_batch_size,
+        describe_mesh as describe_mesh,
+        make_mesh as make_mesh,
+        mesh_from_spec as mesh_from_spec,
+        num_batch_shards as num_batch_shards,
+        parse_mesh_spec as parse_mesh_spec,
+        partition_spec as partition_spec,
+        replicated as replicated,
+        shard_state as shard_state,
+        state_shardings as state_shardings,
+        to_host as to_host,
+    )
+else:
+    from .._lazy import attach as _attach
+
+    __getattr__, __dir__, __all__ = _attach(__name__, __file__)

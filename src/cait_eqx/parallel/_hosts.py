@@ -1,4 +1,5 @@
-"""Batches on a mesh, and runs of several processes (one per host) that share one mesh.
+"""What each process loads and places: its rows of a global batch on the mesh, and runs of several processes
+(one per host) that share one mesh.
 
 Several hosts: start one process per host with `initialize_distributed(...)` (or the variables
 `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`) before anything else touches JAX; each
@@ -17,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
-from ._sharding import MeshError, batch_sharding, check_batch_size, num_batch_shards
+from ._mesh import MeshError, batch_sharding, check_batch_size, num_batch_shards
 
 __all__ = [
     "initialize_distributed",

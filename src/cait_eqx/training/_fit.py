@@ -20,16 +20,14 @@ from jaxtyping import PRNGKeyArray, PyTree
 from .._model import CaiT
 from .._surgery import with_compute_dtype, with_remat
 from ..data import DataSource, TrainPipeline, prefetch
+from ..parallel import check_batch_size, is_primary, local_batch_rows, mesh_from_spec, replicate, shard_batch
 from ._checkpoint import CheckpointInfo
 from ._config import TrainConfig
 from ._data import check_images, train_transform
-from ._distributed import is_primary, local_batch_rows, shard_batch
-from ._loop import Loop, LoopState, evaluate_model, run_steps, start_state
+from ._loop import Loop, LoopState, TrainSteps, evaluate_model, run_steps, start_state
 from ._metrics import MetricsLog
 from ._optim import ema_model
 from ._run import Run
-from ._sharded_steps import TrainSteps, replicate
-from ._sharding import check_batch_size, mesh_from_spec
 from ._signals import StopSignals
 from ._steps import EvalResult
 
