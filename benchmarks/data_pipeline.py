@@ -217,7 +217,8 @@ def file_list(spec: dict) -> dict:
 
 def _read_late(step: int, config, steps_per_epoch: int) -> int:
     """The first step from `step` on whose metrics `fit` reads after calling the next step: nothing is due
-    after it (no log, no epoch's end, no checkpoint; as `cait_eqx.training._loop` decides, from step 0)."""
+    after it (no log, no epoch's end, no checkpoint; as `fit`'s loop, `cait_eqx.training._fit`, decides,
+    from step 0)."""
     while (
         step % config.log_every == 0
         or step % steps_per_epoch == 0

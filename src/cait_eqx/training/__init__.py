@@ -45,9 +45,14 @@ if TYPE_CHECKING:
         StepConfig as StepConfig,
         TrainConfig as TrainConfig,
     )
-    from ._data import check_images as check_images, train_transform as train_transform
-    from ._fit import FitResult as FitResult, check_teacher as check_teacher, fit as fit
-    from ._loop import TrainSteps as TrainSteps
+    from ._fit import (
+        FitResult as FitResult,
+        TrainSteps as TrainSteps,
+        check_images as check_images,
+        check_teacher as check_teacher,
+        fit as fit,
+        train_transform as train_transform,
+    )
     from ._losses import (
         cross_entropy as cross_entropy,
         cutmix as cutmix,
