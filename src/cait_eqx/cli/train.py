@@ -30,7 +30,7 @@ from ._parser import (
     source_spec,
 )
 from ._report import report
-from ._sources import Sources, check_teacher_flags, init_model_flags, read_sources
+from ._source_flags import Sources, check_teacher_flags, init_model_flags, read_sources
 
 __all__ = [
     "DATASET_IMAGE_SIZE", "NON_CONFIG_FLAGS", "QUICK_MODEL", "QUICK_TRAIN", "RESUME_FLAGS",

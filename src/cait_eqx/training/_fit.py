@@ -53,11 +53,11 @@ from ._checkpoint import CheckpointError, CheckpointInfo, list_checkpoints, load
 from ._config import TrainConfig
 from ._metrics import MetricsLog, TrainWindow
 from ._optim import build_optimizer, ema_model
-from ._run import Run
 from ._signals import StopSignals
 from ._steps import EvalResult, NonFiniteLossError, evaluate, make_train_step
 
 __all__ = [
+    "CHECKPOINT_DIR",
     "FitResult",
     "Loop",
     "LoopState",
@@ -72,6 +72,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("cait_eqx")
+
+# Where `fit` keeps the checkpoints of a run directory (`Run.checkpoint_dir`).
+CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -346,24 +349,29 @@ def _check_resume(info: CheckpointInfo, config: TrainConfig) -> None:
 
 
 def start_state(
-    model: PyTree, config: TrainConfig, steps: TrainSteps, key: PRNGKeyArray, run: Run | None, resume: bool
+    model: PyTree,
+    config: TrainConfig,
+    steps: TrainSteps,
+    key: PRNGKeyArray,
+    checkpoint_dir: Path | None,
+    resume: bool,
 ) -> LoopState:
-    """The loop's first state: `model` fresh, or the newest checkpoint of `run` when resuming."""
+    """The loop's first state: `model` fresh, or the newest checkpoint in `checkpoint_dir` when resuming."""
     opt_state = steps.optim.init(eqx.filter(model, eqx.is_array))
     state = LoopState(model, opt_state, key)
-    checkpoints = list_checkpoints(run.checkpoint_dir) if run is not None else []
+    checkpoints = list_checkpoints(checkpoint_dir) if checkpoint_dir is not None else []
     found = bool(checkpoints)
     if found and not resume:
         raise ValueError(
-            f"{run.path} already holds checkpoints of a run: continue it with `resume=True` or train into a "
-            f"new directory."
+            f"{checkpoint_dir.parent} already holds checkpoints of a run: continue it with `resume=True` or "
+            f"train into a new directory."
         )
     if found:
         # Settings first: some (`freeze`) change the optimiser state's structure, which loading would refuse
         # without naming the setting.
         _check_resume(checkpoints[-1], config)
         state.model, state.opt_state, state.key, info = load_checkpoint(
-            run.checkpoint_dir, model=model, opt_state=opt_state
+            checkpoint_dir, model=model, opt_state=opt_state
         )
         _check_resume(info, config)
         state.step, state.checkpoint = info.step, info
@@ -680,7 +688,8 @@ def fit(
     - `train_data`, `test_data`: `Dataset`s; `test_data` may be `None`.
     - `config`: a `TrainConfig`.
     - `key`: the run's `jax.random.key`. (Keyword only argument, like all that follow.)
-    - `run_dir`: where `metrics.jsonl` and `checkpoints/` go (`Run(run_dir)`); `None` writes nothing.
+    - `run_dir`: where `metrics.jsonl` and `checkpoints/` go (as `Run(run_dir)` reads them); `None` writes
+        nothing.
     - `resume`: continue from the newest intact checkpoint in `run_dir/checkpoints` (from the start if there
         is none). The model, optimiser and settings must be those of the run.
     - `max_steps`: stop (with a checkpoint) once this many steps are done in total.
@@ -759,11 +768,12 @@ def fit(
     else:
         steps.check_fits(config, pipeline.steps_per_epoch, num_classes, mesh)
         train_step = steps.train_step if compile_step is None else compile_step(steps.pure_step)
-    run = None if run_dir is None else Run(run_dir)
+    run_dir = None if run_dir is None else Path(run_dir)
+    checkpoint_dir = None if run_dir is None else run_dir / CHECKPOINT_DIR
     # The model's structure (its static fields too) before the optimiser state, which holds it.
-    state = start_state(_prepare_model(model, config), config, steps, key, run, resume)
-    if run is not None and primary:
-        run.path.mkdir(parents=True, exist_ok=True)
+    state = start_state(_prepare_model(model, config), config, steps, key, checkpoint_dir, resume)
+    if run_dir is not None and primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
     total_steps = config.epochs * pipeline.steps_per_epoch
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
     signals = StopSignals(enabled=handle_signals) if stop is None else stop
@@ -774,11 +784,11 @@ def fit(
         test_data=test_data,
         total_steps=total_steps,
         stop_at=stop_at,
-        checkpoint_dir=None if run is None else run.checkpoint_dir,
+        checkpoint_dir=checkpoint_dir,
         primary=primary,
         several_processes=several_processes,
         log=_metrics_log(
-            config, run.path if run is not None and primary else None, state.step if resume else None
+            config, run_dir if primary else None, state.step if resume else None
         ),
         signals=signals,
         on_step=on_step,
