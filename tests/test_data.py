@@ -1,4 +1,4 @@
-"""Datasets, the image-folder reader, arrays/.npz, the seeded batch loader, prefetching and augmentation."""
+"""Datasets, the image-folder reader, arrays/.npz, the seeded training batches, prefetching and augmentation."""
 
 import threading
 
