@@ -13,7 +13,7 @@ Measured:
 - peak resident memory of each contender in a fresh subprocess.
 
 With `--huge-pages on` the whole measurement (so both contenders) runs with glibc's `glibc.malloc.hugetlb=1`, in
-a child process started with it: see the README here ("Allocator") for what it changes and by how much.
+a child process started with it: see the README here ("Huge pages") for what it changes and by how much.
 
 Run `python benchmarks/bench.py --help`; `benchmarks/README.md` has the commands and the results.
 """
@@ -21,8 +21,10 @@ Run `python benchmarks/bench.py --help`; `benchmarks/README.md` has the commands
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -185,6 +187,33 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def source_meta() -> dict:
+    """Where the measured `cait_eqx` is (found without importing it) and a digest of its Python files."""
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(importlib.util.find_spec("cait_eqx").submodule_search_locations[0])
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return dict(cait_eqx_path=str(root), cait_eqx_source_sha256=digest.hexdigest()[:16])
+
+
+@contextlib.contextmanager
+def holding(lock: str | None):
+    """Hold an exclusive `flock` on the file `lock` (created if missing) while inside; nothing if None."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: str, data: Any) -> None:

@@ -51,7 +51,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import allocator  # noqa: E402
 import bench  # noqa: E402
 
 PARTS = ("rss", "digits", "deit")
@@ -165,7 +164,7 @@ def ensure_folder(folder: Path, spec: dict, args) -> dict:
 def locked(args):
     """Hold `--lock` while inside; the time spent waiting for it is added up (and left out of the totals)."""
     asked = time.perf_counter()
-    with allocator.holding(args.lock):
+    with bench.holding(args.lock):
         args.lock_wait_s += time.perf_counter() - asked
         yield
 
@@ -218,7 +217,8 @@ def file_list(spec: dict) -> dict:
 
 def _read_late(step: int, config, steps_per_epoch: int) -> int:
     """The first step from `step` on whose metrics `fit` reads after calling the next step: nothing is due
-    after it (no log, no epoch's end, no checkpoint; as `cait_eqx.training._loop` decides, from step 0)."""
+    after it (no log, no epoch's end, no checkpoint; as `fit`'s loop, `cait_eqx.training._fit`, decides,
+    from step 0)."""
     while (
         step % config.log_every == 0
         or step % steps_per_epoch == 0
@@ -825,7 +825,7 @@ def main(argv=None) -> int:
             parts=parts,
             quick=args.quick,
             git_head=_git_head(),
-            **allocator.source_meta(),
+            **bench.source_meta(),
         ),
         generated=[],
         file_list=[],

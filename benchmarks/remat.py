@@ -12,8 +12,8 @@ memory is measured alone. A worker builds the model (random weights) with the po
 XLA's own account of the compiled program's scratch memory (`memory_analysis().temp_size_in_bytes`: the
 activations kept for the backward pass and every other temporary of one step), runs `--warmup` steps, then
 times `--steps` consecutive steps and reports the median, with the peak resident set during those steps
-(`VmHWM`, reset after the warm-up) and up to the end of the warm-up (compilation included). Every worker
-first calls `cait_eqx.training.configure_allocator(--allocator)`, as `cait-eqx train` does.
+(`VmHWM`, reset after the warm-up) and up to the end of the warm-up (compilation included). Every worker runs
+with the glibc tunables of the environment it is started in (`GLIBC_TUNABLES`, recorded).
 
 Run `python benchmarks/remat.py --help`; the results are in `benchmarks/README.md` ("Rematerialisation").
 """
@@ -31,7 +31,6 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import allocator  # noqa: E402
 import bench  # noqa: E402
 import train_step_variants  # noqa: E402
 
@@ -43,9 +42,6 @@ def worker(spec: dict) -> dict:
     import resource
     import time
 
-    from cait_eqx.training import configure_allocator
-
-    applied = configure_allocator(spec["allocator"])  # before JAX computes anything
     import equinox as eqx
     import jax.numpy as jnp
     import jax.random as jr
@@ -93,7 +89,6 @@ def worker(spec: dict) -> dict:
         title=conf.title,
         batch=batch,
         policy=spec["policy"],
-        allocator=dict(mode=applied.mode, applied=dict(applied.applied)),
         glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
         trace_s=t1 - t0,
         compile_s=t2 - t1,
@@ -109,7 +104,7 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(config: str, policy: str, args) -> dict:
-    spec = dict(config=config, policy=policy, steps=args.steps, warmup=args.warmup, allocator=args.allocator)
+    spec = dict(config=config, policy=policy, steps=args.steps, warmup=args.warmup)
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -126,7 +121,7 @@ def run_worker(config: str, policy: str, args) -> dict:
             else {}
         ),
     )
-    with allocator.holding(args.lock):
+    with bench.holding(args.lock):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
@@ -136,7 +131,9 @@ def run_worker(config: str, policy: str, args) -> dict:
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
-        f"{meta['threads']} threads, `configure_allocator({meta['allocator']!r})`"
+        f"{meta['threads']} threads"
+        # Results measured before the allocator setting was removed name the mode they ran under.
+        + (f", `configure_allocator({meta['allocator']!r})`" if "allocator" in meta else "")
         + (f", GLIBC_TUNABLES={meta['glibc_tunables']}" if meta.get("glibc_tunables") else "")
         + "; medians over "
         f"{meta['rounds']} "
@@ -175,9 +172,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="timed consecutive steps per process (median kept)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call, per process")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (affinity), as in bench.py")
-    p.add_argument(
-        "--allocator", default="auto", help="`configure_allocator` mode every worker applies first"
-    )
     p.add_argument("--lock", metavar="PATH", help="hold an exclusive flock on PATH while each worker runs")
     p.add_argument(
         "--jax-cache",
@@ -219,10 +213,9 @@ def main(argv=None) -> int:
                 steps=args.steps,
                 warmup=args.warmup,
                 threads=args.threads,
-                allocator=args.allocator,
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 policies=policies,
-                **allocator.source_meta(),
+                **bench.source_meta(),
             ),
             runs=[],
         )

@@ -13,6 +13,7 @@ directory (shared by both; process 0 alone writes the metrics and the checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.random as jr
     import numpy as np
 
-    from cait_eqx.data import BatchLoader
+    from cait_eqx.data import TrainPipeline
 
     model, optim, config, data, key = setup()
     mesh = parallel.mesh_from_spec(args.mesh)
@@ -96,16 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     opt_state = optim.init(eqx.filter(model, eqx.is_array))
     model, opt_state = parallel.shard_state((model, opt_state), mesh, min_size=MIN_SHARD_SIZE)
     step = parallel.make_sharded_train_step(optim, config, mesh, min_size=MIN_SHARD_SIZE)
-    loader = BatchLoader(data, GLOBAL_BATCH, seed=0)
     rows = parallel.local_batch_rows(mesh, GLOBAL_BATCH)
+    # This process's rows of every global batch, as `fit` loads them.
+    pipeline = TrainPipeline(data, GLOBAL_BATCH, seed=0, rows=rows, workers=0)
     losses, local_rows = [], []
-    for i, batch in enumerate(parallel.process_local_batches(loader, mesh)):
-        if i == args.steps:
-            break
-        local_rows.append(len(batch.images))
-        sharded = parallel.shard_batch((batch.images, batch.labels), mesh, local=True)
-        model, opt_state, metrics = step(model, opt_state, sharded, jr.fold_in(key, i))
-        losses.append(float(metrics["loss"]))
+    with contextlib.closing(pipeline.batches(0, 0, stop_epoch=1)) as batches:
+        for i, batch in zip(range(args.steps), batches, strict=False):
+            local_rows.append(len(batch.images))
+            sharded = parallel.shard_batch((batch.images, batch.labels), mesh, local=True)
+            model, opt_state, metrics = step(model, opt_state, sharded, jr.fold_in(key, i))
+            losses.append(float(metrics["loss"]))
 
     qkv = model.blocks.attn.qkv.weight
     eval_step = parallel.make_sharded_eval_step(mesh, min_size=MIN_SHARD_SIZE)

@@ -344,50 +344,6 @@ def jax_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("jax-cache")
 
 
-def test_allocator_script_quick_mode(tmp_path, jax_cache):
-    """`allocator.py --quick` (behind the README's allocator table) runs one fresh worker per setting, each
-    under exactly its setting: the huge-page tunable in the environment it started with for `hugetlb` and
-    `both`, the `mallopt` settings applied in-process for `reuse` and `both`; the table renders the JSON."""
-    import allocator
-
-    script = ROOT / "benchmarks" / "allocator.py"
-    path = tmp_path / "allocator.json"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--quick", "--jax-cache", str(jax_cache), "--json", str(path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env=dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1"),  # the workers' own settings must win
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(path.read_text())
-    (table,) = _tables(proc.stdout)
-    assert [cells[2] for cells in table] == list(allocator.DEFAULT_SETTINGS)
-    for cells in table:
-        assert float(cells[3]) > 0 and float(cells[5]) >= 0 and float(cells[6]) >= 0
-        assert all(float(c) > 50 for c in cells[7:11]), cells  # MB of a Python process with JAX loaded
-    assert table[0][4] == "1.00×"
-    runs = {r["setting"]: r for r in results["runs"]}
-    glibc = results["meta"]["libc"].startswith("glibc")
-    for setting, r in runs.items():
-        hugetlb = setting in ("hugetlb", "both")
-        assert r["glibc_tunables"] == f"glibc.malloc.hugetlb={int(hugetlb)}", r["glibc_tunables"]
-        assert bool(r["allocator"]["applied"]) == (glibc and setting in ("reuse", "both")), r["allocator"]
-        assert len(r["step_times_s"]) == results["meta"]["steps"] == 3 and r["step_s"] in r["step_times_s"]
-        assert (r["first_third_s"], r["last_third_s"]) == (r["step_times_s"][0], r["step_times_s"][-1])
-        assert r["steady_peak_mb"] >= r["rss_before_steps_mb"] * 0.99
-        if glibc:
-            assert r["heap_after_steps"]["heap_mb"] > 0 and isinstance(r["trim_released"], bool)
-    proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
-    assert proc.returncode == 0 and _tables(proc.stdout) == [table], proc.stderr
-
-
-def test_allocator_script_rejects_an_unknown_setting():
-    script = ROOT / "benchmarks" / "allocator.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--settings", "default,fast"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode != 0 and "--settings: unknown or no setting(s) ['fast']" in proc.stderr
-
-
 def test_remat_script_quick_mode(tmp_path, jax_cache):
     """`remat.py --quick` (behind the README's rematerialisation table) runs one fresh worker per policy, and
     the policy reaches the compiled program: XLA's scratch memory for a step that keeps nothing for the
@@ -413,7 +369,9 @@ def test_remat_script_quick_mode(tmp_path, jax_cache):
     assert set(runs) == set(remat.POLICIES)
     assert runs["full"]["temp_mb"] < runs["none"]["temp_mb"], {p: r["temp_mb"] for p, r in runs.items()}
     for r in runs.values():
-        assert r["allocator"]["mode"] == "auto" and len(r["step_times_s"]) == 2
+        # No allocator set-up in the worker: the glibc tunables it started with are recorded instead.
+        assert "allocator" not in r and r["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")
+        assert len(r["step_times_s"]) == 2
     proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and _tables(proc.stdout) == [table], proc.stderr

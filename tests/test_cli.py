@@ -265,7 +265,6 @@ def test_a_non_square_image_size_reaches_the_data_and_the_model(tmp_path):
         (["train", "--dtype", "int8"], "--dtype: must be one of"),
         (["train", "--remat", "some"], "--remat: invalid choice: 'some'"),
         (["train", "--cls-mlp-dim", "0"], "--cls-mlp-dim: must be >= 1"),
-        (["train", "--allocator", "huge"], "--allocator: invalid choice: 'huge'"),
     ],
 )
 def test_new_flags_are_checked_as_their_fields(argv, message, capsys):
@@ -292,41 +291,8 @@ def test_help_imports_no_jax():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.splitlines()
-    assert "--talking-heads, --no-talking-heads" in proc.stdout and "--allocator" in proc.stdout
+    assert "--talking-heads, --no-talking-heads" in proc.stdout and "--max-steps" in proc.stdout
     assert out[-1] == "[]", f"building the parser imported {out[-1]}"
-
-
-# ------------------------------------------------------------------------------------------- allocator
-
-
-def test_the_allocator_is_set_first_in_train_and_only_there(monkeypatch, tmp_path, capsys):
-    """`--allocator` reaches `configure_allocator` before JAX's devices are touched; other commands never."""
-    from cait_eqx import parallel
-
-    calls = []
-    monkeypatch.setattr(training, "configure_allocator", lambda mode: calls.append(f"allocator {mode}"))
-    monkeypatch.setattr(parallel, "initialize_distributed", lambda *args: calls.append("devices"))
-    # The unknown variant is found after the allocator is set: proof that the command ran past parsing.
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--allocator", "reuse", "--model", "cait_xxs25_224", "--out", str(tmp_path / "r")])
-    assert exit_info.value.code == 2 and "Did you mean 'cait_xxs24_224'" in capsys.readouterr().err
-    assert calls == ["allocator reuse", "devices"]
-    calls.clear()
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--model", "cait_xxs25_224"])
-    # malloc is left alone unless asked (reuse was not measured faster on every model), from Python ...
-    assert calls == ["allocator default", "devices"]
-    calls.clear()
-    monkeypatch.setattr(sys, "argv", ["cait-eqx", "train", "--model", "cait_xxs25_224"])
-    with pytest.raises(SystemExit):
-        cli.main()  # ... and as the `cait-eqx` program
-    assert calls == ["allocator default", "devices"]
-    calls.clear()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["evaluate", str(tmp_path)])  # an existing directory that holds no run: reaches `evaluate`
-    assert exit_info.value.code == 2 and "No run configuration" in capsys.readouterr().err
-    assert cli.main(["train", "--list-models"]) == 0
-    assert calls == []
 
 
 def test_an_interrupt_outside_the_training_loop_says_what_to_do(monkeypatch, tmp_path, capsys):
@@ -337,7 +303,7 @@ def test_an_interrupt_outside_the_training_loop_says_what_to_do(monkeypatch, tmp
 
     monkeypatch.setattr(training, "load_run_data", interrupted)
     run_dir = tmp_path / "run"
-    assert cli.main(["train", "--quick", "--allocator", "default", "--out", str(run_dir)]) == 130
+    assert cli.main(["train", "--quick", "--out", str(run_dir)]) == 130
     err = capsys.readouterr().err
     expected = f"the run had not started (no {run_dir / 'config.json'} yet): start it again"
     assert err == f"cait-eqx: interrupted; {expected}\n", err
@@ -345,7 +311,7 @@ def test_an_interrupt_outside_the_training_loop_says_what_to_do(monkeypatch, tmp
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(training.RunConfig().to_dict()))
     monkeypatch.setattr(training, "train_run", interrupted)
-    assert cli.main(["train", "--resume", str(run_dir), "--allocator", "default", "--no-progress"]) == 130
+    assert cli.main(["train", "--resume", str(run_dir), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert err.endswith(f"cait-eqx: interrupted; continue from its newest checkpoint with: "
                         f"cait-eqx train --resume {run_dir}\n"), err

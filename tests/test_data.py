@@ -1,4 +1,4 @@
-"""Datasets, the image-folder reader, arrays/.npz, the seeded batch loader, prefetching and augmentation."""
+"""Datasets, the image-folder reader, arrays/.npz, the seeded training batches, prefetching and augmentation."""
 
 import threading
 
@@ -176,7 +176,8 @@ def _toy(n=10):
 
 
 def test_batch_loader_epochs_are_seeded_permutations():
-    loader = data.BatchLoader(_toy(10), 3, seed=5)
+    """The training batches `fit` trains on (`TrainPipeline`, here reading in this process)."""
+    loader = data.TrainPipeline(_toy(10), 3, seed=5, workers=0)
     assert loader.steps_per_epoch == 3
     batches = list(loader.batches(0, 0, stop_epoch=3))
     assert [(b.epoch, b.index) for b in batches] == [(e, i) for e in range(3) for i in range(3)]
@@ -185,16 +186,16 @@ def test_batch_loader_epochs_are_seeded_permutations():
         assert len(set(seen.tolist())) == 9  # no example twice in an epoch; one dropped (10 = 3*3 + 1)
     assert not np.array_equal(per_epoch[0], per_epoch[1])  # reshuffled each epoch
     # Same seed: same order; resuming mid-run gives exactly the tail of the full stream.
-    again = data.BatchLoader(_toy(10), 3, seed=5)
+    again = data.TrainPipeline(_toy(10), 3, seed=5, workers=0)
     tail = list(again.batches(1, 2, stop_epoch=3))
     assert [(b.epoch, b.index) for b in tail] == [(e, i) for e, i in [(1, 2), (2, 0), (2, 1), (2, 2)]]
     for b, ref in zip(tail, batches[5:], strict=False):
         np.testing.assert_array_equal(b.images, ref.images)
         np.testing.assert_array_equal(b.labels, ref.labels)
-    other = next(data.BatchLoader(_toy(10), 3, seed=6).batches())
+    other = next(data.TrainPipeline(_toy(10), 3, seed=6, workers=0).batches(0, 0, stop_epoch=1))
     assert not np.array_equal(other.images, batches[0].images)
     with pytest.raises(ValueError, match="fewer than one batch"):
-        data.BatchLoader(_toy(4), 5, seed=0)
+        data.TrainPipeline(_toy(4), 5, seed=0, workers=0)
 
 
 def test_eval_batches_pad_and_mark_the_tail():

@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import cait_eqx
 from cait_eqx import cli, parallel
-from cait_eqx.data import BatchLoader
+from cait_eqx.data import TrainPipeline
 from cait_eqx.training import fit, list_checkpoints, load_checkpoint, save_checkpoint
 
 WORKER = Path(__file__).with_name("_parallel_worker.py")
@@ -87,11 +87,14 @@ def _train(spec: str, steps: int, *, start: int = 0, state=None):
     if state is None:
         state = (model, optim.init(eqx.filter(model, eqx.is_array)))
     model, opt_state = parallel.shard_state(state, mesh, min_size=MIN_SHARD_SIZE)
-    batches = BatchLoader(data, GLOBAL_BATCH, seed=0).batches(0, start)
+    # The batches `fit` reads (in this process), from batch number `start`.
+    pipeline = TrainPipeline(data, GLOBAL_BATCH, seed=0, workers=0)
     losses = []
-    for i, batch in zip(range(start, start + steps), batches, strict=False):
-        model, opt_state, metrics = step(model, opt_state, (batch.images, batch.labels), jr.fold_in(key, i))
-        losses.append(float(metrics["loss"]))
+    with contextlib.closing(pipeline.batches(*divmod(start, pipeline.steps_per_epoch))) as batches:
+        for i, batch in zip(range(start, start + steps), batches, strict=False):
+            images_labels = (batch.images, batch.labels)
+            model, opt_state, metrics = step(model, opt_state, images_labels, jr.fold_in(key, i))
+            losses.append(float(metrics["loss"]))
     return model, opt_state, np.asarray(losses)
 
 

@@ -466,9 +466,9 @@ def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, getkey, d
     train, _ = digits
     images = train.images.astype(np.float32) / 255
     config = _config(mixup_alpha=0.0, cutmix_alpha=0.0, ema_decay=None, checkpoint_every=1)
-    loader = data.BatchLoader(train, config.batch_size, seed=config.seed)
+    order = data.Sampler(len(train), config.batch_size, config.seed).order(0)  # `fit`'s order of epoch 0
     poisoned_step = 3  # epoch 0, batch 2: poison one of its images (it comes back once in epoch 1)
-    images[loader.order(0)[2 * config.batch_size + 5], 0, 3, 3] = np.nan
+    images[order[2 * config.batch_size + 5], 0, 3, 3] = np.nan
     bad = data.Dataset(images, train.labels, train.class_names, "poisoned")
     model = _tiny(getkey())
     with pytest.raises(training.NonFiniteLossError, match=f"at step {poisoned_step}") as caught:

@@ -20,9 +20,7 @@ TYPECHECKING_ENABLED: bool = _os.environ.get("CAIT_EQX_TYPECHECK", "1").strip().
 
 # Pure-Python modules that `cait-eqx --help` imports and that hold no array code: left unchecked, because the
 # first function jaxtyping's hook decorates imports JAX (seconds), and the help must answer at once.
-_UNCHECKED = frozenset(
-    {"_spec", "_config", "_constants", "_lazy", "cli", "training._config", "training._allocator"}
-)
+_UNCHECKED = frozenset({"_spec", "_config", "_constants", "_lazy", "cli", "training._config"})
 
 
 def _checked_modules() -> list[str]:

@@ -30,7 +30,7 @@ from ._parser import (
     source_spec,
 )
 from ._report import report
-from ._sources import Sources, check_teacher_flags, init_model_flags, read_sources
+from ._source_flags import Sources, check_teacher_flags, init_model_flags, read_sources
 
 __all__ = [
     "DATASET_IMAGE_SIZE", "NON_CONFIG_FLAGS", "QUICK_MODEL", "QUICK_TRAIN", "RESUME_FLAGS",
@@ -48,12 +48,12 @@ NON_CONFIG_FLAGS = (
     "--model", "--list-models", "--init",  # model
     "--dataset", "--test-fraction", "--split-seed",  # data (`--image-size` is `CaiTConfig.image_size`)
     "--teacher",  # recipe: distillation
-    "--out", "--resume", "--quick", "--max-steps", "--no-progress", "--allocator",  # run
+    "--out", "--resume", "--quick", "--max-steps", "--no-progress",  # run
     "--mesh", "--coordinator-address", "--num-processes", "--process-id",  # devices
 )
 # What `--resume` may be given with: how this process runs, never what the run trains.
 RESUME_FLAGS = (
-    "--resume", "--max-steps", "--no-progress", "--allocator",
+    "--resume", "--max-steps", "--no-progress",
     "--mesh", "--coordinator-address", "--num-processes", "--process-id",
     "--log", "--data-workers",  # where records go and who reads the data: never what is trained
 )
@@ -120,11 +120,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add(run_group, "--max-steps", type=int_at_least(0), metavar="N",
         help="stop (with a checkpoint) after N steps")
     add(run_group, "--no-progress", action="store_true", help="no progress bar")
-    add(run_group, "--allocator", choices=training.ALLOCATOR_MODES, default=None,
-        help="glibc malloc settings for the CPU train step, set in this process before JAX allocates "
-        "(cait_eqx.training.configure_allocator): default (leave malloc alone; the default), reuse (each "
-        "step's large scratch buffer is reused instead of mapped afresh), auto (reuse only where measured "
-        "faster: nowhere yet). See benchmarks/README.md, Allocator")
 
     devices = train.add_argument_group(
         "devices (data-parallel and parameter-sharded training; several hosts)",
@@ -240,14 +235,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
     if args.list_models:
         print("\n".join(cait_eqx.list_models()))
         return 0
-    try:
-        # First: before JAX allocates anything. Left alone unless asked: `reuse` was not measured faster on
-        # every model (benchmarks/results/allocator.json), so it is no default.
-        mode = args.allocator or "default"
-        allocator = training.configure_allocator(mode)
-    except RuntimeError as error:
-        print(f"cait-eqx train: error: {error}", file=sys.stderr)
-        return 1
     from cait_eqx import parallel
 
     try:
@@ -361,9 +348,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
                 hint = f" Its newest checkpoint is kept: continue with cait-eqx train --resume {run_dir}"
             print(f"cait-eqx train: stopped: {error}{hint}", file=sys.stderr)
             return 1
-        finally:
-            if allocator.active:
-                training.release_free_memory()  # the last step's scratch buffer, kept for a next step
         run = training.Run(run_dir)
         # Nothing to draw before the first logged step (e.g. `--max-steps` below `--log-every`), nor once a
         # stop is asked for (`cait-eqx plot RUN_DIR` draws them later).

@@ -9,7 +9,7 @@
 - `TrainPipeline`: shuffled, seeded, resumable training batches read by Grain in worker processes
   (`Sampler`: the order, with DeiT's repeated augmentation; `DataWorkerError`: a worker died);
   `find_bad_images`: the `--check-data` pass.
-- `BatchLoader`: shuffled, seeded, resumable batches in memory; `prefetch` runs them ahead in a thread.
+- `eval_batches`: a dataset in order, in fixed-size batches; `prefetch` runs an iterator ahead in a thread.
 - `Augment`, `random_crop`, `random_flip`: per-image augmentation in JAX, driven by explicit keys.
 - `TrainTransform`, `EvalTransform`: DeiT's (timm's) per-image transforms in the data workers, NumPy and PIL,
   every draw from a `np.random.Generator` (`rrc_params`, `resized_crop`, `hflip`, `vflip`, `RandAugment`,
@@ -51,12 +51,7 @@ if TYPE_CHECKING:
         rrc_params as rrc_params,
         vflip as vflip,
     )
-    from ._loader import (
-        Batch as Batch,
-        BatchLoader as BatchLoader,
-        eval_batches as eval_batches,
-        prefetch as prefetch,
-    )
+    from ._loader import eval_batches as eval_batches, prefetch as prefetch
     from ._pipeline import (
         BAD_IMAGE_POLICIES as BAD_IMAGE_POLICIES,
         PipelineBatch as PipelineBatch,

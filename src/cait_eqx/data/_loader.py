@@ -1,8 +1,7 @@
-"""Seeded, resumable batch iteration with background prefetching."""
+"""Evaluation batches in dataset order, and running an iterator ahead in a thread (`prefetch`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -10,92 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._datasets import Dataset
-from ._pipeline import Sampler
-
-__all__ = ["Batch", "BatchLoader", "eval_batches", "prefetch"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """One training batch and where it sits in the data stream.
-
-    `epoch` and `index` (the batch's number within its epoch) are the data position a checkpoint records.
-    `images` and `labels` are NumPy arrays, or device arrays once `put` has run on them.
-    """
-
-    epoch: int
-    index: int
-    images: Any
-    labels: Any
-
-
-class BatchLoader:
-    """Shuffled, seeded batches of a `Dataset`, epoch after epoch, restartable at any (epoch, batch) position.
-
-    The order of epoch `e` is a permutation drawn from `numpy.random.default_rng([seed, e])`: it depends only
-    on the seed and the epoch number (never on a global RNG or on earlier iteration), so a resumed run sees
-    exactly the batches the interrupted run would have seen. Incomplete last batches are dropped
-    (`drop_last`), so every batch has the same shape and the training step compiles once; the dropped
-    examples differ from epoch to epoch.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool = True):
-        """**Arguments:**
-
-        - `dataset`: the examples.
-        - `batch_size`: examples per batch; at most `len(dataset)`.
-        - `seed`: the shuffling seed. (Keyword only argument.)
-        - `shuffle`: shuffle every epoch (otherwise dataset order). (Keyword only argument.)
-        """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-        if len(dataset) < batch_size:
-            raise ValueError(
-                f"The dataset {dataset.name!r} has {len(dataset)} examples, fewer than one batch of "
-                f"{batch_size}. Use a batch size of at most {len(dataset)} or more data."
-            )
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = int(seed)
-        self.shuffle = shuffle
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.dataset) // self.batch_size
-
-    def order(self, epoch: int) -> np.ndarray:
-        """The example indices of `epoch`, in the order they are served."""
-        return Sampler(len(self.dataset), self.batch_size, self.seed, self.shuffle).order(epoch)
-
-    def batches(
-        self,
-        start_epoch: int = 0,
-        start_index: int = 0,
-        stop_epoch: int | None = None,
-        *,
-        rows: slice = slice(None),
-    ) -> Iterator[Batch]:
-        """Batches from position `(start_epoch, start_index)` to the end of epoch `stop_epoch - 1`.
-
-        **Arguments:**
-
-        - `start_epoch`, `start_index`: the position of the first batch (a checkpoint's data position).
-        - `stop_epoch`: stop before this epoch; `None` runs forever.
-        - `rows`: which rows of each batch to load (all by default; one process's share on a multi-host
-            mesh, see `cait_eqx.parallel.process_local_batches`). (Keyword only argument.)
-
-        **Returns:** an iterator of `Batch` with NumPy `images` and `int32` `labels`.
-        """
-        if not 0 <= start_index <= self.steps_per_epoch:
-            raise ValueError(f"`start_index` must be in [0, {self.steps_per_epoch}], got {start_index}.")
-        epoch, index = start_epoch, start_index
-        while stop_epoch is None or epoch < stop_epoch:
-            order = self.order(epoch)
-            for b in range(index, self.steps_per_epoch):
-                take = order[b * self.batch_size : (b + 1) * self.batch_size][rows]
-                yield Batch(epoch, b, self.dataset.read(take), self.dataset.labels[take].astype(np.int32))
-            epoch, index = epoch + 1, 0
+__all__ = ["eval_batches", "prefetch"]
 
 
 def eval_batches(dataset: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -4,8 +4,8 @@ The stream is a `grain.MapDataset` whose element `b` is global batch number `b` 
 as this process loads it: the examples come from the `Sampler`'s order of that epoch (DeiT's repeated
 augmentation included), this process's rows of it only, each read (and, with a `transform`, augmented from
 a generator seeded by its position) by `_BatchReader`. Everything an element holds is a pure function of
-`b`, so any number of workers gives the same bytes, and a run resumes exactly from a Grain iterator state
-or from a batch number.
+`b`, so any number of workers gives the same bytes, and a run resumes exactly from its batch number (a
+checkpoint holds no iterator state: the position says it all).
 """
 
 from __future__ import annotations
@@ -152,18 +152,14 @@ class _BatchReader:
 
 @dataclasses.dataclass
 class PipelineBatch:
-    """One batch from `TrainPipeline.batches`: its position, its arrays, and the state to resume after it.
-
-    `state` is what a checkpoint taken after this batch records (`TrainPipeline.batches(state=...)` goes
-    on from there); `skipped` counts the unreadable examples replaced in it (`bad_images="skip"`).
-    """
+    """One batch from `TrainPipeline.batches`: its position, its arrays, and `skipped`, the unreadable
+    examples replaced in it (`bad_images="skip"`)."""
 
     epoch: int
     index: int
     images: np.ndarray
     labels: np.ndarray
     skipped: int
-    state: dict[str, Any]
 
 
 class TrainPipeline:
@@ -233,18 +229,14 @@ class TrainPipeline:
         start_epoch: int = 0,
         start_index: int = 0,
         stop_epoch: int | None = None,
-        *,
-        state: dict[str, Any] | None = None,
     ) -> Iterator[PipelineBatch]:
-        """Batches from position `(start_epoch, start_index)` to the end of epoch `stop_epoch - 1`.
+        """Batches from position `(start_epoch, start_index)` to the end of epoch `stop_epoch - 1`: the same
+        bytes whatever the position the stream starts at (a resumed run passes its checkpoint's).
 
         **Arguments:**
 
         - `start_epoch`, `start_index`: the position of the first batch.
         - `stop_epoch`: stop before this epoch; `None`: run on (for 2**40 batches).
-        - `state`: a `PipelineBatch.state` from a checkpoint at this position: the Grain iterator goes on
-            from it when it was saved with as many workers as this pipeline has (otherwise, and without
-            one, the stream starts at the position: the same batches). (Keyword only argument.)
 
         **Returns:** a generator of `PipelineBatch`; closing it stops the workers.
         """
@@ -253,25 +245,12 @@ class TrainPipeline:
             raise ValueError(f"`start_index` must be in [0, {spe}], got {start_index}.")
         position = start_epoch * spe + start_index
         stop = 2**40 if stop_epoch is None else stop_epoch * spe
-        start, restore = position, None
-        if state is not None and state.get("workers") == self.workers and "grain" in state:
-            start, restore = int(state["start"]), state["grain"]
         if position >= stop:
             return
-        iterator = self._iterator(start, stop)
+        iterator = self._iterator(position, stop)
         try:
-            if restore is not None:
-                iterator.set_state(restore)
-            expected = position
             for element in iterator:
-                b = int(element["batch"])
-                if b != expected:
-                    raise RuntimeError(
-                        f"The data pipeline gave batch {b} where batch {expected} was due: the saved data "
-                        f"state does not match the checkpoint's position. Resume with the same data settings."
-                    )
-                expected += 1
-                epoch, index = divmod(b, spe)
+                epoch, index = divmod(int(element["batch"]), spe)
                 # Copies: Grain's arrays may live in shared memory that the next batches reuse.
                 yield PipelineBatch(
                     epoch,
@@ -279,7 +258,6 @@ class TrainPipeline:
                     np.array(element["images"]),
                     np.array(element["labels"]),
                     int(element["skipped"]),
-                    {"start": start, "workers": self.workers, "grain": iterator.get_state()},
                 )
         except RuntimeError as error:
             died = worker_died(error, self.workers, "preparing training batches")

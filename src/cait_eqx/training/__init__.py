@@ -1,28 +1,28 @@
-"""Training CaiT with Equinox and optax: the DeiT/CaiT recipe, the steps, checkpoints, the fit loop, runs.
+"""Training CaiT with Equinox and optax: the DeiT/CaiT recipe, the steps, checkpoints, `fit`, runs.
 
-- The recipe, declared once: `TrainConfig` (every field with its default, check and help; its `"step"`
-  fields make `StepConfig`), and `RunConfig` (model, data and recipe of a whole run).
-- Optimiser, as composable optax pieces: `make_optimizer` (AdamW, weight decay masked by
+One private module per concern; their public names:
+
+- The recipe, declared once (`_config.py`): `TrainConfig` (every field with its default, check and help; its
+  `"step"` fields make `StepConfig`), and `RunConfig` (model, data and recipe of a whole run).
+- The optimiser, as composable optax pieces (`_optim.py`): `make_optimizer` (AdamW, weight decay masked by
   `weight_decay_mask`, optional clipping, EMA, layer-wise learning-rate decay and a frozen backbone),
   `warmup_cosine_schedule`, `ema_weights` / `ema_model`, `layer_decay_scales` / `scale_by_layer_decay`, and
   `build_optimizer(config, steps_per_epoch)`.
-- Losses and batch mixing: `smooth_labels`, `cross_entropy`, `distillation_loss` (DeiT's hard and soft
-  distillation; `fit(..., teacher=...)`, `check_teacher`), `mixup`, `cutmix`, `mix_batch`.
-- Steps: `make_train_step` (one `eqx.filter_jit` around `eqx.filter_value_and_grad`, buffers donated) and
-  `make_eval_step` (inference mode); `evaluate` (top-1/top-5, confusion matrix); `TrainSteps`, a recipe's
-  steps compiled for a mesh, to share between `fit` calls. Sharding over devices and hosts lives here
-  too; its public face is `cait_eqx.parallel`.
-- Checkpoints: `save_checkpoint` / `load_checkpoint` (model, optimiser state, key, step, data position;
-  atomic; last K kept).
-- The loop: `fit(model, train, test, TrainConfig(...), key=..., run_dir=..., resume=...)`, stopped
-  cooperatively by SIGINT/SIGTERM (`StopSignals`).
-- Runs as directories: `Run(run_dir)` (its files, config, metrics, models, data), `train_run(RunConfig(...),
-  run_dir)` and `resume_run(run_dir)` (what `cait-eqx train` does).
-- Starting from weights: `load_source` (a variant name, a checkpoint file or a run directory),
-  `adapt_to_data` (input size, channels and classes of the data), `initial_model` (both, for
+- Losses and batch mixing (`_losses.py`): `smooth_labels`, `cross_entropy`, `distillation_loss` (DeiT's hard
+  and soft distillation; `fit(..., teacher=...)`, `check_teacher`), `mixup`, `cutmix`, `mix_batch`.
+- Steps (`_steps.py`): `make_train_step` (one `eqx.filter_jit` around `eqx.filter_value_and_grad`, buffers
+  donated) and `make_eval_step` (inference mode); `evaluate` (top-1/top-5, confusion matrix). Compiled for
+  a mesh of devices and hosts by `cait_eqx.parallel`, the room that shares this package's layer.
+- Checkpoints (`_checkpoint.py`): `save_checkpoint` / `load_checkpoint` (model, optimiser state, key, step,
+  data position; atomic; last K kept).
+- Training (`_fit.py`): `fit(model, train, test, TrainConfig(...), key=..., run_dir=..., resume=...)`,
+  stopped cooperatively by SIGINT/SIGTERM (`StopSignals`); `TrainSteps`, a recipe's steps compiled for a
+  mesh, to share between `fit` calls; what it asks of the data: `train_transform`, `check_images`.
+- Runs as directories (`_run.py`): `Run(run_dir)` (its files, config, metrics, models, data),
+  `train_run(RunConfig(...), run_dir)` and `resume_run(run_dir)` (what `cait-eqx train` does).
+- Starting weights (`_weight_sources.py`): `load_source` (a variant name, a checkpoint file or a run
+  directory), `adapt_to_data` (input size, channels and classes of the data), `initial_model` (both, for
   `RunConfig.init`).
-- The process: `configure_allocator` (glibc malloc settings for fast CPU steps, applied in-process; modes
-  `ALLOCATOR_MODES`; it returns `AllocatorSettings`) and `release_free_memory`.
 
 The names are imported on first use (`cait_eqx._lazy`): `import cait_eqx.training` does not import JAX.
 """
@@ -30,12 +30,6 @@ The names are imported on first use (`cait_eqx._lazy`): `import cait_eqx.trainin
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._allocator import (
-        ALLOCATOR_MODES as ALLOCATOR_MODES,
-        AllocatorSettings as AllocatorSettings,
-        configure_allocator as configure_allocator,
-        release_free_memory as release_free_memory,
-    )
     from ._checkpoint import (
         CheckpointError as CheckpointError,
         CheckpointInfo as CheckpointInfo,
@@ -45,15 +39,22 @@ if TYPE_CHECKING:
         save_checkpoint as save_checkpoint,
     )
     from ._config import (
-        TRACKERS as TRACKERS,
         DEFAULT_MODEL as DEFAULT_MODEL,
         DISTILLATION_KINDS as DISTILLATION_KINDS,
         FREEZE_MODES as FREEZE_MODES,
+        TRACKERS as TRACKERS,
         RunConfig as RunConfig,
         StepConfig as StepConfig,
         TrainConfig as TrainConfig,
     )
-    from ._data import check_images as check_images, train_transform as train_transform
+    from ._fit import (
+        FitResult as FitResult,
+        TrainSteps as TrainSteps,
+        check_images as check_images,
+        check_teacher as check_teacher,
+        fit as fit,
+        train_transform as train_transform,
+    )
     from ._losses import (
         cross_entropy as cross_entropy,
         cutmix as cutmix,
@@ -76,18 +77,14 @@ if TYPE_CHECKING:
     )
     from ._run import (
         Run as Run,
+        RunSummary as RunSummary,
         build_model as build_model,
         load_run_config as load_run_config,
         load_run_data as load_run_data,
+        resume_run as resume_run,
+        train_run as train_run,
     )
-    from ._sharded_steps import TrainSteps as TrainSteps
     from ._signals import StopSignals as StopSignals
-    from ._sources import (
-        LoadedSource as LoadedSource,
-        adapt_to_data as adapt_to_data,
-        initial_model as initial_model,
-        load_source as load_source,
-    )
     from ._steps import (
         EvalResult as EvalResult,
         NonFiniteLossError as NonFiniteLossError,
@@ -95,12 +92,12 @@ if TYPE_CHECKING:
         make_eval_step as make_eval_step,
         make_train_step as make_train_step,
     )
-    from ._train_run import (
-        RunSummary as RunSummary,
-        resume_run as resume_run,
-        train_run as train_run,
+    from ._weight_sources import (
+        LoadedSource as LoadedSource,
+        adapt_to_data as adapt_to_data,
+        initial_model as initial_model,
+        load_source as load_source,
     )
-    from ._trainer import FitResult as FitResult, check_teacher as check_teacher, fit as fit
 else:
     from .._lazy import attach as _attach
 

@@ -58,7 +58,7 @@ class CheckpointInfo:
     """What a checkpoint's `.json` says.
 
     `epoch` and `batch_index` are the data position of the *next* batch to train on; `shuffle_seed` is the
-    `BatchLoader` seed that orders the epochs.
+    seed that orders the epochs (`cait_eqx.data.Sampler`).
     """
 
     step: int

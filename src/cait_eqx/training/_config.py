@@ -317,39 +317,35 @@ class TrainConfig:
         return StepConfig(num_classes=num_classes, **step_values)
 
 
-@dataclasses.dataclass(frozen=True)
+def _with_step_fields(cls: type) -> type:
+    """Declare `TrainConfig`'s fields of group `"step"` on `cls`, after its own and in their order, each with
+    `TrainConfig`'s type, help and default (or the one `cls.NEUTRAL` gives it), and make `cls` a frozen
+    dataclass: a step setting is declared once, in `TrainConfig`."""
+    step_fields = TrainConfig.step_fields()
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in step_fields:
+            default = cls.NEUTRAL.get(field.name, field.default)
+            cls.__annotations__[field.name] = field.type
+            setattr(cls, field.name, dataclasses.field(default=default, metadata=field.metadata))
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+@_with_step_fields
 class StepConfig:
     """What happens to a batch inside the training step, besides the optimiser.
 
-    Its fields are `num_classes` and the `TrainConfig` fields of group `"step"` (`TrainConfig.step_config`
-    builds one); the defaults here are the neutral ones (nothing smoothed, mixed or augmented).
-
-    - `num_classes`: size of the targets.
-    - `label_smoothing`: label-smoothing ε (DeiT: 0.1).
-    - `mixup_alpha`, `cutmix_alpha`: Beta parameters; 0 switches each off (DeiT: 0.8 and 1.0).
-    - `mix_prob`: probability of mixing a batch; `switch_prob`: of cutmix rather than mixup when both are on.
-    - `crop_padding`, `flip`: the per-image `Augment` (random crop with zero padding; left–right flips).
-    - `reprob`, `remode`, `recount`: random erasing after normalisation (timm's; `reprob=0` is off).
-    - `normalize`: `"none"` (the model sees pixels in [0, 1]) or `"imagenet"`.
-    - `distillation`: `"none"`, `"hard"` or `"soft"` (`distillation_loss`; the step then takes a teacher);
-        `distillation_alpha`, `distillation_tau`: its weight and temperature.
+    Its fields are `num_classes` (the size of the targets), then the `TrainConfig` fields of group `"step"`
+    (`TrainConfig.step_fields()`: what the step does to a batch's images and targets, and the terms of its
+    loss), declared there once, with the help given there (`cait_eqx.hyperparameters(StepConfig)`).
+    `TrainConfig.step_config` builds one from a recipe. The defaults are `TrainConfig`'s, but neutral where
+    the recipe's are not (`NEUTRAL`: no label smoothing, no crop), so that `StepConfig(num_classes=10)`
+    smooths, mixes and augments nothing.
     """
 
+    # The defaults that differ from `TrainConfig`'s, whose recipe smooths labels and crops by default.
+    NEUTRAL: typing.ClassVar[dict[str, Any]] = {"label_smoothing": 0.0, "crop_padding": 0}
+
     num_classes: int
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0
-    switch_prob: float = 0.5
-    crop_padding: int = 0
-    flip: bool = False
-    reprob: float = 0.0
-    remode: str = "pixel"
-    recount: int = 1
-    normalize: str = "none"
-    distillation: str = "none"
-    distillation_alpha: float = 0.5
-    distillation_tau: float = 1.0
 
     @property
     def augment(self):

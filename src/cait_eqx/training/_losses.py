@@ -1,5 +1,9 @@
-"""Label-smoothed soft-target cross-entropy, DeiT's distillation losses, and mixup / cutmix on whole batches,
-with explicit keys."""
+"""Label-smoothed soft-target cross-entropy, DeiT's distillation losses, mixup / cutmix on whole batches
+with explicit keys, and `training_loss`: the loss the training step minimises, composed from them.
+
+A new loss term is a function here and one line in `training_loss`; its settings are `TrainConfig` fields
+of group `"step"` (which `StepConfig` takes from there), and its public name is listed in
+`cait_eqx.training` (with its `docs/api/training.md` entry)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,17 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-__all__ = ["cross_entropy", "cutmix", "distillation_loss", "mix_batch", "mixup", "smooth_labels"]
+from ._config import StepConfig
+
+__all__ = [
+    "cross_entropy",
+    "cutmix",
+    "distillation_loss",
+    "mix_batch",
+    "mixup",
+    "smooth_labels",
+    "training_loss",
+]
 
 
 def smooth_labels(
@@ -83,6 +97,32 @@ def distillation_loss(
         kl = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student))
         term = kl * jnp.float32(tau * tau) / jnp.float32(logits.size)
     return jnp.float32(1.0 - alpha) * base + jnp.float32(alpha) * term
+
+
+def training_loss(
+    logits: Float[Array, "batch classes"],
+    targets: Float[Array, "batch classes"],
+    config: StepConfig,
+    teacher_logits: Float[Array, "batch classes"] | None = None,
+) -> Float[Array, ""]:
+    """The loss the training step minimises, as `config` composes it.
+
+    The mean `cross_entropy` of `logits` against the step's `targets` (smoothed, mixed); with
+    `config.distillation` `"hard"` or `"soft"`, DeiT's `distillation_loss` against `teacher_logits` (which
+    it then needs), weighted by `config.distillation_alpha`, at temperature `config.distillation_tau`.
+
+    **Returns:** the scalar loss, in float32.
+    """
+    if config.distillation == "none":
+        return jnp.mean(cross_entropy(logits, targets))
+    return distillation_loss(
+        logits,
+        targets,
+        teacher_logits,
+        kind=config.distillation,
+        alpha=config.distillation_alpha,
+        tau=config.distillation_tau,
+    )
 
 
 def _partner(x: Array) -> Array:

@@ -1,4 +1,5 @@
-"""What the training loop records: the window of steps between two log lines, and `metrics.jsonl`."""
+"""What the training loop records: the window of steps between two log lines, and `metrics.jsonl` (written
+by `MetricsLog`, read back by `read_metrics`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_bytes
-from ._run import Run
 
-__all__ = ["MetricsLog", "TrainWindow"]
+__all__ = ["METRICS_FILE", "MetricsLog", "TrainWindow", "read_metrics"]
+
+# The file of a run directory that holds its records (`Run.metrics_path`).
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclasses.dataclass
@@ -64,16 +67,16 @@ class MetricsLog:
     def __init__(self, run_dir: Path | None, resume_step: int | None, trackers: Sequence[Any] = ()):
         self.records: list[dict[str, Any]] = []
         self.trackers = list(trackers)
-        self.path = None if run_dir is None else Run(run_dir).metrics_path
+        self.path = None if run_dir is None else Path(run_dir) / METRICS_FILE
         if self.path is not None and self.path.is_file():
             if resume_step is not None:
-                kept = [r for r in Run(run_dir).metrics() if r["step"] <= resume_step]
+                kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             else:
                 kept = []
             atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
             self.records = kept
         # Unbuffered: each record is one `write` call, so a process that stops at any instant leaves whole
-        # lines only (and at worst a cut last line, which `Run.metrics` skips).
+        # lines only (and at worst a cut last line, which `read_metrics` skips).
         self._handle = None if self.path is None else open(self.path, "ab", buffering=0)  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
@@ -90,3 +93,30 @@ class MetricsLog:
         trackers, self.trackers = self.trackers, []
         for tracker in trackers:
             tracker.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of the metrics file `path`, in file order (`Run.metrics` reads a run's).
+
+    Blank lines are skipped, and so is an incomplete last line (a run killed mid-write); any other line that
+    is not a JSON object with `"step"` and `"split"` is an error naming its number.
+
+    **Raises:** `ValueError` for a damaged line.
+    """
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not line.endswith("}"):
+                break  # the run stopped while writing its last line
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+        if not isinstance(record, dict) or "step" not in record or "split" not in record:
+            raise ValueError(
+                f"{path}, line {number}: expected an object with 'step' and 'split', got {line[:80]!r}."
+            )
+        records.append(record)
+    return records

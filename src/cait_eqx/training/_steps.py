@@ -21,9 +21,16 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Shaped
 from .._atomic import atomic_write_bytes
 from ..data import DataSource, eval_batches, normalize_images, to_unit_float
 from ._config import StepConfig
-from ._losses import cross_entropy, distillation_loss, mix_batch, smooth_labels
+from ._losses import cross_entropy, mix_batch, smooth_labels, training_loss
 
-__all__ = ["EvalResult", "NonFiniteLossError", "evaluate", "make_eval_step", "make_train_step"]
+__all__ = [
+    "EvalResult",
+    "NonFiniteLossError",
+    "evaluate",
+    "jit_train_step",
+    "make_eval_step",
+    "make_train_step",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -117,17 +124,7 @@ def make_train_step(
 
         def loss_fn(model):
             logits = jax.vmap(lambda image, k: model(image, key=k))(x, example_keys)
-            if teacher_logits is None:
-                return jnp.mean(cross_entropy(logits, targets)), logits
-            loss = distillation_loss(
-                logits,
-                targets,
-                teacher_logits,
-                kind=config.distillation,
-                alpha=config.distillation_alpha,
-                tau=config.distillation_tau,
-            )
-            return loss, logits
+            return training_loss(logits, targets, config, teacher_logits), logits
 
         (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
         updates, new_opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
@@ -140,17 +137,34 @@ def make_train_step(
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
         return new_model, new_opt_state, metrics
 
-    if not jit:
-        return train_step
-    # The teacher first, so that everything but it is donated.
-    compiled = eqx.filter_jit(
-        lambda teacher, *state: train_step(*state, teacher=teacher), donate="all-except-first"
-    )
+    return jit_train_step(train_step) if jit else train_step
 
-    def jitted_step(model, opt_state, batch, key, teacher=None):
+
+def jit_train_step(step: Callable[..., tuple[Any, Any, Any]]) -> Callable[..., tuple[Any, Any, Any]]:
+    """`step(model, opt_state, batch, key, teacher=None)` in one `eqx.filter_jit` that donates the buffers of
+    every argument but the teacher (use only the returned model and state; a teacher stays usable).
+
+    **Arguments:**
+
+    - `step`: a training step, e.g. `make_train_step(optim, config, jit=False)`, or one that places its
+        arguments on a mesh first (`cait_eqx.parallel.shard_train_step`).
+
+    **Returns:** `jitted(model, opt_state, batch, key, teacher=None)`, which calls `step` without a teacher
+    when none is given.
+    """
+
+    def teacher_first(teacher, model, opt_state, batch, key):
+        if teacher is None:
+            return step(model, opt_state, batch, key)
+        return step(model, opt_state, batch, key, teacher)
+
+    # The teacher first, so that "all-except-first" donates everything else.
+    compiled = eqx.filter_jit(teacher_first, donate="all-except-first")
+
+    def jitted(model, opt_state, batch, key, teacher=None):
         return compiled(teacher, model, opt_state, batch, key)
 
-    return jitted_step
+    return jitted
 
 
 def _teacher_logits(teacher: PyTree, x: Array, distillation: str) -> Array | None:

@@ -1,4 +1,4 @@
-"""The training and evaluation steps compiled for a mesh, and `TrainSteps`: one recipe's steps, built once.
+"""The training and evaluation steps compiled for a mesh: `cait_eqx.training`'s steps, under its shardings.
 
 There is no hand-written communication: a step is the ordinary pure step, compiled once with
 `eqx.filter_jit` under sharding constraints (`eqx.filter_shard`), and XLA inserts the all-gathers and
@@ -7,7 +7,6 @@ reduce-scatters. One device is the same code with a mesh of one device.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,13 +17,12 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
-from ._config import StepConfig, TrainConfig
-from ._distributed import shard_batch
-from ._optim import build_optimizer
-from ._sharding import (
+from ..training._config import StepConfig
+from ..training._steps import jit_train_step, make_eval_step, make_train_step
+from ._hosts import shard_batch
+from ._mesh import (
     DEFAULT_MIN_SHARD_SIZE,
     batch_sharding,
-    mesh_from_spec,
     num_batch_shards,
     on_mesh,
     place,
@@ -32,10 +30,8 @@ from ._sharding import (
     shard_state,
     state_shardings,
 )
-from ._steps import make_eval_step, make_train_step
 
 __all__ = [
-    "TrainSteps",
     "make_sharded_eval_step",
     "make_sharded_train_step",
     "replicate",
@@ -71,8 +67,7 @@ def shard_train_step(
     batch_spec = batch_sharding(mesh)
     everywhere = replicated(mesh)
 
-    # The teacher first, so that every other input is donated.
-    def constrained(teacher, model, opt_state, batch, key):
+    def constrained(model, opt_state, batch, key, teacher=None):
         shardings = (state_shardings(model, mesh, min_size=min_size),
                      state_shardings(opt_state, mesh, min_size=min_size))
         model, opt_state = eqx.filter_shard((model, opt_state), shardings)
@@ -86,7 +81,7 @@ def shard_train_step(
         model, opt_state = eqx.filter_shard((model, opt_state), shardings)
         return model, opt_state, eqx.filter_shard(metrics, everywhere)
 
-    compiled = eqx.filter_jit(constrained, donate="all-except-first")
+    compiled = jit_train_step(constrained)
 
     def sharded_step(model, opt_state, batch, key, teacher=None):
         if not on_mesh((model, opt_state), mesh):
@@ -95,14 +90,22 @@ def shard_train_step(
         key = place(key, everywhere) if not on_mesh(key, mesh) else key
         if teacher is not None and not on_mesh(teacher, mesh):
             teacher = replicate(teacher, mesh)
-        return compiled(teacher, model, opt_state, batch, key)
+        return compiled(model, opt_state, batch, key, teacher)
 
     return sharded_step
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Place a full copy of every array leaf of `tree` on every device of `mesh` (e.g. a distillation
-    teacher, which every device runs on its slice of the batch); other leaves are kept."""
+    """Place a full copy of every array leaf of `tree` on every device of `mesh`, e.g. a distillation
+    teacher, which every device runs on its own slice of the batch (`shard_state` would split large arrays).
+
+    **Arguments:**
+
+    - `tree`: a PyTree (a model); its leaves that are not arrays are kept as they are.
+    - `mesh`: the mesh.
+
+    **Returns:** `tree` with every array leaf replicated over `mesh` (`replicated(mesh)`).
+    """
     everywhere = replicated(mesh)
     return jax.tree.map(lambda x: place(x, everywhere) if eqx.is_array(x) else x, tree)
 
@@ -186,74 +189,3 @@ def make_sharded_eval_step(
     **Returns:** `step(model, (images, labels)) -> {"logits", "loss"}` as NumPy arrays.
     """
     return shard_eval_step(make_eval_step(normalize, jit=False), mesh, min_size=min_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSteps:
-    """The steps of one recipe on one mesh, built once: pass the same object to several `fit` calls (a run
-    and its resumption in one process, say) and they share one compilation.
-
-    Build it with `TrainSteps.build`. Each step compiles on its first call; `fit` checks that the object was
-    built for its own config, data size and mesh.
-
-    - `config`, `steps_per_epoch`, `num_classes`, `mesh`: what it was built for.
-    - `optim`, `schedule`: `build_optimizer(config, steps_per_epoch)`.
-    - `pure_step`: `make_train_step(optim, config.step_config(num_classes), jit=False)`.
-    - `train_step`: the step `fit` runs, by default `shard_train_step(pure_step, mesh)`.
-    - `eval_step`: `make_sharded_eval_step(mesh, config.normalize)`.
-    """
-
-    config: TrainConfig
-    steps_per_epoch: int
-    num_classes: int
-    mesh: Mesh
-    optim: optax.GradientTransformation
-    schedule: optax.Schedule
-    pure_step: Callable[..., tuple[Any, Any, dict[str, Any]]]
-    train_step: Callable[..., tuple[Any, Any, dict[str, Any]]]
-    eval_step: Callable[..., dict[str, np.ndarray]]
-
-    @classmethod
-    def build(
-        cls,
-        config: TrainConfig,
-        steps_per_epoch: int,
-        num_classes: int,
-        mesh: Mesh | None = None,
-        *,
-        compile_step: Callable[[Callable], Callable] | None = None,
-    ) -> TrainSteps:
-        """Build the optimiser, schedule and steps of `config` (nothing is compiled yet).
-
-        **Arguments:**
-
-        - `config`: the `TrainConfig`.
-        - `steps_per_epoch`: `len(train_data) // config.batch_size`.
-        - `num_classes`: the size of the classifier's output.
-        - `mesh`: the mesh to run on (`cait_eqx.parallel.make_mesh`); `None`: `fit`'s default (one device;
-            with several processes, every device).
-        - `compile_step`: turns the pure training step into the one to run; default
-            `shard_train_step(step, mesh)`. (Keyword only argument.)
-
-        **Returns:** a `TrainSteps`.
-        """
-        mesh = mesh_from_spec(None) if mesh is None else mesh
-        optim, schedule = build_optimizer(config, steps_per_epoch)
-        pure_step = make_train_step(optim, config.step_config(num_classes), jit=False)
-        train_step = shard_train_step(pure_step, mesh) if compile_step is None else compile_step(pure_step)
-        eval_step = make_sharded_eval_step(mesh, config.normalize)
-        return cls(
-            config, steps_per_epoch, num_classes, mesh, optim, schedule, pure_step, train_step, eval_step
-        )
-
-    def check_fits(self, config: TrainConfig, steps_per_epoch: int, num_classes: int, mesh: Mesh) -> None:
-        """Raise `ValueError` unless these steps were built for this config, data size and mesh."""
-        built = (self.config, self.steps_per_epoch, self.num_classes, self.mesh)
-        asked = (config, steps_per_epoch, num_classes, mesh)
-        names = ("config", "steps per epoch", "number of classes", "mesh")
-        differ = [name for name, a, b in zip(names, built, asked, strict=True) if a != b]
-        if differ:
-            raise ValueError(
-                f"These `TrainSteps` were built for another {', '.join(differ)} than this `fit` call's; "
-                f"build them with `TrainSteps.build` for this config, data and mesh, or leave `steps` out."
-            )

@@ -6,6 +6,9 @@
 - `adapt_to_data(model, ...)`: the positional grid resampled to the data's image size, the input channels
     adapted, a new head for the data's classes (kept when it fits); one line of description per change.
 - `initial_model(config, train_data, ...)`: both, for a run with `RunConfig.init`, plus the run's rates.
+
+A run can start from another run: `load_source` reads a run directory with `Run`, whose room (`_run.py`)
+starts runs from the sources read here, so it imports `Run` where it reads one, not when it loads.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from .._timm import WeightsError
 from .._variants import list_models
 from ..data import DataSource
 from ._config import RunConfig
-from ._run import Run
 
 __all__ = ["LoadedSource", "adapt_to_data", "initial_model", "load_source"]
 
@@ -91,6 +93,8 @@ def load_source(source: str | os.PathLike, *, cache_dir: str | os.PathLike | Non
         model = create_model(text, pretrained=True, cache_dir=cache_dir)
         return LoadedSource(model, "variant", None, f"{text}: published weights ({_describe(model)})")
     if path.is_dir():
+        from ._run import Run  # the room that starts runs from sources (see the module's docstring)
+
         run = Run(path)
         if not run.exists:
             raise ValueError(

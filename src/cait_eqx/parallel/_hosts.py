@@ -1,30 +1,29 @@
-"""Batches on a mesh, and runs of several processes (one per host) that share one mesh.
+"""What each process loads and places: its rows of a global batch on the mesh, and runs of several processes
+(one per host) that share one mesh.
 
 Several hosts: start one process per host with `initialize_distributed(...)` (or the variables
 `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`) before anything else touches JAX; each
-process loads only its rows of every global batch (`local_batch_rows`, `process_local_batches`) and passes
-them with `shard_batch(..., local=True)`; `to_host` gathers a sharded state for one process (`is_primary()`)
-to write.
+process loads only its rows of every global batch (`local_batch_rows`, the `rows` of
+`cait_eqx.data.TrainPipeline`) and passes them with `shard_batch(..., local=True)`; `to_host` gathers a
+sharded state for one process (`is_primary()`) to write.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
-from ..data import Batch, BatchLoader
-from ._sharding import MeshError, batch_sharding, check_batch_size, num_batch_shards
+from ._mesh import MeshError, batch_sharding, check_batch_size, num_batch_shards
 
 __all__ = [
     "initialize_distributed",
     "is_primary",
     "local_batch_rows",
-    "process_local_batches",
     "shard_batch",
 ]
 
@@ -71,7 +70,8 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, local: bool = False) -> PyTree:
     - `mesh`: the mesh.
     - `local`: `False`: `batch` is the whole global batch (identical on every process; each process keeps
         only its rows). `True`: `batch` holds only this process's rows, `batch[local_batch_rows(...)]` of the
-        global batch, as loaded by `process_local_batches`. (Keyword only argument.)
+        global batch, as `TrainPipeline(..., rows=local_batch_rows(...))` loads them. (Keyword only
+        argument.)
 
     **Returns:** the batch as global `jax.Array`s with `batch_sharding(mesh)`.
 
@@ -104,30 +104,6 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, local: bool = False) -> PyTree:
         return jax.make_array_from_process_local_data(sharding, host, (global_rows, *host.shape[1:]))
 
     return jax.tree.map(one, batch)
-
-
-def process_local_batches(
-    loader: BatchLoader,
-    mesh: Mesh,
-    start_epoch: int = 0,
-    start_index: int = 0,
-    stop_epoch: int | None = None,
-) -> Iterator[Batch]:
-    """The batches of `loader`, but only this process's rows of each: each process loads its shard only.
-
-    The global order is `loader`'s (its seed and epoch), so all processes together see exactly the batches a
-    single process would; pass each with `shard_batch(..., local=True)`.
-
-    **Arguments:**
-
-    - `loader`: the global `BatchLoader` (its `batch_size` is the global batch).
-    - `mesh`: the mesh.
-    - `start_epoch`, `start_index`, `stop_epoch`: as in `BatchLoader.batches`.
-
-    **Returns:** an iterator of `Batch` holding `local_batch_rows(mesh, loader.batch_size)` of each batch.
-    """
-    rows = local_batch_rows(mesh, loader.batch_size)
-    return loader.batches(start_epoch, start_index, stop_epoch, rows=rows)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,9 +10,8 @@ One mesh with two named axes carries everything:
 
 Which parameters are split, and along which axis, is a rule over key paths and shapes (`partition_spec`).
 A model tells the rule which of its fields hold stacked layers (a leading depth axis run by `lax.scan`, never
-split) with a class attribute `stacked_fields`, as `CaiT.stacked_fields = ("blocks",)`. Batches, several
-processes and the compiled steps are in `_distributed.py` and `_sharded_steps.py`; the public face of all
-three is `cait_eqx.parallel`.
+split) with a class attribute `stacked_fields`, as `CaiT.stacked_fields = ("blocks",)`. Batches and several
+processes are in `_hosts.py`, the compiled steps in `_compile.py`; `cait_eqx.parallel` is their public face.
 """
 
 from __future__ import annotations
