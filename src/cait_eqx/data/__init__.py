@@ -36,8 +36,8 @@ if TYPE_CHECKING:
         load_mnist as load_mnist,
         train_test_split as train_test_split,
     )
+    from ._decode import IMAGE_SUFFIXES as IMAGE_SUFFIXES, BadImageError as BadImageError
     from ._files import (
-        IMAGE_SUFFIXES as IMAGE_SUFFIXES,
         load_arrays as load_arrays,
         load_dataset as load_dataset,
         load_image_folder as load_image_folder,
@@ -50,6 +50,14 @@ if TYPE_CHECKING:
         resized_crop as resized_crop,
         rrc_params as rrc_params,
         vflip as vflip,
+    )
+    from ._lazy_datasets import (
+        ArraySource as ArraySource,
+        ImageFolderSource as ImageFolderSource,
+        LazySource as LazySource,
+        SubsetSource as SubsetSource,
+        open_arrays as open_arrays,
+        scan_image_folder as scan_image_folder,
     )
     from ._loader import (
         Batch as Batch,
@@ -68,15 +76,6 @@ if TYPE_CHECKING:
         RAND_AUGMENT_OPS as RAND_AUGMENT_OPS,
         AugmentOp as AugmentOp,
         RandAugment as RandAugment,
-    )
-    from ._sources import (
-        ArraySource as ArraySource,
-        BadImageError as BadImageError,
-        ImageFolderSource as ImageFolderSource,
-        LazySource as LazySource,
-        SubsetSource as SubsetSource,
-        open_arrays as open_arrays,
-        scan_image_folder as scan_image_folder,
     )
     from ._transforms import EvalTransform as EvalTransform, TrainTransform as TrainTransform
     from ._workers import DataWorkerError as DataWorkerError, default_data_workers as default_data_workers
