@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .._constants import NORMALIZATIONS as NORMALIZATIONS
+    from .._pil import eval_resize_crop as eval_resize_crop
     from ._augment import (
         Augment as Augment,
         erase_box as erase_box,
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
         load_npz as load_npz,
     )
     from ._image_ops import (
-        eval_resize_crop as eval_resize_crop,
         hflip as hflip,
         resized_crop as resized_crop,
         rrc_params as rrc_params,
