@@ -87,7 +87,10 @@ if TYPE_CHECKING:
         PatchEmbed as PatchEmbed,
     )
     from ._spec import (
+        OneOf as OneOf,
+        Real as Real,
         Spec as Spec,  # noqa: F401 (a public name, read by `_lazy`)
+        Whole as Whole,
         flag_name as flag_name,
         specs as hyperparameters,
     )

@@ -1,9 +1,9 @@
-"""Real photos in, class names out: timm's evaluation transform for CaiT, and the ImageNet-1k class names."""
+"""Real photos in, class names out: timm's evaluation transform for CaiT (its resize and crop is `_pil`'s
+`eval_resize_crop`, shared with the data workers), and the ImageNet-1k class names."""
 
 from __future__ import annotations
 
 import functools
-import math
 from importlib import resources
 from typing import NamedTuple
 
@@ -14,6 +14,7 @@ from PIL import Image
 
 from ._config import image_size_pair
 from ._constants import IMAGENET_MEAN, IMAGENET_STD
+from ._pil import eval_resize_crop
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -24,7 +25,6 @@ __all__ = [
     "top_k",
     "format_top_k",
 ]
-
 
 
 def _as_pil(image) -> Image.Image:
@@ -45,18 +45,6 @@ def _as_pil(image) -> Image.Image:
         f"`preprocess` takes an image array of shape (height, width, 3) (channels last, RGB), or (height, "
         f"width) for greyscale; got shape {array.shape}. Channels first? Use `x.transpose(1, 2, 0)`."
     )
-
-
-def _resized_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """The size the image is resized to before the centre crop, as timm's eval transform computes it."""
-    if scale[0] == scale[1]:
-        # Shortest side to `scale`, the other in proportion, rounded down (torchvision's `Resize(int)`).
-        short, long = min(height, width), max(height, width)
-        new_short, new_long = scale[0], int(scale[0] * long / short)
-        return (new_short, new_long) if height <= width else (new_long, new_short)
-    # A non-square target: scale so that the image just covers it, rounded (timm's `ResizeKeepRatio`).
-    ratio = min(height / scale[0], width / scale[1])
-    return round(height / ratio), round(width / ratio)
 
 
 def preprocess(
@@ -84,26 +72,12 @@ def preprocess(
 
     **Returns:** a float32 array `(3, height, width)`; `jax.vmap(model)(jnp.stack([...]))` for several.
     """
-    size = image_size_pair(image_size)
-    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"`crop_pct` must be in (0, 1] (1.0 for CaiT), got {crop_pct!r}.")
-    pil = _as_pil(image)
-    scale = (math.floor(size[0] / crop_pct), math.floor(size[1] / crop_pct))
-    height, width = pil.height, pil.width
-    new_h, new_w = _resized_size(height, width, scale)
-    if (new_h, new_w) != (height, width):
-        pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    pixels = np.asarray(pil, dtype=np.uint8)
-    # Centre crop; an image smaller than the crop is padded with zeros first (as torchvision does).
-    pad_h, pad_w = max(size[0] - new_h, 0), max(size[1] - new_w, 0)
-    if pad_h or pad_w:
-        pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
-    top = int(round((pixels.shape[0] - size[0]) / 2.0))
-    left = int(round((pixels.shape[1] - size[1]) / 2.0))
-    crop = pixels[top : top + size[0], left : left + size[1]]
-    scaled = crop.astype(np.float32) / np.float32(255)
-    normalised = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return jnp.asarray(normalised.transpose(2, 0, 1))
+    size = image_size_pair(image_size)  # checked here, so an error names this function's argument
+    pixels = np.asarray(_as_pil(image), dtype=np.uint8).transpose(2, 0, 1)
+    scaled = eval_resize_crop(pixels, size, crop_pct, "bicubic").astype(np.float32) / np.float32(255)
+    centre = np.asarray(mean, np.float32).reshape(3, 1, 1)
+    spread = np.asarray(std, np.float32).reshape(3, 1, 1)
+    return jnp.asarray((scaled - centre) / spread)
 
 
 # ------------------------------------------------------------------------------------------ class names

@@ -2,7 +2,8 @@
 
 `CaiTConfig` and `TrainConfig` declare every field with `hyper(...)`. From that one declaration come the
 constructor's validation (`validate`), the saved metadata (`dataclasses.asdict`), the command-line flags
-(`cait_eqx.cli` builds them from `Spec`), and, for training, the fields a resumed run must keep
+(`cait_eqx.cli` builds them from `Spec`; its other int and number flags use `Whole` and `Real` too, so each
+rule and its wording exist once here), and, for training, the fields a resumed run must keep
 (`Spec.trajectory`). This module imports nothing heavy, so that `cait-eqx --help` stays instant.
 """
 
@@ -71,7 +72,13 @@ class Check:
 
 @dataclasses.dataclass(frozen=True)
 class Whole(Check):
-    """An int `>= minimum` (a bool is not an int here; a NumPy integer is)."""
+    """An int `>= minimum` (a bool is not an int here; a NumPy integer is).
+
+    **Arguments:**
+
+    - `minimum`: the smallest value allowed.
+    - `optional`: whether `None` is allowed too.
+    """
 
     minimum: int = 1
     optional: bool = False
@@ -89,7 +96,14 @@ class Whole(Check):
 
 @dataclasses.dataclass(frozen=True)
 class Real(Check):
-    """A finite real number in an interval (an int or a NumPy scalar is a fine float)."""
+    """A finite real number in an interval (an int or a NumPy scalar is a fine float).
+
+    **Arguments:**
+
+    - `low`, `high`: the interval's ends (default: the whole line).
+    - `low_open`, `high_open`: whether that end is excluded (`(0, 1]`: `low_open=True`).
+    - `optional`: whether `None` is allowed too.
+    """
 
     low: float = -math.inf
     high: float = math.inf
@@ -124,7 +138,13 @@ class Real(Check):
 
 @dataclasses.dataclass(frozen=True)
 class OneOf(Check):
-    """One of a few names."""
+    """One of a few names.
+
+    **Arguments:**
+
+    - `choices`: the names allowed.
+    - `optional`: whether `None` is allowed too.
+    """
 
     choices: tuple[str, ...] = ()
     optional: bool = False

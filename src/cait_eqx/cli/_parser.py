@@ -154,42 +154,17 @@ def given_values(args: argparse.Namespace, names: Collection[str]) -> dict[str, 
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer `>= minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"int>={minimum}"
-    return parse
+    """An argparse type: an integer `>= minimum`, checked (and worded) by `cait_eqx.Whole`, as a config
+    field's flag is."""
+    return _flag_type(cait_eqx.Whole(minimum))
 
 
 def float_in(
     low: float, high: float, *, low_open: bool = False, high_open: bool = False
 ) -> Callable[[str], float]:
-    """An argparse type: a finite number in the interval from `low` to `high`."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        below = value <= low if low_open else value < low
-        above = value >= high if high_open else value > high
-        if below or above:
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value:g}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    """An argparse type: a finite number in the interval from `low` to `high`, checked (and worded) by
+    `cait_eqx.Real`, as a config field's flag is."""
+    return _flag_type(cait_eqx.Real(low, high, low_open=low_open, high_open=high_open))
 
 
 def dataset_spec(text: str) -> str:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .._constants import NORMALIZATIONS as NORMALIZATIONS
+    from .._pil import eval_resize_crop as eval_resize_crop
     from ._augment import (
         Augment as Augment,
         erase_box as erase_box,
@@ -36,8 +37,8 @@ if TYPE_CHECKING:
         load_mnist as load_mnist,
         train_test_split as train_test_split,
     )
+    from ._decode import IMAGE_SUFFIXES as IMAGE_SUFFIXES, BadImageError as BadImageError
     from ._files import (
-        IMAGE_SUFFIXES as IMAGE_SUFFIXES,
         load_arrays as load_arrays,
         load_dataset as load_dataset,
         load_image_folder as load_image_folder,
@@ -45,11 +46,18 @@ if TYPE_CHECKING:
         load_npz as load_npz,
     )
     from ._image_ops import (
-        eval_resize_crop as eval_resize_crop,
         hflip as hflip,
         resized_crop as resized_crop,
         rrc_params as rrc_params,
         vflip as vflip,
+    )
+    from ._lazy_datasets import (
+        ArraySource as ArraySource,
+        ImageFolderSource as ImageFolderSource,
+        LazySource as LazySource,
+        SubsetSource as SubsetSource,
+        open_arrays as open_arrays,
+        scan_image_folder as scan_image_folder,
     )
     from ._loader import eval_batches as eval_batches, prefetch as prefetch
     from ._pipeline import (
@@ -63,15 +71,6 @@ if TYPE_CHECKING:
         RAND_AUGMENT_OPS as RAND_AUGMENT_OPS,
         AugmentOp as AugmentOp,
         RandAugment as RandAugment,
-    )
-    from ._sources import (
-        ArraySource as ArraySource,
-        BadImageError as BadImageError,
-        ImageFolderSource as ImageFolderSource,
-        LazySource as LazySource,
-        SubsetSource as SubsetSource,
-        open_arrays as open_arrays,
-        scan_image_folder as scan_image_folder,
     )
     from ._transforms import EvalTransform as EvalTransform, TrainTransform as TrainTransform
     from ._workers import DataWorkerError as DataWorkerError, default_data_workers as default_data_workers

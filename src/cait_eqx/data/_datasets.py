@@ -1,5 +1,5 @@
-"""Image-classification datasets held in memory: the `Dataset` type, the embedded defaults (digits, MNIST-5k),
-resizing, and the fixed held-out split. Reading your own files is `_files.py`."""
+"""Image-classification datasets held in memory: the `Dataset` type, `DataSource` (it or a lazy source), the
+embedded defaults (digits, MNIST-5k), and the fixed held-out split. Reading your own files is `_files.py`."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import numpy as np
 from jaxtyping import Integer, Shaped
 
 from .._config import image_size_pair
-from ._sources import LazySource
+from ._decode import resize_images
+from ._lazy_datasets import LazySource
 
 __all__ = [
     "DataSource",
     "Dataset",
     "load_digits",
     "load_mnist",
-    "resize_images",
     "resized_to",
     "train_test_split",
 ]
@@ -105,25 +105,6 @@ class Dataset:
 
 DataSource = Union[Dataset, LazySource]  # noqa: UP007 — a runtime alias beartype reads
 """What training, evaluation and the split take: a `Dataset` in memory or a lazy source (`LazySource`)."""
-
-
-def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize every channel of every image with PIL's bilinear filter (antialiased when shrinking)."""
-    from PIL import Image
-
-    height, width = size
-    n, channels = images.shape[:2]
-    out = np.empty((n, channels, height, width), images.dtype)
-    for i in range(n):
-        for c in range(channels):
-            plane = images[i, c]
-            if images.dtype == np.uint8:
-                img = Image.fromarray(np.ascontiguousarray(plane))
-                out[i, c] = np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
-            else:
-                img = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
-                out[i, c] = np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
-    return out
 
 
 def resized_to(dataset: Dataset, image_size) -> Dataset:

@@ -11,11 +11,10 @@ from jaxtyping import Integer, Shaped
 
 from .._config import image_size_pair
 from ._datasets import Dataset, load_digits, load_mnist, resized_to
+from ._decode import GREY_MODES, IMAGE_SUFFIXES, read_image, to_mode
+from ._lazy_datasets import open_arrays, scan_image_folder
 
-__all__ = ["IMAGE_SUFFIXES", "load_arrays", "load_dataset", "load_image_folder", "load_images", "load_npz"]
-
-# File suffixes the image-folder reader treats as images (compared case-insensitively).
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+__all__ = ["load_arrays", "load_dataset", "load_image_folder", "load_images", "load_npz"]
 
 
 def load_image_folder(
@@ -71,7 +70,7 @@ def load_image_folder(
             )
         pictures.extend((path, label, read_image(path)) for path in files)
     if channels is None:
-        channels = 1 if all(img.mode in ("1", "L", "I", "I;16", "F", "LA") for _, _, img in pictures) else 3
+        channels = 1 if all(img.mode in GREY_MODES for _, _, img in pictures) else 3
     mode = "L" if channels == 1 else "RGB"
     if size is None:
         first_path, _, first = pictures[0]
@@ -123,18 +122,6 @@ def load_images(
     return images
 
 
-def read_image(path: Path):
-    """The PIL image in `path`, fully read; a `ValueError` naming the file if it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"Cannot read image {path}: {error}. Fix or remove the file.") from None
-
-
 def _pixels(img, mode: str, size: tuple[int, int]) -> np.ndarray:
     """A PIL image as `uint8` `(channels, height, width)` in `mode` ("L" or "RGB"), bilinearly resized."""
     from PIL import Image
@@ -144,22 +131,6 @@ def _pixels(img, mode: str, size: tuple[int, int]) -> np.ndarray:
         img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-
-
-def to_mode(img, mode: str):
-    """Convert a PIL image to `"L"` or `"RGB"`, flattening transparency onto black first."""
-    from PIL import Image
-
-    if img.mode in ("I", "I;16", "F"):
-        # High-bit-depth greyscale: scale its actual range to 0..255 rather than clipping.
-        pixels = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode == "I;16" or pixels.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(pixels * (255.0 / top), 0, 255).astype(np.uint8))
-    if "A" in img.getbands() or img.mode == "P":
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert(mode)
 
 
 def load_arrays(
@@ -287,8 +258,6 @@ def load_dataset(spec: str, *, image_size: int | tuple[int, int] | None = None, 
     **Returns:** the whole dataset (split it with `train_test_split`): a `Dataset` in memory, or a lazy
     source for `npy:` and, with `lazy`, for folders.
     """
-    from ._sources import open_arrays, scan_image_folder
-
     kind, _, where = spec.partition(":")
     if kind == "digits" and not where:
         return load_digits(image_size=image_size)

@@ -1,6 +1,7 @@
 """Image operations for the data workers, one `uint8` image `(channels, height, width)` at a time, in NumPy
-and PIL (no JAX, no torch): torchvision's random-resized crop and flips, timm's evaluation resize-and-crop,
-and the checks and the PIL bridge that `_rand_augment` and `_transforms` share.
+and PIL (no JAX, no torch): torchvision's random-resized crop and flips, and the checks and fills that
+`_rand_augment` and `_transforms` share. The image check, the PIL bridge and timm's evaluation
+resize-and-crop (`eval_resize_crop`) live one layer down, in `cait_eqx._pil`, which `preprocess` shares.
 
 Geometric operations take any number of channels (PIL works on each channel as a greyscale picture);
 colour operations exist in PIL for greyscale and RGB only.
@@ -18,56 +19,16 @@ from jaxtyping import UInt8
 from PIL import Image
 
 from .._config import image_size_pair
-from .._constants import INTERPOLATIONS
+from .._pil import channel_pictures, check_image, check_interpolation, join_pictures
 
 __all__ = [
-    "eval_resize_crop",
     "hflip",
     "resized_crop",
     "rrc_params",
     "vflip",
 ]
 
-RESAMPLING = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-}
-
-# ------------------------------------------------------------------------------------------ image checks
-
-
-def check_image(image: Any, what: str) -> np.ndarray:
-    """`image` itself if it is a `uint8` array `(channels, height, width)`, else a clear error."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(
-            f"`{what}` takes a NumPy uint8 array (channels, height, width), got {type(image).__name__}. "
-            f"For a PIL image use `np.asarray(pil).transpose(2, 0, 1)` (RGB) or `np.asarray(pil)[None]` (L)."
-        )
-    if image.dtype != np.uint8:
-        raise TypeError(
-            f"`{what}` takes uint8 images (values 0-255), got dtype {image.dtype}. Convert first, e.g. "
-            f"`(x * 255).round().astype(np.uint8)` for floats in [0, 1]."
-        )
-    if image.ndim != 3:
-        hint = " For one greyscale (height, width) image use `image[None]`." if image.ndim == 2 else ""
-        raise ValueError(
-            f"`{what}` takes one image of shape (channels, height, width), got shape {image.shape}.{hint}"
-        )
-    if min(image.shape) == 0:
-        raise ValueError(f"`{what}` got an empty image, shape {image.shape}.")
-    if image.shape[-1] in (1, 3) and image.shape[0] not in (1, 3):
-        raise ValueError(
-            f"`{what}` takes channels first (channels, height, width); shape {image.shape} looks channels "
-            f"last. Use `image.transpose(2, 0, 1)`."
-        )
-    return image
-
-
-def check_interpolation(interpolation: Any) -> Image.Resampling:
-    if interpolation not in RESAMPLING:
-        raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS}, got {interpolation!r}.")
-    return RESAMPLING[interpolation]
+# ------------------------------------------------------------------------------------------ value checks
 
 
 def check_range(name: str, value: Any, *, upper: float | None = None) -> tuple[float, float]:
@@ -113,31 +74,6 @@ def check_colour_channels(channels: int, what: str) -> None:
             f"channels, got {channels}. Leave it out for {channels}-channel images (geometric operations "
             f"take any number of channels)."
         )
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-    """A 1- or 3-channel image as PIL mode "L" or "RGB"."""
-    if image.shape[0] == 1:
-        return Image.fromarray(image[0])
-    return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)))
-
-
-def from_pil(picture: Image.Image) -> np.ndarray:
-    pixels = np.asarray(picture, dtype=np.uint8)
-    return pixels[None].copy() if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
-def channel_pictures(image: np.ndarray) -> list[Image.Image]:
-    """One PIL image (L or RGB) for 1 or 3 channels; one "L" image per channel otherwise."""
-    if image.shape[0] in (1, 3):
-        return [to_pil(image)]
-    return [Image.fromarray(channel) for channel in image]
-
-
-def join_pictures(pictures: list[Image.Image]) -> np.ndarray:
-    if len(pictures) == 1:
-        return from_pil(pictures[0])
-    return np.stack([np.asarray(p, dtype=np.uint8) for p in pictures])
 
 
 def channel_fills(fill: tuple[int, ...], channels: int) -> list[int | tuple[int, ...]]:
@@ -258,61 +194,3 @@ def hflip(image: np.ndarray) -> UInt8[np.ndarray, "channels height width"]:
 def vflip(image: np.ndarray) -> UInt8[np.ndarray, "channels height width"]:
     """Mirror top–bottom (PIL's `FLIP_TOP_BOTTOM`)."""
     return np.ascontiguousarray(check_image(image, "vflip")[:, ::-1, :])
-
-
-def check_crop_pct(crop_pct: Any) -> float:
-    if isinstance(crop_pct, bool) or not isinstance(crop_pct, numbers.Real) or not 0.0 < crop_pct <= 1.0:
-        raise ValueError(
-            f"`crop_pct` must be in (0, 1] (the fraction of the resized image the centre crop keeps: 0.875 "
-            f"for DeiT's evaluation, 1.0 for CaiT's weights), got {crop_pct!r}."
-        )
-    return float(crop_pct)
-
-
-def eval_resize_crop(
-    image: np.ndarray,
-    size: int | tuple[int, int],
-    crop_pct: float | int = 0.875,
-    interpolation: str = "bicubic",
-) -> UInt8[np.ndarray, "channels out_height out_width"]:
-    """timm's evaluation resize and centre crop: the geometric part of `create_transform(is_training=False)`.
-
-    The image is resized so that it just covers `floor(size / crop_pct)` with its aspect ratio kept (for a
-    square `size`: the shorter side becomes `floor(size / crop_pct)`, the longer one is scaled and rounded
-    down, as torchvision's `Resize(int)`; otherwise the scale factor is the smaller of the two and sides
-    are rounded, as timm's `ResizeKeepRatio`), then the centre `size` is cut out (zero padding first if the
-    resized image is smaller, as torchvision's `CenterCrop`). `cait_eqx.preprocess` does the same to one
-    RGB photo and also normalises it.
-
-    **Arguments:**
-
-    - `image`: a `uint8` image `(channels, height, width)`, any number of channels.
-    - `size`: the output size, an int or `(height, width)`.
-    - `crop_pct`: the fraction of the resized image the centre crop keeps, in (0, 1].
-    - `interpolation`: `"bicubic"`, `"bilinear"` or `"nearest"`.
-
-    **Returns:** a `uint8` image `(channels, *size)`.
-    """
-    image = check_image(image, "eval_resize_crop")
-    out_h, out_w = image_size_pair(size, "size")
-    crop_pct = check_crop_pct(crop_pct)
-    resample = check_interpolation(interpolation)
-    _, height, width = image.shape
-    target_h, target_w = math.floor(out_h / crop_pct), math.floor(out_w / crop_pct)
-    if target_h == target_w:
-        short, long = min(height, width), max(height, width)
-        new_short, new_long = target_h, int(target_h * long / short)
-        new_h, new_w = (new_short, new_long) if height <= width else (new_long, new_short)
-    else:
-        factor = min(height / target_h, width / target_w)
-        new_h, new_w = round(height / factor), round(width / factor)
-    if (new_h, new_w) != (height, width):
-        image = join_pictures([p.resize((new_w, new_h), resample) for p in channel_pictures(image)])
-    pad_h, pad_w = max(out_h - new_h, 0), max(out_w - new_w, 0)
-    if pad_h or pad_w:
-        image = np.pad(image, ((0, 0), (pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2)))
-    top = int(round((image.shape[1] - out_h) / 2.0))
-    left = int(round((image.shape[2] - out_w) / 2.0))
-    return np.ascontiguousarray(image[:, top : top + out_h, left : left + out_w])
-
-

@@ -25,7 +25,8 @@ __all__ = [
 ]
 
 from .._constants import BAD_IMAGE_POLICIES
-from ._sources import BadImageError
+from ._datasets import Dataset
+from ._decode import BadImageError
 from ._workers import default_data_workers, worker_died, worker_init
 
 # How many other examples a skipped one may try before the batch gives up (a folder of mostly bad files).
@@ -304,8 +305,6 @@ def find_bad_images(source: Any, *, workers: int | None = None, chunk: int = 256
     names its file).
     """
     import grain
-
-    from ._datasets import Dataset
 
     if isinstance(source, Dataset) or len(source) == 0 or getattr(source, "checked", False):
         return []

@@ -22,17 +22,8 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from .._config import image_size_pair
 from .._constants import IMAGENET_MEAN
-from ._image_ops import (
-    RESAMPLING,
-    channel_fills,
-    channel_pictures,
-    check_colour_channels,
-    check_image,
-    check_interpolation,
-    check_probability,
-    join_pictures,
-    mean_to_fill,
-)
+from .._pil import RESAMPLING, channel_pictures, check_image, check_interpolation, join_pictures
+from ._image_ops import channel_fills, check_colour_channels, check_probability, mean_to_fill
 
 __all__ = [
     "RAND_AUGMENT_OPS",

@@ -20,19 +20,8 @@ from jaxtyping import UInt8
 
 from .._config import image_size_pair
 from .._constants import IMAGENET_MEAN
-from ._image_ops import (
-    check_crop_pct,
-    check_image,
-    check_interpolation,
-    check_probability,
-    check_range,
-    eval_resize_crop,
-    hflip,
-    mean_to_fill,
-    resized_crop,
-    rrc_params,
-    vflip,
-)
+from .._pil import check_crop_pct, check_image, check_interpolation, eval_resize_crop
+from ._image_ops import check_probability, check_range, hflip, mean_to_fill, resized_crop, rrc_params, vflip
 from ._rand_augment import RandAugment
 
 __all__ = [

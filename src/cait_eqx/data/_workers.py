@@ -14,6 +14,8 @@ import re
 import signal
 from typing import Any
 
+from ._datasets import Dataset
+
 __all__ = ["DataWorkerError", "default_data_workers"]
 
 # What Grain (0.2.16 and later) raises in the trainer when a worker process has exited with a non-zero code.
@@ -34,8 +36,6 @@ class DataWorkerError(RuntimeError):
 def default_data_workers(source: Any, transform: Any) -> int:
     """Worker processes for `source`: none for arrays in memory without a per-image transform (reading them
     is one indexing), else one per core left over beside the training step, at most 8."""
-    from ._datasets import Dataset
-
     if isinstance(source, Dataset) and transform is None:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

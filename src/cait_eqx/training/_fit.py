@@ -220,7 +220,7 @@ class _ResizedRandAugment:
         self.image_size, self.augment = image_size, augment
 
     def __call__(self, image, rng):
-        from ..data._datasets import resize_images
+        from ..data._decode import resize_images
 
         if image.shape[1:] != self.image_size:
             image = resize_images(image[None], self.image_size)[0]

@@ -16,29 +16,16 @@ import numpy as np
 from jaxtyping import Integer, Shaped
 
 from .._config import image_size_pair
+from ._decode import GREY_MODES, IMAGE_SUFFIXES, read_image, resize_images, to_mode
 
 __all__ = [
     "ArraySource",
-    "LazySource",
-    "BadImageError",
     "ImageFolderSource",
+    "LazySource",
     "SubsetSource",
     "open_arrays",
     "scan_image_folder",
 ]
-
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
-class BadImageError(ValueError):
-    """A file of a dataset cannot be read as one of its images; `paths` names every such file found."""
-
-    def __init__(self, message: str, paths: Sequence[str]):
-        super().__init__(message)
-        self.paths = tuple(paths)
-
-    def __reduce__(self):  # raised in a data worker, re-raised in the trainer: pickled with its paths
-        return (type(self), (str(self), self.paths))
 
 
 class LazySource:
@@ -72,8 +59,6 @@ class LazySource:
 
     def read(self, indices: Integer[np.ndarray, " m"]) -> Shaped[np.ndarray, "m channels height width"]:
         """The examples at `indices`, at the source's `image_size` (bilinear resize where they differ)."""
-        from ._datasets import resize_images
-
         out = None
         for row, index in enumerate(np.asarray(indices).tolist()):
             pixels = self.read_native(index)
@@ -143,11 +128,9 @@ class ImageFolderSource(LazySource):
         return str(self.path(index))
 
     def read_native(self, index: int) -> np.ndarray:
-        from ._files import read_image, to_mode
-
         path = self.path(index)
         img = read_image(path)
-        if self.channels == 1 and img.mode not in _GREY_MODES:
+        if self.channels == 1 and img.mode not in GREY_MODES:
             raise ValueError(
                 f"{path} is a colour image ({img.mode}) but the folder was read as greyscale (its first "
                 f"image is): the folder mixes modes. Pass channels=3 (CLI: --channels 3) to read every "
@@ -187,8 +170,6 @@ def scan_image_folder(
     **Raises:** `FileNotFoundError` if `root` is not a folder; `ValueError` naming the folder for a class
     folder without images, and naming the file if the first image cannot be read.
     """
-    from ._files import IMAGE_SUFFIXES, read_image
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder not found: {root} (expected root/<class_name>/<image files>).")
@@ -219,7 +200,7 @@ def scan_image_folder(
     labels = np.repeat(np.arange(len(class_dirs), dtype=np.int32), counts)
     first = read_image(root / names[0].decode())
     if channels is None:
-        channels = 1 if first.mode in _GREY_MODES else 3
+        channels = 1 if first.mode in GREY_MODES else 3
     size = (first.size[1], first.size[0]) if image_size is None else image_size_pair(image_size)
     return ImageFolderSource(
         root, files_array, labels, tuple(class_dirs), channels, size, fixed_size=image_size is None
