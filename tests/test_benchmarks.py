@@ -42,6 +42,7 @@ def _finite_positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_every_throughput_row_is_present_and_sane(quick):
     _, results, _ = quick
     tiny = bench.BENCHES["tiny"]
@@ -59,6 +60,7 @@ def test_every_throughput_row_is_present_and_sane(quick):
         assert 0 < r["fraction_of_ceiling"] < 2, r
 
 
+@pytest.mark.slow
 def test_ratios_are_finite_and_match_the_rows(quick):
     _, results, _ = quick
     ratios = bench.ratio_rows(results)
@@ -72,6 +74,7 @@ def test_ratios_are_finite_and_match_the_rows(quick):
         assert row["ratio_vs_timm_compile"] is None  # no --compile in quick mode
 
 
+@pytest.mark.slow
 def test_flop_count_is_the_analytic_matmul_count(quick):
     import jax.random as jr
 
@@ -85,6 +88,7 @@ def test_flop_count_is_the_analytic_matmul_count(quick):
         assert r["gflop_per_image"] == pytest.approx(fwd * (3 if r["workload"] == "train" else 1))
 
 
+@pytest.mark.slow
 def test_parity_compile_and_memory_sections(quick):
     _, results, _ = quick
     (parity,) = results["parity"]
@@ -104,6 +108,7 @@ def test_parity_compile_and_memory_sections(quick):
                 assert m[f"{w}_peak_mb"] >= m[f"{w}_base_mb"] > 0, m
 
 
+@pytest.mark.slow
 def test_printed_table_is_the_json_rendered(quick):
     stdout, results, path = quick
     assert stdout == bench.markdown(results)
@@ -150,6 +155,7 @@ def test_flop_formula_matches_the_traced_program(overrides):
     assert traced + unseen == bench.forward_flops(cfg) > 0
 
 
+@pytest.mark.slow
 def test_train_step_variants_quick_mode_prints_every_variant():
     """`train_step_variants.py --quick` (the A/B script behind the README's talking-heads figures) runs end to
     end and prints one sane row per variant, the current code being its own 1.00× reference."""
@@ -193,6 +199,7 @@ def test_each_variant_traces_differently_and_is_undone():
         assert program() == current, f"{variant} was not undone"
 
 
+@pytest.mark.slow
 def test_quick_run_records_its_allocator_settings(quick):
     """Both contenders run under the same glibc tunables, and the JSON says which: by default glibc's own
     setting (`--huge-pages off`), even when the caller's environment asked for huge pages."""
@@ -305,6 +312,7 @@ def _tables(stdout):
     return [t[1:] for t in tables]
 
 
+@pytest.mark.slow
 def test_huge_pages_script_quick_mode(tmp_path):
     """`huge_pages.py --quick` (behind the README's huge-page figures) runs a worker process per setting and
     prints one sane row each, `off` being the 1.00× reference; with `--idle` it also times the step after each
@@ -344,6 +352,7 @@ def jax_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("jax-cache")
 
 
+@pytest.mark.slow
 def test_remat_script_quick_mode(tmp_path, jax_cache):
     """`remat.py --quick` (behind the README's rematerialisation table) runs one fresh worker per policy, and
     the policy reaches the compiled program: XLA's scratch memory for a step that keeps nothing for the
@@ -432,6 +441,7 @@ def test_data_pipeline_watcher_gives_each_process_its_own_peak(tmp_path, watcher
     assert 0 < memory["peak_sum_pss_mb"] <= memory["peak_sum_rss_mb"], memory
 
 
+@pytest.mark.slow
 def test_data_pipeline_script_quick_mode(tmp_path):
     """`data_pipeline.py --quick --only digits` (behind the README's throughput table) measures every source
     with every worker count, and its table is its JSON rendered: the ratios are the measured images/s over
@@ -466,6 +476,7 @@ def test_data_pipeline_script_quick_mode(tmp_path):
     assert proc.returncode == 0 and _tables(proc.stdout) == [generated, throughput], proc.stderr
 
 
+@pytest.mark.slow
 def test_data_pipeline_times_fit_between_stamps_one_step_late():
     """The fit column's premise, on `fit` itself: `on_step(k)` for a step `data_pipeline._read_late` returns
     comes once `fit` has called step k + 1 (its stamp is the end of step k + 1), and for every other step (a

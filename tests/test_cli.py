@@ -130,6 +130,7 @@ def test_resume_refuses_new_settings(quick_run, capsys):
     assert "drop --lr" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     """The installed `cait-eqx` script, interrupted mid-run, checkpoints, says how to resume, and resumes."""
     run_dir = tmp_path / "run"

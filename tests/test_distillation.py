@@ -129,6 +129,7 @@ def _first_loss(model, train, config, teacher=None, mesh=None):
     return losses[0]
 
 
+@pytest.mark.slow
 def test_the_teacher_sees_the_students_images_in_the_same_step(digits):
     """A teacher equal to the student (no dropout): the soft term is zero only if both saw the same
     augmented and mixed images, so the loss is exactly (1 - alpha) times the plain one."""
@@ -152,6 +153,7 @@ def test_the_teacher_sees_the_students_images_in_the_same_step(digits):
     ) == pytest.approx(hard, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_fit_with_a_teacher_trains_and_resumes_exactly(digits, tmp_path):
     train, test = digits
     student = cait_eqx.CaiT(**TINY, layer_dropout=0.1, key=jr.key(0))
@@ -245,6 +247,7 @@ def test_a_teacher_that_does_not_fit_the_data_is_a_clear_error(digits):
 # -------------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_the_cli_distils_from_a_run_directory_and_resumes(tmp_path, capsys):
     teacher_dir, run_dir = tmp_path / "teacher", tmp_path / "student"
     assert cli.main(["train", "--quick", "--max-steps", "2", "--no-progress", "--out", str(teacher_dir)]) == 0

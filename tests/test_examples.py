@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import cait_eqx
 from cait_eqx.data import load_digits, train_test_split
@@ -39,6 +40,7 @@ def test_every_example_has_a_quick_mode_and_a_test():
         assert "--quick" in (EXAMPLES / script).read_text(), f"{script} has no --quick mode"
 
 
+@pytest.mark.slow
 def test_train_digits(tmp_path):
     out = run_example("train_digits.py", "--quick", "--out", str(tmp_path / "run"))
     match = re.search(r"test accuracy ([\d.]+)% \(top-5 ([\d.]+)%\)", out)
@@ -55,6 +57,7 @@ def test_train_digits(tmp_path):
     assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_finetune(tmp_path):
     out = run_example("finetune.py", "--quick", "--out", str(tmp_path / "ft"))
     # One epoch of 64 images in batches of 32.
@@ -76,6 +79,7 @@ def test_finetune(tmp_path):
         assert before.shape == after.shape and not np.array_equal(before, after), name
 
 
+@pytest.mark.slow
 def test_extract_features():
     out = run_example("extract_features.py", "--quick")
     match = re.search(
@@ -87,6 +91,7 @@ def test_extract_features():
     assert int(match.group(1)) == 64 and float(match.group(2)) >= 50.0, out
 
 
+@pytest.mark.slow
 def test_dense_readout():
     out = run_example("dense_readout.py", "--quick")
     assert re.search(r"majority class: ([\d.]+)%", out), out
@@ -104,12 +109,14 @@ def test_dense_readout():
         assert float(accuracy) >= majority + 5, out
 
 
+@pytest.mark.slow
 def test_attention_maps(tmp_path):
     out = run_example("attention_maps.py", "--quick", "--out", str(tmp_path / "attn"))
     assert (tmp_path / "attn" / "digit_0.png").is_file()
     assert "class token keeps" in out
 
 
+@pytest.mark.slow
 def test_replicate_layerscale(tmp_path):
     run_example("replicate_layerscale.py", "--quick", "--out", str(tmp_path / "repl"))
     table = (tmp_path / "repl" / "table.md").read_text()

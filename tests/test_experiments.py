@@ -70,6 +70,7 @@ def test_the_table_pairs_the_conditions_by_seed(distillation, tmp_path, capsys):
     assert "10 per class" not in out  # no runs, no row
 
 
+@pytest.mark.slow
 def test_the_script_runs_end_to_end(tmp_path):
     env = dict(os.environ, CAIT_EQX_TYPECHECK="1", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)

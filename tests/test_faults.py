@@ -108,6 +108,7 @@ def reference(tmp_path_factory) -> Path:
 # 2805159009: stops that, while a second Ctrl-C still raised `KeyboardInterrupt` from the signal handler,
 # could land it in JAX's garbage-collection callback ("Exception ignored in: _xla_gc_callback ..."), and
 # failed this test on a clean clone. A failing random seed is printed: add it here to keep it.
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [2805159009, None], ids=["seed-2805159009", "random-seed"])
 def test_killed_runs_resume_to_exactly_the_uninterrupted_model(tmp_path, reference, seed):
     """SIGKILL at a random moment, then SIGTERM, then a double Ctrl-C, resuming after each: same final bytes.
@@ -267,6 +268,7 @@ def test_old_checkpoints_go_only_after_the_new_one_is_read_back(tmp_path, monkey
 # ---------------------------------------------------------------------------------------- numerical faults
 
 
+@pytest.mark.slow
 def test_a_diverging_learning_rate_stops_the_run_at_the_first_non_finite_step(tmp_path, capsys, caplog):
     run = tmp_path / "run"
     flags = ["train", "--quick", "--epochs", "1", "--lr", "100", "--warmup-epochs", "0",

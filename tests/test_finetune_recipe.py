@@ -273,6 +273,7 @@ def test_resume_with_layer_decay_is_bit_exact(tmp_path):
             )
 
 
+@pytest.mark.slow
 def test_a_sharded_step_scales_each_row_of_a_split_weight(getkey):
     """fsdp splits the stacked weights along a non-depth axis; each block's rows keep their own factor."""
     model = _tiny(getkey(), dim=32, mlp_dim=64, heads=4)

@@ -237,6 +237,7 @@ def test_plain_class_token_when_cls_depth_is_zero(tiny_config, getkey):
         model.class_attention(_image(getkey()))
 
 
+@pytest.mark.slow
 def test_readme_example_runs(capsys):
     """The README's first Python block (the seed's example, written the Equinox way) runs as shown."""
     from pathlib import Path

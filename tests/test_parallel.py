@@ -179,6 +179,7 @@ def test_sharding_errors_name_no_command_line_flags(monkeypatch):
     assert "`coordinator_address`" in errors[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["data=8", "data=4,fsdp=2"])
 def test_meshes_train_alike(spec, reference):
     want_losses, want_params, want_logits = reference
@@ -255,6 +256,7 @@ def two_processes(tmp_path_factory):
     return out, run_dir
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(reference, two_processes):
     want_losses, want_params, want_logits = reference
     tmp_path, _ = two_processes
@@ -273,6 +275,7 @@ def test_two_processes_match_one(reference, two_processes):
     np.testing.assert_allclose(result["logits"], want_logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_read_every_example_once_per_epoch(two_processes):
     """Each process's data pipeline reads only its rows of every global batch: together, every example of
     an epoch's order exactly once (the 5 left over are dropped), nothing twice, nothing of the other's."""
@@ -295,6 +298,7 @@ def test_two_processes_read_every_example_once_per_epoch(two_processes):
         np.testing.assert_array_equal(got[1].reshape(-1, 8), order[:, 8:])
 
 
+@pytest.mark.slow
 def test_fit_resumes_a_two_process_run_on_one_device(two_processes):
     _, run_dir = two_processes
     config = fit_config()
@@ -333,6 +337,7 @@ def test_fit_checks_the_batch_before_compiling():
         fit(model, data, None, config, key=key, mesh=parallel.make_mesh(data=8), progress=False)
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_meshes(tmp_path):
     model, optim, _, _, key = setup()
     template = (model, optim.init(eqx.filter(model, eqx.is_array)))
@@ -447,6 +452,7 @@ def test_cli_refuses_a_bad_mesh_before_compiling(mesh, message, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cli_trains_on_a_mesh(tmp_path, capsys):
     run_dir = tmp_path / "run"
     flags = ["--quick", "--no-progress", "--mesh", "data=2,fsdp=2", "--max-steps", "2", "--log-every", "1"]

@@ -206,6 +206,7 @@ def test_an_unreadable_file_is_named_or_skipped_and_counted(tmp_path, mnist):
     assert kept.read(np.arange(10)).shape == (10, 1, 28, 28)  # every image left reads
 
 
+@pytest.mark.slow
 def test_fit_trains_from_a_lazy_folder_with_workers_as_from_memory(mnist_folder):
     import jax.random as jr
 
@@ -288,6 +289,7 @@ def _wait_gone(tag: str, seconds: float = 20.0) -> list[int]:
     return left
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_trainer_leaves_no_data_worker_behind(tmp_path, mnist_folder):
     proc, tag = _start_trainer(tmp_path, mnist_folder)
@@ -296,6 +298,7 @@ def test_a_killed_trainer_leaves_no_data_worker_behind(tmp_path, mnist_folder):
     assert _wait_gone(tag) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_stops_the_trainer_and_its_workers_cleanly(tmp_path, mnist_folder):
     proc, tag = _start_trainer(tmp_path, mnist_folder)
@@ -307,6 +310,7 @@ def test_ctrl_c_stops_the_trainer_and_its_workers_cleanly(tmp_path, mnist_folder
     assert _wait_gone(tag) == []
 
 
+@pytest.mark.slow
 def test_deits_augmentations_run_in_the_workers_reproducibly_and_train(mnist_folder):
     """Random-resized crop + RandAugment in the workers (the same bytes with 0 or 2 of them, a pure function
     of the seed), repeated augmentation (copies of one image augmented differently), random erasing and
@@ -408,6 +412,7 @@ def test_a_script_without_the_main_guard_is_told_what_is_missing_not_left_waitin
         'trains without `if __name__ == "__main__":`' in last
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_cli_run_whose_data_worker_dies_stops_with_one_line_and_a_resume_hint(tmp_path, mnist_folder):
     out = tmp_path / "run"

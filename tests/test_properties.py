@@ -73,6 +73,7 @@ def _finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
 
 
+@pytest.mark.slow
 @settings(max_examples=8, **SETTINGS)
 @given(kwargs=valid_configs(), seed=st.integers(0, 2**16))
 def test_any_valid_config_builds_runs_forward_and_backward(kwargs, seed):
