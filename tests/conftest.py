@@ -1,8 +1,8 @@
 """Test configuration: explicit broadcasting only, 8 CPU devices, runtime type checking on, shared fixtures.
 
 Fixtures: `getkey` (fresh PRNG keys), `tiny_config` (the keywords of the small CaiT most tests build) and
-`tiny_model` (that CaiT, built once per session). After each test module JAX's compiled programs are
-released (`_release_compiled_programs`).
+`tiny_model` (that CaiT, built once per session). JAX's compiled programs are released after a test module
+once the process holds many memory mappings (`_release_compiled_programs`).
 """
 
 import atexit
@@ -55,20 +55,41 @@ import cait_eqx  # noqa: E402
 assert cait_eqx.TYPECHECKING_ENABLED, "tests must run with jaxtyping + beartype checking on"
 
 
+def _memory_mappings() -> int | None:
+    """How many memory mappings this process holds, where Linux says (`/proc/self/maps`); else `None`."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
+
+
+def _mapping_limit() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return 65_530  # Linux's default
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop every compiled program once a test module is done.
+    """Drop every compiled program after a test module once the process holds many memory mappings.
 
     Each XLA:CPU executable keeps its machine code in memory mappings of its own, and JAX's caches keep every
     executable alive. The whole suite in one process compiles thousands of programs (every test module
-    builds its own models and steps, on up to 8 devices): without this the process passed 37,000 mappings
+    builds its own models and steps, on up to 8 devices): never released, the process passed 37,000 mappings
     by tests/test_parallel.py and aborted in an XLA compilation in tests/test_training.py when it reached
-    the kernel's limit (`vm.max_map_count`, 65,530), with no message. Within a module the cache still
-    spares recompilation.
+    the kernel's limit (`vm.max_map_count`, 65,530), with no message. Releasing after every module cost
+    recompiling what the next module shares (the op-by-op programs of eager calls, the common tiny models),
+    so the caches go once a module leaves the process past a third of the limit — a margin of two thirds
+    for the next module, which needs a few thousand — and after every module where the count is unknown.
     """
     yield
-    jax.clear_caches()
-    gc.collect()
+    mappings = _memory_mappings()
+    if mappings is None or mappings > _mapping_limit() // 3:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture

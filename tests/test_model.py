@@ -43,7 +43,7 @@ def test_every_parameter_gets_a_gradient_at_init(tiny_config, getkey):
         logits = jax.vmap(m)(images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    g = grads(model)
+    g = eqx.filter_jit(grads)(model)  # one compiled program (op by op it takes twice as long)
     flat, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(g, eqx.is_array))
     assert len(flat) > 30
     for path, leaf in flat:
@@ -192,9 +192,9 @@ def test_drop_path_uniform_over_sa_blocks_and_absent_from_ca_blocks(tiny_config,
 def test_model_runs_under_strict_dtype_promotion(tiny_config, getkey):
     model = cait_eqx.CaiT(**tiny_config, dropout=0.1, layer_dropout=0.1, key=getkey())
     x = _image(getkey())
-    with jax.numpy_dtype_promotion("strict"):
-        out = model(x, key=getkey())
-        grads = eqx.filter_grad(lambda m: m(x, key=jax.random.key(0)).sum())(model)
+    with jax.numpy_dtype_promotion("strict"):  # traced (and so checked) inside the context
+        out = eqx.filter_jit(lambda m, x, k: m(x, key=k))(model, x, getkey())
+        grads = eqx.filter_jit(eqx.filter_grad(lambda m: m(x, key=jax.random.key(0)).sum()))(model)
     assert out.shape == (10,)
     assert grads.blocks.attn.qkv.weight.shape == model.blocks.attn.qkv.weight.shape
 
@@ -337,7 +337,7 @@ def test_forward_and_reverse_mode_autodiff_agree(getkey):
     products need) and gives the same input Jacobian as reverse mode, entry by entry."""
     model = cait_eqx.CaiT(16, 4, 5, 32, 2, 1, 4, 64, channels=1, init_values=0.5, key=getkey())
     x = jax.random.normal(getkey(), (1, 16, 16))
-    forward = jax.jacfwd(model)(x)
-    reverse = jax.jacrev(model)(x)
+    forward = eqx.filter_jit(jax.jacfwd(model))(x)
+    reverse = eqx.filter_jit(jax.jacrev(model))(x)
     assert forward.shape == (5, 1, 16, 16) and float(jnp.abs(reverse).max()) > 0
     np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5 * float(jnp.abs(reverse).max()))
