@@ -1,8 +1,9 @@
 """Side-by-side speed and memory of cait_eqx and timm's CaiT on the same machine, interleaved.
 
-For each configuration both contenders get the same architecture, the same weights (timm's random init, loaded into
-cait_eqx by name), the same batch, float32 and the same CPU threads. Every measurement interleaves the contenders
-round by round (alternating which goes first) so that machine noise hits both; the table shows medians.
+For each configuration both contenders get the same architecture, the same weights (timm's random init, loaded
+into cait_eqx by name), the same batch, float32 and the same CPU threads. Every measurement interleaves the
+contenders round by round (alternating which goes first) so that machine noise hits both; the table shows
+medians.
 
 Measured:
 
@@ -12,8 +13,8 @@ Measured:
   `cait_m48_448` structure, and torch.compile's first-call cost with `--compile`;
 - peak resident memory of each contender in a fresh subprocess.
 
-With `--huge-pages on` the whole measurement (so both contenders) runs with glibc's `glibc.malloc.hugetlb=1`, in
-a child process started with it: see the README here ("Huge pages") for what it changes and by how much.
+With `--huge-pages on` the whole measurement (so both contenders) runs with glibc's `glibc.malloc.hugetlb=1`,
+in a child process started with it: see the README here ("Huge pages") for what it changes and by how much.
 
 Run `python benchmarks/bench.py --help`; `benchmarks/README.md` has the commands and the results.
 """
@@ -56,7 +57,8 @@ class Bench:
     num_classes: int
     infer_batches: tuple[int, ...]
     train_batch: int
-    timm_name: str | None = None  # a named variant: timm.create_model(name) and cait_eqx's variant of that name
+    # a named variant: timm.create_model(name) and cait_eqx's variant of that name
+    timm_name: str | None = None
     cls_depth: int = 2
     mlp_ratio: int = 4
 
@@ -88,9 +90,13 @@ class Bench:
 
 
 BENCHES = {
-    "xxs24": Bench("xxs24", "cait_xxs24_224", 224, 16, 192, 24, 4, 1000, (1, 8, 32), 16, timm_name="cait_xxs24_224"),
+    "xxs24": Bench(
+        "xxs24", "cait_xxs24_224", 224, 16, 192, 24, 4, 1000, (1, 8, 32), 16, timm_name="cait_xxs24_224"
+    ),
     "s24": Bench("s24", "cait_s24_224", 224, 16, 384, 24, 8, 1000, (1, 8, 32), 16, timm_name="cait_s24_224"),
-    "small": Bench("small", "small 32×32 (d192, depth 12, 4 heads, p4)", 32, 4, 192, 12, 4, 10, (1, 8, 32, 256), 128),
+    "small": Bench(
+        "small", "small 32×32 (d192, depth 12, 4 heads, p4)", 32, 4, 192, 12, 4, 10, (1, 8, 32, 256), 128
+    ),
     # --quick (CI): a tiny model, to keep the script working, not to measure anything.
     "tiny": Bench("tiny", "tiny 32×32 (d64, depth 2, p8) [quick]", 32, 8, 64, 2, 4, 10, (1, 8), 8),
 }
@@ -111,7 +117,8 @@ COMPILE_QUICK = [
 
 
 def pin_threads(threads: int) -> list[int]:
-    """Restrict this process (and so XLA's and torch's thread pools) to `threads` CPUs; call before imports."""
+    """Restrict this process (and so XLA's and torch's thread pools) to `threads` CPUs; call before
+    imports."""
     cpus = sorted(os.sched_getaffinity(0))
     if threads > len(cpus):
         raise SystemExit(f"--threads {threads} asks for more CPUs than this process may use ({len(cpus)}).")
@@ -147,8 +154,8 @@ def tunables_with_hugetlb(tunables: str, on: bool) -> str:
 
 
 def ensure_huge_pages(on: bool) -> None:
-    """Return if glibc's `glibc.malloc.hugetlb` tunable is already 1 (`on`) or 0 in this process; otherwise run
-    this same command in a child process whose environment sets it, and exit with the child's status.
+    """Return if glibc's `glibc.malloc.hugetlb` tunable is already 1 (`on`) or 0 in this process; otherwise
+    run this same command in a child process whose environment sets it, and exit with the child's status.
 
     glibc reads its tunables only at start-up, so a process cannot change its own; the child is started with
     the tunable (this process is not re-executed) and does all the work, with this process's standard streams.
@@ -161,8 +168,8 @@ def ensure_huge_pages(on: bool) -> None:
     if _RESTARTED in os.environ:  # glibc's secure mode (setuid/capabilities) erases the tunable: do not loop
         raise SystemExit(
             f"--huge-pages {'on' if on else 'off'}: the child process still has GLIBC_TUNABLES="
-            f"{os.environ.get('GLIBC_TUNABLES', '')!r}; this interpreter (glibc secure mode?) drops the tunable. "
-            "Run without --huge-pages on, or with an interpreter that keeps GLIBC_TUNABLES."
+            f"{os.environ.get('GLIBC_TUNABLES', '')!r}; this interpreter (glibc secure mode?) drops the "
+            "tunable. Run without --huge-pages on, or with an interpreter that keeps GLIBC_TUNABLES."
         )
     tunables = tunables_with_hugetlb(os.environ.get("GLIBC_TUNABLES", ""), on)
     env = dict(os.environ, GLIBC_TUNABLES=tunables, **{_RESTARTED: "1"})
@@ -245,7 +252,8 @@ def head_mix_flops(cfg) -> int:
 
 
 def forward_flops(cfg) -> int:
-    """Matmul FLOPs (2·m·n·k) of one image's forward pass; elementwise work (softmax, norms, GELU) not counted.
+    """Matmul FLOPs (2·m·n·k) of one image's forward pass; elementwise work (softmax, norms, GELU) not
+    counted.
 
     `cfg` is a `cait_eqx.CaiTConfig`. The training step is counted as 3× this (the backward pass does two
     matmuls per forward matmul).
@@ -277,9 +285,9 @@ def forward_flops(cfg) -> int:
 def traced_matmul_flops(jaxpr) -> int:
     """Matmul FLOPs of a traced program: `2·m·n·k` for every `dot_general` and convolution in a jaxpr.
 
-    Nested programs are walked too (`pjit`, `custom_jvp`/`custom_vjp`, `checkpoint`, ...), a `scan` body counted
-    `length` times. An independent check of `forward_flops`: it counts what the model really computes, not what
-    the formula says it should.
+    Nested programs are walked too (`pjit`, `custom_jvp`/`custom_vjp`, `checkpoint`, ...), a `scan` body
+    counted `length` times. An independent check of `forward_flops`: it counts what the model really computes,
+    not what the formula says it should.
     """
     from jax.extend import core as jcore
 
@@ -351,7 +359,7 @@ def interleaved(
     }
 
 
-# ---------------------------------------------------------------------------------------------- the contenders
+# --------------------------------------------------------------------------------------------- the contenders
 
 
 def build_timm(bench: Bench, torch_seed: int = 0):
@@ -534,7 +542,9 @@ def run_throughput(bench: Bench, args, ceiling_gflops: float) -> tuple[list[dict
     parity = dict(config=bench.key, title=bench.title, max_rel_diff=rel, tolerance=PARITY_TOLERANCE)
     _log(f"[{bench.key}] parity with timm: max relative logit difference {rel:.2e}")
     if not rel <= PARITY_TOLERANCE:
-        raise SystemExit(f"[{bench.key}] cait_eqx and timm disagree (max rel diff {rel:.2e}); not benchmarking.")
+        raise SystemExit(
+            f"[{bench.key}] cait_eqx and timm disagree (max rel diff {rel:.2e}); not benchmarking."
+        )
 
     runners = {"cait_eqx": EqxRunner(emodel), "timm": TorchRunner(tmodel, compiled=False)}
     if args.compile:
@@ -646,7 +656,9 @@ def compile_times(structures, rounds: int) -> list[dict]:
     jobs = []
     for key, title, spec, fb, tb in structures:
         for (workload, batch), lower in lowerers(abstract_model(spec), fb, tb).items():
-            jobs.append(dict(structure=key, title=title, workload=workload, batch=batch, lower=lower, t=[], c=[]))
+            jobs.append(
+                dict(structure=key, title=title, workload=workload, batch=batch, lower=lower, t=[], c=[])
+            )
     for r in range(rounds):
         for job in jobs if r % 2 == 0 else jobs[::-1]:
             t0 = time.perf_counter()
@@ -656,8 +668,8 @@ def compile_times(structures, rounds: int) -> list[dict]:
             t2 = time.perf_counter()
             job["t"].append(t1 - t0)
             job["c"].append(t2 - t1)
-            _log(f"[compile] {job['structure']} {job['workload']} batch {job['batch']}: {t1 - t0:.2f} s trace+lower, "
-                 f"{t2 - t1:.2f} s compile")
+            _log(f"[compile] {job['structure']} {job['workload']} batch {job['batch']}: {t1 - t0:.2f} s "
+                 f"trace+lower, {t2 - t1:.2f} s compile")
     rows = []
     for job in jobs:
         trace, comp = statistics.median(job["t"]), statistics.median(job["c"])
@@ -670,7 +682,7 @@ def compile_times(structures, rounds: int) -> list[dict]:
                 contender="cait_eqx",
                 trace_s=trace,
                 compile_s=comp,
-                total_s=statistics.median([a + b for a, b in zip(job["t"], job["c"])]),
+                total_s=statistics.median([a + b for a, b in zip(job["t"], job["c"], strict=True)]),
                 how="jax.jit(...).lower(abstract shapes).compile()",
             )
         )
@@ -760,12 +772,15 @@ def images_per_s_counting_warmup(row: dict) -> float | None:
 
 
 def ratio_rows(results: dict) -> list[dict]:
-    """One row per (config, workload, batch): images/s of every contender and cait_eqx's ratios; also the ratio
-    to timm eager counting each round's untimed opening calls (`images_per_s_counting_warmup`), where known."""
+    """One row per (config, workload, batch): images/s of every contender and cait_eqx's ratios; also the
+    ratio to timm eager counting each round's untimed opening calls (`images_per_s_counting_warmup`), where
+    known."""
     grouped: dict[tuple, dict] = {}
     for r in results.get("throughput", []):
         k = (r["config"], r["workload"], r["batch"])
-        grouped.setdefault(k, dict(config=r["config"], title=r["title"], workload=r["workload"], batch=r["batch"]))
+        grouped.setdefault(
+            k, dict(config=r["config"], title=r["title"], workload=r["workload"], batch=r["batch"])
+        )
         grouped[k][r["contender"]] = r
     out = []
     for g in grouped.values():
@@ -800,7 +815,8 @@ def markdown(results: dict) -> str:
     if ceiling:
         lines.append(
             f"Matmul ceiling ({ceiling['n']}² fp32, best of runs): numpy {ceiling['numpy']:.1f}, torch "
-            f"{ceiling['torch']:.1f}, jax {ceiling['jax']:.1f} GFLOP/s → ceiling {ceiling['max']:.1f} GFLOP/s."
+            f"{ceiling['torch']:.1f}, jax {ceiling['jax']:.1f} GFLOP/s → ceiling {ceiling['max']:.1f} "
+            "GFLOP/s."
         )
         lines.append("")
     rows = ratio_rows(results)
@@ -833,7 +849,8 @@ def markdown(results: dict) -> str:
                 "× xxs24" if any(c["structure"] == "xxs24" for c in comp) else "× first"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in comp:
-            rel = c["total_s"] / base[c["workload"]] if c["contender"] == "cait_eqx" and c["workload"] in base else None
+            rel = (c["total_s"] / base[c["workload"]]
+                   if c["contender"] == "cait_eqx" and c["workload"] in base else None)
             lines.append("| " + " | ".join([
                 c["title"], LABELS[c["contender"]], c["workload"], str(c["batch"]), _fmt(c["trace_s"]),
                 _fmt(c["compile_s"]), _fmt(c["total_s"]), (_fmt(rel) + "×") if rel is not None else "–",
@@ -845,7 +862,8 @@ def markdown(results: dict) -> str:
                 "inference: peak (+ over base) MB", "train step: peak (+ over base) MB"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in mem:
-            cells = [m["title"], LABELS[m["contender"]], _fmt(m["rss_setup_mb"], 0), _fmt(m["warmup_peak_mb"], 0)]
+            cells = [m["title"], LABELS[m["contender"]], _fmt(m["rss_setup_mb"], 0),
+                     _fmt(m["warmup_peak_mb"], 0)]
             for w in ("infer", "train"):
                 peak, base = m[f"{w}_peak_mb"], m[f"{w}_base_mb"]
                 delta = None if peak is None else peak - base
@@ -884,13 +902,16 @@ def _log(msg: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", default="xxs24,s24,small,compile,memory",
                    help="comma list of parts: xxs24, s24, small (throughput + parity), compile, memory "
                         "(memory of the chosen configs, or of all three when none is chosen)")
     p.add_argument("--quick", action="store_true", help="CI mode: a tiny model, one round, every part")
-    p.add_argument("--compile", action="store_true", help="add timm with torch.compile (slow: ~1 min per shape)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (median reported)")
+    p.add_argument("--compile", action="store_true",
+                   help="add timm with torch.compile (slow: ~1 min per shape)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds per measurement (median reported)")
     p.add_argument("--target-s", type=float, default=1.0, help="seconds per contender per round (≥ 1 call)")
     p.add_argument("--compile-rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both libraries (affinity + torch)")
@@ -900,12 +921,13 @@ def parse_args(argv=None):
     p.add_argument("--round-warmup", type=int, default=1,
                    help="untimed calls at the start of every round of every contender (default 1): on these "
                         "machines the first call after a pause is slower, which a training loop does not pay "
-                        "(see benchmarks/README.md; the table's last ratio column counts it); 0 times every call")
+                        "(see benchmarks/README.md; the table's last ratio column counts it); 0 times "
+                        "every call")
     p.add_argument("--huge-pages", choices=("on", "off"), default="off",
-                   help="on: run the whole process (both contenders) with glibc's malloc asking for transparent "
-                        "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1); off (the default): glibc's default, "
-                        "as a plain process has it. Where the environment says otherwise, the measurement runs "
-                        "in a child process started with the setting")
+                   help="on: run the whole process (both contenders) with glibc's malloc asking for "
+                        "transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1); off (the default): "
+                        "glibc's default, as a plain process has it. Where the environment says otherwise, "
+                        "the measurement runs in a child process started with the setting")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier --json files")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -942,7 +964,9 @@ def main(argv=None) -> int:
         args.rounds, args.compile_rounds, args.target_s = 1, 1, min(args.target_s, 0.05)
     unknown = set(parts) - set(BENCHES) - {"compile", "memory"}
     if unknown:
-        raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from xxs24, s24, small, compile, memory")
+        raise SystemExit(
+            f"--only: unknown part(s) {sorted(unknown)}; choose from xxs24, s24, small, compile, memory"
+        )
     configs = [BENCHES[p] for p in parts if p in BENCHES]
 
     cpu = "unknown CPU"
@@ -954,7 +978,7 @@ def main(argv=None) -> int:
     results: dict[str, Any] = dict(
         meta=dict(
             command=" ".join([os.path.basename(sys.executable), *sys.argv]),
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             cpu=cpu,
             machine=platform.machine(),
             threads=args.threads,

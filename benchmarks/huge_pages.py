@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed consecutive steps per process (median kept)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (affinity), as in bench.py")
     p.add_argument("--idle", default="", metavar="S,S,...",
-                   help="after the timed steps, pause this many seconds (each in turn) and time the step after "
-                        "each pause, e.g. 0,1,2,5")
+                   help="after the timed steps, pause this many seconds (each in turn) and time the step "
+                        "after each pause, e.g. 0,1,2,5")
     p.add_argument("--quick", action="store_true", help="CI mode: the tiny model, one round, two steps")
     p.add_argument("--json", metavar="PATH", help="also write every worker's measurements as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -103,19 +103,22 @@ def main(argv=None) -> int:
     try:
         idle = [float(v) for v in args.idle.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"--idle: expected comma-separated seconds such as 0,1,2,5, got {args.idle!r}") from None
+        raise SystemExit(
+            f"--idle: expected comma-separated seconds such as 0,1,2,5, got {args.idle!r}"
+        ) from None
     if any(not 0 <= v <= 600 for v in idle):
         raise SystemExit(f"--idle: every pause must be between 0 and 600 seconds, got {args.idle!r}")
 
-    print(f"Transparent huge pages: `{bench._thp_mode()}`; {args.threads} threads; medians of {args.rounds} rounds "
-          f"of {args.steps} steps.\n")
-    print("| config | batch | glibc.malloc.hugetlb | s / step | images/s | page faults / step | kernel s / step "
-          "| × off |")
+    print(f"Transparent huge pages: `{bench._thp_mode()}`; {args.threads} threads; medians of {args.rounds} "
+          f"rounds of {args.steps} steps.\n")
+    print("| config | batch | glibc.malloc.hugetlb | s / step | images/s | page faults / step | "
+          "kernel s / step | × off |")
     print("|---|---|---|---|---|---|---|---|")
     results = dict(
         meta=dict(command=" ".join([os.path.basename(sys.executable), *sys.argv]),
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), rounds=args.rounds,
-                  steps=args.steps, threads=args.threads, transparent_huge_pages=bench._thp_mode()),
+                  date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  rounds=args.rounds, steps=args.steps, threads=args.threads,
+                  transparent_huge_pages=bench._thp_mode()),
         runs=[],
     )
     for name in names:
@@ -130,8 +133,8 @@ def main(argv=None) -> int:
         for s in SETTINGS:
             m, first = med[s], runs[s][0]
             print(f"| {first['title']} | {first['batch']} | {1 if s == 'on' else 0} | {m['step_s']:#.4g} | "
-                  f"{first['batch'] / m['step_s']:.1f} | {m['faults_per_step']:.0f} | {m['system_s_per_step']:.3f} "
-                  f"| {med['off']['step_s'] / m['step_s']:.2f}× |")
+                  f"{first['batch'] / m['step_s']:.1f} | {m['faults_per_step']:.0f} | "
+                  f"{m['system_s_per_step']:.3f} | {med['off']['step_s'] / m['step_s']:.2f}× |")
     if idle:
         print("\nThe step after an idle pause (medians over rounds):\n")
         print("| config | batch | glibc.malloc.hugetlb | pause s | s / step | kernel s / step |")
@@ -142,8 +145,8 @@ def main(argv=None) -> int:
                 for i, pause in enumerate(idle):
                     step = statistics.median(r["after_idle"][i]["step_s"] for r in rows)
                     sys_s = statistics.median(r["after_idle"][i]["system_s"] for r in rows)
-                    print(f"| {rows[0]['title']} | {rows[0]['batch']} | {1 if s == 'on' else 0} | {pause:g} | "
-                          f"{step:#.4g} | {sys_s:.3f} |")
+                    print(f"| {rows[0]['title']} | {rows[0]['batch']} | {1 if s == 'on' else 0} | "
+                          f"{pause:g} | {step:#.4g} | {sys_s:.3f} |")
     results["meta"]["idle_s"] = idle
     if args.json:
         bench.write_json_atomic(args.json, results)

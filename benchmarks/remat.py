@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         results = dict(
             meta=dict(
                 command=" ".join([os.path.basename(sys.executable), *sys.argv]),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 rounds=args.rounds,
                 steps=args.steps,
                 warmup=args.warmup,

@@ -5,7 +5,8 @@ The figures in `benchmarks/README.md` ("Where the time goes") come from this scr
 - `current`: the package as it is (the talking-heads mixes written out as scaled sums of maps);
 - `head-mix product`: the mixes as a product over the head axis (`_layers.UNROLL_HEAD_MIX = 0` while tracing);
 - `no talking heads`: the same model without the mixes (`talking_heads=False`): a bound on what they cost;
-- `two half-batches`: the loss summed over two independent halves of the batch, which XLA can run side by side;
+- `two half-batches`: the loss summed over two independent halves of the batch, which XLA can run side by
+  side;
 - `erfc GELU`: the MLP's GELU as `jax.nn.gelu(x, approximate=False)` writes it, with `erfc`, instead of
   `_layers.gelu`'s `erf` (`_layers.gelu` swapped while tracing);
 - `indexed qkv`: `q, k, v` taken by indexing a `(tokens, 3, heads, dim_head)` view of the qkv product instead
@@ -118,7 +119,9 @@ def config_names(only: str, quick: bool) -> list[str]:
     names = ["tiny"] if quick else [n.strip() for n in only.split(",") if n.strip()]
     unknown = set(names) - {"xxs24", "small", "tiny"}
     if unknown:
-        raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; choose from xxs24, small, tiny")
+        raise SystemExit(
+            f"--only: unknown configuration(s) {sorted(unknown)}; choose from xxs24, small, tiny"
+        )
     return names
 
 
@@ -135,7 +138,9 @@ def main(argv=None) -> int:
     variants = list(dict.fromkeys(["current"] + [v.strip() for v in args.variants.split(",") if v.strip()]))
     unknown = set(variants) - set(VARIANTS)
     if unknown:
-        raise SystemExit(f"--variants: unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        raise SystemExit(
+            f"--variants: unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}"
+        )
     bench.pin_threads(args.threads)
     names = config_names(args.only, args.quick)
     if args.quick:

@@ -73,7 +73,9 @@ def pretrain(out: Path, epochs: int) -> Path:
 def few_labels(train: Dataset, k: int, seed: int) -> Dataset:
     """k images of each class, drawn by `seed`."""
     rng = np.random.default_rng(seed)
-    picks = [rng.choice(np.flatnonzero(train.labels == c), k, replace=False) for c in range(train.num_classes)]
+    picks = [
+        rng.choice(np.flatnonzero(train.labels == c), k, replace=False) for c in range(train.num_classes)
+    ]
     return train.subset(np.sort(np.concatenate(picks)))
 
 
@@ -130,7 +132,9 @@ def table(path: Path) -> None:
                 cells.append("—")
                 continue
             spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
-            cells.append(f"{statistics.mean(accs):.1f}{spread} ({len(accs)} seeds, {statistics.mean(secs):.0f} s)")
+            cells.append(
+                f"{statistics.mean(accs):.1f}{spread} ({len(accs)} seeds, {statistics.mean(secs):.0f} s)"
+            )
         print(f"| {k} | " + " | ".join(cells) + " |")
 
 

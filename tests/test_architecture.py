@@ -8,11 +8,11 @@ import dataclasses
 import inspect
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import jax
 import pytest
-import tomllib
 
 import cait_eqx
 
@@ -32,9 +32,14 @@ def _contracts() -> list[dict]:
 
 
 def test_the_layer_contracts_hold():
-    """`lint-imports` checks pyproject.toml's contracts (the layers of docs/architecture.md) on the real code."""
+    """`lint-imports` checks pyproject.toml's contracts (the layers of docs/architecture.md) on the real
+    code."""
     done = subprocess.run(
-        [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())"],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())",
+        ],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,9 +1,9 @@
 """The benchmark script (`benchmarks/bench.py`) in its quick CI mode: it must run end to end, and its JSON and
 markdown table must hold every measurement with sane values.
 
-This is not a timed test: nothing here asserts that one library is faster. It catches a benchmark that silently
-drops a contender or a row, compares different weights, counts FLOPs wrongly, or prints a table that does not
-match its own JSON.
+This is not a timed test: nothing here asserts that one library is faster. It catches a benchmark that
+silently drops a contender or a row, compares different weights, counts FLOPs wrongly, or prints a table that
+does not match its own JSON.
 """
 
 import json
@@ -120,7 +120,8 @@ def test_printed_table_is_the_json_rendered(quick):
         assert f"{row['ratio_vs_timm']:.2f}×" in line
     # `--table` re-renders saved results without measuring anything.
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--table", str(path)], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, str(SCRIPT), "--table", str(path)], capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == stdout
@@ -160,8 +161,8 @@ def test_train_step_variants_quick_mode_prints_every_variant():
     """`train_step_variants.py --quick` (the A/B script behind the README's talking-heads figures) runs end to
     end and prints one sane row per variant, the current code being its own 1.00× reference."""
     script = ROOT / "benchmarks" / "train_step_variants.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()[2:]]
     import train_step_variants
@@ -209,11 +210,14 @@ def test_quick_run_records_its_allocator_settings(quick):
     assert meta["glibc_tunables"] == "glibc.malloc.hugetlb=0"
     assert meta["train_calls_per_round"] == 3
     assert meta["round_warmup_calls"] == 1
-    # Every row keeps the untimed first call of each of its rounds, so what the median leaves out is on record.
+    # Every row keeps the untimed first call of each of its rounds, so what the median leaves out is on
+    # record.
     for r in results["throughput"]:
         assert len(r["round_warmup_s"]) == len(r["step_s"]) == meta["rounds"]
         assert all(_finite_positive(t) for t in r["round_warmup_s"]), r
-        assert r["round_warmup_calls"] == 1 and r["timed_calls_per_round"] >= (3 if r["workload"] == "train" else 1)
+        assert r["round_warmup_calls"] == 1 and r["timed_calls_per_round"] >= (
+            3 if r["workload"] == "train" else 1
+        )
     # ... and the table shows the ratio as it would be had those calls been timed too.
     for row in bench.ratio_rows(results):
         eqx, timm = (next(r for r in results["throughput"] if (r["workload"], r["batch"], r["contender"]) ==
@@ -221,10 +225,14 @@ def test_quick_run_records_its_allocator_settings(quick):
 
         def counting_warmup(r):
             n = r["timed_calls_per_round"]
-            means = sorted((w + n * t) / (1 + n) for w, t in zip(r["round_warmup_s"], r["step_s"], strict=True))
+            means = sorted(
+                (w + n * t) / (1 + n) for w, t in zip(r["round_warmup_s"], r["step_s"], strict=True)
+            )
             return r["batch"] / means[len(means) // 2]  # one round in quick mode: its mean
 
-        assert row["ratio_vs_timm_counting_warmup"] == pytest.approx(counting_warmup(eqx) / counting_warmup(timm))
+        assert row["ratio_vs_timm_counting_warmup"] == pytest.approx(
+            counting_warmup(eqx) / counting_warmup(timm)
+        )
         line = next(ln for ln in stdout.splitlines() if f"| {row['workload']} | {row['batch']} |" in ln)
         assert line.split("|")[7].strip() == f"{row['ratio_vs_timm_counting_warmup']:.2f}×"
     assert "… counting each round's first call" in stdout
@@ -252,14 +260,14 @@ def test_huge_pages_setting_is_enforced_both_ways(tmp_path):
         ("on", "glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=1"),
     ]:
         env = dict(os.environ, GLIBC_TUNABLES=start)
-        proc = subprocess.run([sys.executable, str(probe), setting, "3"], capture_output=True, text=True, env=env,
-                              timeout=120)
+        proc = subprocess.run([sys.executable, str(probe), setting, "3"], capture_output=True, text=True,
+                              env=env, timeout=120)
         assert proc.returncode == 3, proc.stderr  # the child's status, passed on
         *starts, last = proc.stdout.strip().splitlines()
         pid, _, tunables = last.partition(" ")
         assert tunables == expected, (setting, start, proc.stdout)
-        # The work is done once, under the wanted setting: by this process where it had it already, else by one
-        # child process (another process id: nothing was re-executed in place).
+        # The work is done once, under the wanted setting: by this process where it had it already, else by
+        # one child process (another process id: nothing was re-executed in place).
         if start == expected:
             assert starts == [f"pid {pid}"], proc.stdout
         else:
@@ -267,9 +275,10 @@ def test_huge_pages_setting_is_enforced_both_ways(tmp_path):
 
 
 def test_interleaved_leaves_each_rounds_warmup_calls_out_of_the_timing(monkeypatch):
-    """Each contender's round is its warm-up call(s) then its timed calls, back to back; a call that is slow only
-    because it opens a round shows in `round_warmup_s`, not in the timed seconds. A fake clock makes it exact:
-    every call takes 1 s, except the first of each round (after warm-up and calibration), which takes 100 s."""
+    """Each contender's round is its warm-up call(s) then its timed calls, back to back; a call that is slow
+    only because it opens a round shows in `round_warmup_s`, not in the timed seconds. A fake clock makes it
+    exact: every call takes 1 s, except the first of each round (after warm-up and calibration), which takes
+    100 s."""
     clock = [0.0]
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     log, calls = [], {}
@@ -335,7 +344,9 @@ def test_huge_pages_script_quick_mode(tmp_path):
     results = json.loads(path.read_text())
     assert results["meta"]["idle_s"] == [0.0, 0.2]
     for run in results["runs"]:
-        assert [a["pause_s"] for a in run["after_idle"]] == [0.0, 0.2] and all(a["step_s"] > 0 for a in run["after_idle"])
+        assert [a["pause_s"] for a in run["after_idle"]] == [0.0, 0.2] and all(
+            a["step_s"] > 0 for a in run["after_idle"]
+        )
 
 
 def test_huge_pages_script_rejects_a_bad_idle_list():

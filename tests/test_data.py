@@ -1,4 +1,5 @@
-"""Datasets, the image-folder reader, arrays/.npz, the seeded training batches, prefetching and augmentation."""
+"""Datasets, the image-folder reader, arrays/.npz, the seeded training batches, prefetching and
+augmentation."""
 
 import threading
 

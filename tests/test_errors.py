@@ -59,7 +59,8 @@ def test_unknown_variant_suggests_names():
 
 
 # How jaxtyping's import hook (on in every test, tests/conftest.py) reports a wrong argument: our own checks
-# (`cait_eqx._inputs.check_image`, active with the hook off too) say "argument `x`", so this tells the two apart.
+# (`cait_eqx._inputs.check_image`, active with the hook off too) say "argument `x`", so this tells the two
+# apart.
 BY_JAXTYPING = r"typechecking parameter 'x'"
 
 

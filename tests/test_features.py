@@ -58,7 +58,10 @@ def test_forward_features_are_timms_tokens_and_the_head_reads_the_class_token(pa
     # The patch rows went through the final norm as timm's do (unit variance per token, before the affine).
     head = jax.vmap(lambda t: model.forward_head(t, pre_logits=True))(jnp.asarray(ours))
     assert relative_error(np.asarray(head), pre_logits) <= TOL
-    assert relative_error(np.asarray(jax.vmap(lambda t: model.forward_head(t))(jnp.asarray(ours))), logits) <= TOL
+    assert (
+        relative_error(np.asarray(jax.vmap(lambda t: model.forward_head(t))(jnp.asarray(ours))), logits)
+        <= TOL
+    )
     assert relative_error(np.asarray(jax.vmap(model)(jnp.asarray(images))), logits) <= TOL
 
 

@@ -90,7 +90,10 @@ def test_bf16_logits_match_fp32_for_a_trained_model(bf16_fit, digits):
     assert error <= TOLERANCE, f"bf16 logits of the trained model differ by {error:.2e} relative"
     # Training moved the weights well away from their initialisation: the check is on trained weights.
     fresh = _small(jr.key(0))
-    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(_float_leaves(model), _float_leaves(fresh)))
+    moved = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(_float_leaves(model), _float_leaves(fresh), strict=True)
+    )
     assert moved > 0.02
 
 
@@ -225,7 +228,8 @@ def test_with_compute_dtype_round_trips_and_shares_the_weights(getkey):
     assert model.compute_dtype == "float32"
     mixed = cait_eqx.with_compute_dtype(model, jnp.bfloat16)
     assert mixed.compute_dtype == "bfloat16" and model.compute_dtype == "float32"  # a copy
-    assert all(a is b for a, b in zip(_float_leaves(mixed), _float_leaves(model)))  # weights not cast
+    # weights not cast
+    assert all(a is b for a, b in zip(_float_leaves(mixed), _float_leaves(model), strict=True))
     back = cait_eqx.with_compute_dtype(mixed, None)  # None: the parameter dtype
     assert back.compute_dtype == "float32"
     images = jr.uniform(getkey(), (2, 1, 16, 16))

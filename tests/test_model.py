@@ -128,7 +128,8 @@ def test_training_with_dropout_needs_a_key_and_varies_with_it(tiny_config, getke
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
     # `inference=True` overrides the modules' training flags for one call: the model in inference mode.
     np.testing.assert_allclose(
-        np.asarray(model(x, inference=True)), np.asarray(eqx.nn.inference_mode(model)(x)), rtol=1e-6, atol=1e-6
+        np.asarray(model(x, inference=True)), np.asarray(eqx.nn.inference_mode(model)(x)), rtol=1e-6,
+        atol=1e-6,
     )
     assert float(jnp.max(jnp.abs(model(x, inference=True) - a))) > 1e-6
 

@@ -55,8 +55,8 @@ STEPS = 3
 # Float32 sums in another order differ by a few ulps. Where a gradient's terms nearly cancel, those ulps are a
 # relative error of up to ~1e-3 in the gradient, and AdamW (which divides each gradient by its own scale)
 # passes it on to that parameter's step: 2.6e-6 after 4 steps of lr 1e-3 was seen (1 parameter in 8,192).
-# A wrong reduction (one shard's gradient, a doubled batch) changes the gradients themselves, and AdamW's first
-# steps are ~lr = 1e-3 per parameter whatever the gradient's size: many parameters then move by ~1e-3.
+# A wrong reduction (one shard's gradient, a doubled batch) changes the gradients themselves, and AdamW's
+# first steps are ~lr = 1e-3 per parameter whatever the gradient's size: many parameters then move by ~1e-3.
 PARAM_ATOL = 1e-5
 LOSS_TOL = 2e-6
 
@@ -237,7 +237,8 @@ def two_processes(tmp_path_factory):
         subprocess.Popen(
             [sys.executable, str(WORKER), "--coordinator-address", address, "--num-processes", "2",
              "--process-id", str(rank), "--local-devices", "2", "--mesh", "data=2,fsdp=2",
-             "--steps", str(STEPS), "--out", str(out), "--fit-dir", str(run_dir), "--reads", str(out / "reads")],
+             "--steps", str(STEPS), "--out", str(out), "--fit-dir", str(run_dir),
+             "--reads", str(out / "reads")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in range(2)

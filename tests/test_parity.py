@@ -27,8 +27,8 @@ CONFIGS = {
         dict(image_size=(32, 48)),
     ),
     "init_values_given": (
-        dict(img_size=64, patch_size=16, embed_dim=96, depth=4, num_heads=6, depth_token_only=2, num_classes=5,
-             init_values=0.3),
+        dict(img_size=64, patch_size=16, embed_dim=96, depth=4, num_heads=6, depth_token_only=2,
+             num_classes=5, init_values=0.3),
         dict(),
     ),
     "no_qkv_bias_one_channel_three_ca": (
@@ -106,19 +106,25 @@ def test_every_block_and_head_mix_matters(name, getkey):
         # Only row i of every stacked SA-block array.
         key = getkey()
         perturbed = _perturb(
-            model, lambda m: m.blocks, lambda a, i=i, key=key: a.at[i].add(jax.random.normal(key, a.shape[1:]))
+            model,
+            lambda m: m.blocks,
+            lambda a, i=i, key=key: a.at[i].add(jax.random.normal(key, a.shape[1:])),
         )
         assert changes(perturbed) > 1e-3, f"SA block {i} does not affect the logits"
     for j in range(model.config.cls_depth):
         key = getkey()
         perturbed = _perturb(
-            model, lambda m, j=j: m.blocks_token_only[j], lambda a, key=key: a + jax.random.normal(key, a.shape)
+            model,
+            lambda m, j=j: m.blocks_token_only[j],
+            lambda a, key=key: a + jax.random.normal(key, a.shape),
         )
         assert changes(perturbed) > 1e-3, f"CA block {j} does not affect the logits"
     for mix in ("proj_l", "proj_w"):
         key = getkey()
         perturbed = _perturb(
-            model, lambda m, mix=mix: getattr(m.blocks.attn, mix), lambda a, key=key: a + jax.random.normal(key, a.shape)
+            model,
+            lambda m, mix=mix: getattr(m.blocks.attn, mix),
+            lambda a, key=key: a + jax.random.normal(key, a.shape),
         )
         assert changes(perturbed) > 1e-3, f"talking-heads {mix} does not affect the logits"
 

@@ -356,8 +356,8 @@ def _grain_workers() -> list:
 @pytest.mark.parametrize(
     ("sig", "said"),
     [
-        (signal.SIGKILL, r"killed by SIGKILL: on Linux most often the kernel's out-of-memory killer.*fewer of "
-                         r"them \(now 2; `--data-workers`"),
+        (signal.SIGKILL, r"killed by SIGKILL: on Linux most often the kernel's out-of-memory killer.*fewer "
+                         r"of them \(now 2; `--data-workers`"),
         (signal.SIGSEGV, r"crashed \(SIGSEGV\) in native code.*`--check-data`"),
     ],
     ids=["SIGKILL", "SIGSEGV"],

@@ -50,7 +50,9 @@ def test_the_policies_trace_to_different_programs(model_and_batch):
     programs = {}
     for policy in POLICIES:
         candidate = cait_eqx.with_remat(model, policy)
-        jaxpr, _, _ = eqx.filter_make_jaxpr(eqx.filter_grad(_loss))(candidate, images, labels, jax.random.key(0))
+        jaxpr, _, _ = eqx.filter_make_jaxpr(eqx.filter_grad(_loss))(
+            candidate, images, labels, jax.random.key(0)
+        )
         programs[policy] = str(jaxpr)
     assert "remat" not in programs["none"] and "checkpoint" not in programs["none"]
     for policy in POLICIES[1:]:
@@ -72,5 +74,6 @@ def test_bad_policies_are_named_errors(getkey):
     model = cait_eqx.CaiT(16, 4, 10, 32, 1, 1, 4, 64, key=getkey())
     with pytest.raises(ValueError, match="`remat` must be one of"):
         cait_eqx.with_remat(model, "all")
-    with pytest.raises(TypeError, match="CaiT"):  # the type checker (or, without it, our own check) refuses it
+    # the type checker (or, without it, our own check) refuses it
+    with pytest.raises(TypeError, match="CaiT"):
         cait_eqx.with_remat(model.blocks, "full")

@@ -507,7 +507,9 @@ def test_train_config_takes_ints_for_floats_and_names_the_field_of_a_wrong_type(
     assert config == training.TrainConfig(lr=1.0, min_lr=0.0, warmup_epochs=0.0, weight_decay=0.0,
                                           clip_norm=1.0, ema_decay=0.0, epochs=2, mix_prob=0.5)
     assert type(config.lr) is float and type(config.mix_prob) is float and type(config.epochs) is int
-    assert json.dumps(config.to_dict()) == json.dumps(training.TrainConfig.from_dict(config.to_dict()).to_dict())
+    assert json.dumps(config.to_dict()) == json.dumps(
+        training.TrainConfig.from_dict(config.to_dict()).to_dict()
+    )
     bad = [("lr", True), ("lr", "1e-3"), ("warmup_epochs", None), ("clip_norm", "1"), ("ema_decay", False),
            ("lr", 10**400), ("weight_decay", float("nan")), ("epochs", 2.0), ("seed", "0"), ("flip", 1)]
     for name, value in bad:
@@ -540,10 +542,10 @@ def test_train_config_is_declared_once_and_derives_the_rest():
     # changes what is recomputed, nor the bookkeeping).
     assert training.TrainConfig.trajectory_fields() == (
         "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_norm", "layer_decay",
-        "freeze", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "crop_padding", "flip",
-        "resized_crop", "crop_scale", "crop_ratio", "interpolation", "auto_augment", "aug_repeats", "reprob",
-        "remode", "recount", "ema_decay", "normalize", "distillation", "distillation_alpha", "distillation_tau", "seed",
-        "compute_dtype",
+        "freeze", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "crop_padding",
+        "flip", "resized_crop", "crop_scale", "crop_ratio", "interpolation", "auto_augment", "aug_repeats",
+        "reprob", "remode", "recount", "ema_decay", "normalize", "distillation", "distillation_alpha",
+        "distillation_tau", "seed", "compute_dtype",
     )
     # `StepConfig` is exactly `num_classes` and the "step" group, and `step_config` fills every one of them.
     step_fields = training.TrainConfig.step_fields()

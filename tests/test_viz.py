@@ -38,7 +38,9 @@ def test_maps_are_the_class_attention_weights_on_the_patch_grid(model, image):
     # The two come from different compiled programs, so they agree to float32 rounding (a few ulp), not
     # bit for bit; a misplaced token would be off by the spread of the weights, > 1e-4 (checked below).
     for k in (0, 1, GRID[1], GRID[0] * GRID[1] - 1):
-        np.testing.assert_allclose(maps[:, :, k // GRID[1], k % GRID[1]], weights[:, :, 1 + k], rtol=1e-6, atol=0)
+        np.testing.assert_allclose(
+            maps[:, :, k // GRID[1], k % GRID[1]], weights[:, :, 1 + k], rtol=1e-6, atol=0
+        )
     # The weights are not uniform for a random model, so the comparison above is informative.
     assert np.ptp(weights[:, :, 1:]) > 1e-4
 

@@ -89,10 +89,10 @@ if TYPE_CHECKING:
     from ._spec import (
         OneOf as OneOf,
         Real as Real,
-        Spec as Spec,  # noqa: F401 (a public name, read by `_lazy`)
+        Spec as Spec,
         Whole as Whole,
         flag_name as flag_name,
-        specs as hyperparameters,
+        specs as hyperparameters,  # noqa: F401 — a public name read by `_lazy`; renamed, so not `X as X`
     )
     from ._surgery import (
         adapt_input_channels as adapt_input_channels,

@@ -66,7 +66,11 @@ class LayerScaleBlock(eqx.Module):
         self.drop_path = DropPath(layer_dropout)
 
     def __call__(
-        self, x: Float[Array, "patches dim"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
+        self,
+        x: Float[Array, "patches dim"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
     ) -> Float[Array, "patches dim"]:
         attn_key, dp1_key, mlp_key, dp2_key = split_optional(key, 4)
         branch = self.gamma_1(self.attn(self.norm1(x), key=attn_key, inference=inference))
@@ -78,8 +82,8 @@ class LayerScaleBlock(eqx.Module):
 class ClassAttentionBlock(eqx.Module):
     """A block of the class-attention stage: updates the class token only, the patches are read-only.
 
-    `u = concat(cls, x)`; `cls = cls + gamma_1 * class_attn(norm1(u))`; `cls = cls + gamma_2 * mlp(norm2(cls))`.
-    No dropout and no stochastic depth here, as in the official code.
+    `u = concat(cls, x)`; `cls = cls + gamma_1 * class_attn(norm1(u))`;
+    `cls = cls + gamma_2 * mlp(norm2(cls))`. No dropout and no stochastic depth here, as in the official code.
     """
 
     norm1: LayerNorm
@@ -116,7 +120,9 @@ class ClassAttentionBlock(eqx.Module):
         u = _prepend(cls, patches)
         return self.attn.attention_weights(self.norm1(u))
 
-    def __call__(self, patches: Float[Array, "patches dim"], cls: Float[Array, " dim"]) -> Float[Array, " dim"]:
+    def __call__(
+        self, patches: Float[Array, "patches dim"], cls: Float[Array, " dim"]
+    ) -> Float[Array, " dim"]:
         u = _prepend(cls, patches)
         cls = cls + self.gamma_1(self.attn(self.norm1(u), inference=True))
         return cls + self.gamma_2(self.mlp(self.norm2(cls), inference=True))

@@ -132,8 +132,8 @@ class _InitValues(Check):
     def check(self, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ValueError(
-                f"(the LayerScale initialisation) must be a positive, finite float, got {value!r}. Leave it as "
-                f"None for the paper's rule (0.1 / 1e-5 / 1e-6 by depth)"
+                f"(the LayerScale initialisation) must be a positive, finite float, got {value!r}. Leave it "
+                f"as None for the paper's rule (0.1 / 1e-5 / 1e-6 by depth)"
             )
         return float(value)
 
@@ -168,7 +168,9 @@ class CaiTConfig:
         cli=False,  # `cait-eqx train` takes it from the data
     )
     dim: int = hyper(help="token embedding width", check=Whole(), metavar="D")
-    depth: int = hyper(help="number of self-attention (SA) blocks over the patches", check=Whole(), metavar="N")
+    depth: int = hyper(
+        help="number of self-attention (SA) blocks over the patches", check=Whole(), metavar="N"
+    )
     cls_depth: int = hyper(
         help="number of class-attention (CA) blocks (2 in every paper model); with 0 the class token is "
         "prepended to the patches at the input of the SA stage instead, as in ViT/DeiT",
@@ -187,7 +189,8 @@ class CaiTConfig:
         metavar="P",
     )
     emb_dropout: float = hyper(
-        0.0, help="dropout on the patch tokens after adding the positional embedding", check=_RATE, metavar="P"
+        0.0, help="dropout on the patch tokens after adding the positional embedding", check=_RATE,
+        metavar="P",
     )
     attn_dropout: float = hyper(0.0, help="dropout on the attention weights of the SA blocks", check=_RATE,
                                 metavar="P")
@@ -202,11 +205,13 @@ class CaiTConfig:
         check=_InitValues(),
         metavar="E",
     )
-    talking_heads: bool = hyper(True, help="mix attention heads before and after the softmax in the SA blocks",
-                                check=boolean)
+    talking_heads: bool = hyper(
+        True, help="mix attention heads before and after the softmax in the SA blocks", check=boolean
+    )
     qkv_bias: bool = hyper(True, help="add biases to the query/key/value projections", check=boolean)
     cls_mlp_dim: int | None = hyper(
-        None, help="hidden width of the CA blocks' MLPs; default mlp_dim", check=Whole(optional=True), metavar="M"
+        None, help="hidden width of the CA blocks' MLPs; default mlp_dim", check=Whole(optional=True),
+        metavar="M",
     )
     dtype: str | None = hyper(
         None, help="parameter dtype: float32 (default), bfloat16, float16 or float64", check=_Dtype(),
@@ -219,8 +224,8 @@ class CaiTConfig:
         for side, name in zip(size, ("height", "width"), strict=True):
             if side % patch:
                 raise ValueError(
-                    f"`image_size` {size} is not divisible by `patch_size` {patch} ({name} {side} % {patch} = "
-                    f"{side % patch}). Choose an image size that is a multiple of the patch size (e.g. "
+                    f"`image_size` {size} is not divisible by `patch_size` {patch} ({name} {side} % {patch} "
+                    f"= {side % patch}). Choose an image size that is a multiple of the patch size (e.g. "
                     f"{side - side % patch or patch}) or another patch size."
                 )
         if self.dim_head is None:

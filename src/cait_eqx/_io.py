@@ -97,7 +97,7 @@ def _import_torch():
 
 
 def _check_zip_records(path: Path) -> None:
-    """Check the CRC-32 of every record of a zip-format `.pth`, which `torch.load` does not: catches bit flips."""
+    """Check every record's CRC-32 in a zip-format `.pth`, which `torch.load` does not: catches bit flips."""
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -116,8 +116,8 @@ def _check_zip_records(path: Path) -> None:
 def _read_torch(path: Path) -> dict[str, Any]:
     torch = _import_torch()
     with open(path, "rb") as handle:
-        if handle.read(4) == b"PK\x03\x04":  # PyTorch's zip format (the legacy pickle format has no checksums)
-            _check_zip_records(path)
+        if handle.read(4) == b"PK\x03\x04":
+            _check_zip_records(path)  # PyTorch's zip format (the legacy pickle format has no checksums)
     try:
         with warnings.catch_warnings():
             # A pickle protocol other than torch's default only earns a warning (the weights-only unpickler
@@ -201,8 +201,8 @@ def _stored_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | 
         CaiTConfig(**stored)
     except (TypeError, ValueError) as error:
         raise WeightsError(
-            f"{path}: the stored model configuration is invalid ({error}). The file is corrupt or was edited: "
-            f"save or fetch it again."
+            f"{path}: the stored model configuration is invalid ({error}). The file is corrupt or was "
+            f"edited: save or fetch it again."
         ) from None
     return stored
 

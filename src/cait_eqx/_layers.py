@@ -33,7 +33,8 @@ __all__ = [
 # backward pass: the outputs of the products with weight matrices, tagged with `checkpoint_name` below. The SA
 # stage (`_model.py`) recomputes everything else (LayerNorms, the attention maps and softmax, GELU) from them.
 # On XLA's CPU backend that is faster than storing it all: every saved array is stacked over the depth by the
-# scan, and writing those stacks costs more than the elementwise recomputation (benchmarks/README.md, "Remat").
+# scan, and writing those stacks costs more than the elementwise recomputation (benchmarks/README.md,
+# "Remat").
 SAVED_FOR_BACKWARD = ("qkv", "attn_out", "attn_proj", "fc1", "fc2")
 
 
@@ -63,7 +64,11 @@ class Mlp(eqx.Module):
         self.drop = eqx.nn.Dropout(dropout)
 
     def __call__(
-        self, x: Float[Array, "*tokens dim"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
+        self,
+        x: Float[Array, "*tokens dim"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
     ) -> Float[Array, "*tokens dim"]:
         k1, k2 = split_optional(key, 2)
         x = gelu(checkpoint_name(self.fc1(x), "fc1"))
@@ -111,13 +116,14 @@ UNROLL_HEAD_MIX = 8
 
 
 def _mix_heads(mix: Linear, attn: Float[Array, "heads q k"]) -> Float[Array, "heads q k"]:
-    """Apply a `Linear(heads, heads)` over the head axis of `(heads, q, k)` maps: `out[g] = Σ_h W[g, h] attn[h]`.
+    """Apply a `Linear(heads, heads)` over the head axis of `(heads, q, k)` maps:
+    `out[g] = Σ_h W[g, h] attn[h]`.
 
-    With few heads (see `UNROLL_HEAD_MIX`) this is written out as `heads²` scaled additions of whole maps, cut apart
-    with one `split`, rather than as a matrix product over the head axis. XLA fuses those into the loops around
-    the softmax, and reverse-mode autodiff turns them into the same kind of fused loops (the transpose of a
-    `split` is a `concatenate`). A product over an axis of size `heads` would instead move every map into a
-    heads-last layout and back, and its weight gradient would be a `(heads, B·q·k) @ (B·q·k, heads)` product
+    With few heads (see `UNROLL_HEAD_MIX`) this is written out as `heads²` scaled additions of whole maps, cut
+    apart with one `split`, rather than as a matrix product over the head axis. XLA fuses those into the loops
+    around the softmax, and reverse-mode autodiff turns them into the same kind of fused loops (the transpose
+    of a `split` is a `concatenate`). A product over an axis of size `heads` would instead move every map into
+    a heads-last layout and back, and its weight gradient would be a `(heads, B·q·k) @ (B·q·k, heads)` product
     that runs at a few GFLOP/s on the CPU: together a quarter of `cait_xxs24_224`'s training step. The result
     equals the product up to float rounding (the sum runs in head order).
     """

@@ -112,10 +112,9 @@ class CaiT(eqx.Module):
             numbers. Not part of `config`; switch it on any model with `cait_eqx.with_remat`. (Keyword only
             argument.)
         - `dynamic_img_size`: if `True`, a call takes any height and width that are multiples of the patch
-            size (non-square too) and resamples the positional grid to it (bicubic, as `set_input_size`:
-            the same numbers); each new shape compiles once. `False` (default): only `image_size`. Not
-            part of `config`; switch it on any model with `cait_eqx.with_dynamic_img_size`. (Keyword only
-            argument.)
+            size (non-square too) and resamples the positional grid to it (bicubic, as `set_input_size`: the
+            same numbers); each new shape compiles once. `False` (default): only `image_size`. Not part of
+            `config`; switch it on any model with `cait_eqx.with_dynamic_img_size`. (Keyword only argument.)
         - `**options`: the keyword-only `CaiTConfig` fields listed above.
         """
         unknown = sorted(set(options) - set(CaiTConfig.field_help()))
@@ -141,7 +140,8 @@ class CaiT(eqx.Module):
         dtype = jnp.dtype(cfg.dtype)
         embed_key, pos_key, cls_key, blocks_key, ca_key, head_key = jr.split(key, 6)
 
-        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.channels, cfg.dim, dtype, key=embed_key)
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.channels, cfg.dim, dtype,
+                                      key=embed_key)
         self.pos_embed = trunc_normal(pos_key, (cfg.num_patches, cfg.dim), 0.02, dtype)
         self.cls_token = trunc_normal(cls_key, (cfg.dim,), 0.02, dtype)
         self.pos_drop = eqx.nn.Dropout(cfg.emb_dropout)
@@ -162,7 +162,7 @@ class CaiT(eqx.Module):
                 key=block_key,
             )
 
-        # One stacked block with a leading depth axis, run by `lax.scan`: compile time does not grow with depth.
+        # One stacked block (a leading depth axis) run by `lax.scan`: compile time does not grow with depth.
         self.blocks = eqx.filter_vmap(make_block)(jr.split(blocks_key, cfg.depth))
         self.blocks_token_only = tuple(
             ClassAttentionBlock(
@@ -178,7 +178,8 @@ class CaiT(eqx.Module):
             for k in jr.split(ca_key, max(cfg.cls_depth, 1))[: cfg.cls_depth]
         )
         self.norm = LayerNorm(cfg.dim, dtype=dtype)
-        self.head = Linear(cfg.dim, cfg.num_classes, dtype=dtype, key=head_key) if cfg.num_classes > 0 else None
+        self.head = (Linear(cfg.dim, cfg.num_classes, dtype=dtype, key=head_key)
+                     if cfg.num_classes > 0 else None)
         self.config = cfg
         self.compute_dtype = check_compute_dtype(compute_dtype, cfg.dtype)
         self.remat = check_remat(remat)
@@ -373,7 +374,9 @@ class CaiT(eqx.Module):
         maps = list(taken)
         return maps if intermediates_only else (self._class_stage(patches, cls), maps)
 
-    def class_attention(self, x: Float[Array, "channels height width"]) -> Float[Array, "cls_depth heads tokens"]:
+    def class_attention(
+        self, x: Float[Array, "channels height width"]
+    ) -> Float[Array, "cls_depth heads tokens"]:
         """The class-attention weights of every CA block and head for one image, in inference mode.
 
         **Returns:** `(cls_depth, heads, 1 + num_patches)`: how much the class token attends to itself (index

@@ -81,7 +81,10 @@ class LayerNorm(eqx.Module):
         centred = x32 - mean
         var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
         y = centred * jax.lax.rsqrt(var + self.eps)
-        y = y * expand_to(self.weight.astype(jnp.float32), y.ndim) + expand_to(self.bias.astype(jnp.float32), y.ndim)
+        y = (
+            y * expand_to(self.weight.astype(jnp.float32), y.ndim)
+            + expand_to(self.bias.astype(jnp.float32), y.ndim)
+        )
         return y.astype(x.dtype)
 
 

@@ -59,9 +59,9 @@ def _cause(exit_code: int, workers: int) -> str:
     """What a worker's exit code says happened, and what to change."""
     if exit_code >= 0:
         return (
-            f"it exited with status {exit_code}: code run in the worker ended it (its traceback is above). Most "
-            f"often a script that trains without `if __name__ == \"__main__\":` (each worker imports the script "
-            f"again, as multiprocessing's spawn does), or a transform that calls `sys.exit`"
+            f"it exited with status {exit_code}: code run in the worker ended it (its traceback is above). "
+            f"Most often a script that trains without `if __name__ == \"__main__\":` (each worker imports "
+            f"the script again, as multiprocessing's spawn does), or a transform that calls `sys.exit`"
         )
     try:
         name = signal.Signals(-exit_code).name
@@ -74,7 +74,9 @@ def _cause(exit_code: int, workers: int) -> str:
         )
     killed = f"it was killed by {name}"
     if -exit_code == signal.SIGKILL:
-        killed += ": on Linux most often the kernel's out-of-memory killer (`dmesg` says so), or someone killed it"
+        killed += (
+            ": on Linux most often the kernel's out-of-memory killer (`dmesg` says so), or someone killed it"
+        )
     return (
         f"{killed}. If memory ran out, give the workers less to hold: fewer of them (now {workers}; "
         f"`--data-workers` / `TrainConfig.data_workers`; 0 reads in this process), smaller batches or images"
@@ -95,7 +97,7 @@ def worker_died(error: BaseException, workers: int, doing: str) -> DataWorkerErr
         return None
     code = int(found.group(1))
     return DataWorkerError(
-        f"A data worker process died while {doing}: {_cause(code, workers)}. The batches it held are lost, so "
-        f"this cannot go on.",
+        f"A data worker process died while {doing}: {_cause(code, workers)}. The batches it held are lost, "
+        f"so this cannot go on.",
         code,
     )
