@@ -316,3 +316,11 @@ def test_an_interrupt_outside_the_training_loop_says_what_to_do(monkeypatch, tmp
     err = capsys.readouterr().err
     assert err.endswith(f"cait-eqx: interrupted; continue from its newest checkpoint with: "
                         f"cait-eqx train --resume {run_dir}\n"), err
+
+
+def test_list_models_prints_every_variant_and_main_reads_the_command_line(monkeypatch, capsys):
+    """`cait-eqx train --list-models` (the program: `main()` reads `sys.argv`) prints the variants, one a
+    line, and trains nothing."""
+    monkeypatch.setattr(sys, "argv", ["cait-eqx", "train", "--list-models"])
+    assert cli.main() == 0
+    assert capsys.readouterr().out.splitlines() == list(cait_eqx.list_models())

@@ -176,11 +176,11 @@ def _toy(n=10):
     return data.Dataset(images, np.arange(n) % 3, ("a", "b", "c"), "toy")
 
 
-def test_batch_loader_epochs_are_seeded_permutations():
+def test_training_batches_are_seeded_permutations_per_epoch():
     """The training batches `fit` trains on (`TrainPipeline`, here reading in this process)."""
-    loader = data.TrainPipeline(_toy(10), 3, seed=5, workers=0)
-    assert loader.steps_per_epoch == 3
-    batches = list(loader.batches(0, 0, stop_epoch=3))
+    pipeline = data.TrainPipeline(_toy(10), 3, seed=5, workers=0)
+    assert pipeline.steps_per_epoch == 3
+    batches = list(pipeline.batches(0, 0, stop_epoch=3))
     assert [(b.epoch, b.index) for b in batches] == [(e, i) for e in range(3) for i in range(3)]
     per_epoch = [np.concatenate([b.images[:, 0, 0, 0] for b in batches[3 * e : 3 * e + 3]]) for e in range(3)]
     for seen in per_epoch:
@@ -190,7 +190,7 @@ def test_batch_loader_epochs_are_seeded_permutations():
     again = data.TrainPipeline(_toy(10), 3, seed=5, workers=0)
     tail = list(again.batches(1, 2, stop_epoch=3))
     assert [(b.epoch, b.index) for b in tail] == [(e, i) for e, i in [(1, 2), (2, 0), (2, 1), (2, 2)]]
-    for b, ref in zip(tail, batches[5:], strict=False):
+    for b, ref in zip(tail, batches[5:], strict=True):
         np.testing.assert_array_equal(b.images, ref.images)
         np.testing.assert_array_equal(b.labels, ref.labels)
     other = next(data.TrainPipeline(_toy(10), 3, seed=6, workers=0).batches(0, 0, stop_epoch=1))

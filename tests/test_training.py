@@ -1,8 +1,10 @@
 """The training recipe, steps, checkpoints and fit loop: masks, mixing, one trace, exact resume, faults."""
 
+import dataclasses
 import functools
 import json
 import os
+import shutil
 import signal
 
 import equinox as eqx
@@ -403,6 +405,17 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, getkey, digits):
     )
     assert part.status == "max_steps" and part.checkpoint.step == 3
     assert (part.checkpoint.epoch, part.checkpoint.batch_index) == (0, 3)
+    # A checkpoint whose recorded position is not its step's (the data changed size under the run) is
+    # refused, not resumed on other batches.
+    shutil.copytree(tmp_path / "cut", tmp_path / "moved")
+    sidecar = tmp_path / "moved" / "checkpoints" / f"step-{3:08d}.json"
+    record = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(dict(record, epoch=1, batch_index=0)))
+    with pytest.raises(training.CheckpointError, match=r"epoch 1, batch 0, but step 3 is epoch 0, batch 3"):
+        training.fit(
+            model, train, test, config, key=jr.key(1), run_dir=tmp_path / "moved", resume=True,
+            progress=False, steps=steps,
+        )
     resumed = training.fit(
         model, train, test, config, key=jr.key(99), run_dir=tmp_path / "cut", resume=True, progress=False,
         steps=steps,
@@ -699,3 +712,18 @@ def test_run_names_its_files_once_and_reads_everything_back(tmp_path, digits):
     run.metrics_path.write_text('{"step": 1, "split": "train"}\nnot json\n{"step": 2, "split": "train"}\n')
     with pytest.raises(ValueError, match="line 2"):
         run.metrics()
+
+
+def test_a_default_step_config_smooths_mixes_and_augments_nothing():
+    """`StepConfig` is built from `TrainConfig`'s "step" fields, with neutral defaults where the recipe's are
+    not: a new step field with a recipe default that changes a batch would change every plain step, so the
+    full set of defaults is written out here (add a new field's neutral value on purpose)."""
+    defaults = dataclasses.asdict(training.StepConfig(num_classes=10))
+    assert defaults == dict(
+        num_classes=10, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0,
+        switch_prob=0.5, crop_padding=0, flip=False, reprob=0.0, remode="pixel", recount=1,
+        normalize="none", distillation="none", distillation_alpha=0.5, distillation_tau=1.0,
+    )
+    assert tuple(defaults)[1:] == training.TrainConfig.step_fields()  # declared there, in its order
+    # The recipe's own step keeps the recipe's values.
+    assert training.TrainConfig().step_config(10).label_smoothing == training.TrainConfig().label_smoothing

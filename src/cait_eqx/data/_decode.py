@@ -1,8 +1,9 @@
 """Image files to pixels, the bottom of the data package: which files are images, reading one (with an error
 that names it), converting it to greyscale or RGB, and the bilinear resize every reader applies.
 
-The in-memory readers (`_files.py`) and the lazy sources (`_lazy_datasets.py`) both read through here, so a
-file gives the same pixels whichever way its dataset is loaded.
+The in-memory readers (`_files.py`) and the lazy sources (`_lazy_datasets.py`) both open files and convert
+their modes through here (each resizes in its own module: `_files` with PIL, the lazy sources with
+`resize_images`).
 """
 
 from __future__ import annotations

@@ -374,6 +374,17 @@ def start_state(
             checkpoint_dir, model=model, opt_state=opt_state
         )
         _check_resume(info, config)
+        # Batch number `step` is where the stream restarts; the position the checkpoint recorded must be
+        # that batch's, or the data changed under the run (a folder that gained or lost files, another
+        # `--bad-images skip` outcome) and resuming would silently train on other batches.
+        expected = divmod(info.step, steps.steps_per_epoch)
+        if (info.epoch, info.batch_index) != expected:
+            raise CheckpointError(
+                f"Cannot resume exactly from {info.path}: it was saved at epoch {info.epoch}, batch "
+                f"{info.batch_index}, but step {info.step} is epoch {expected[0]}, batch {expected[1]} with "
+                f"{steps.steps_per_epoch} batches per epoch: the training data changed size since the run "
+                f"started. Resume with the run's own data, or start a new run."
+            )
         state.step, state.checkpoint = info.step, info
         state.window = TrainWindow.restored(info.extra.get("window", {}))
         state.skipped_images = int(info.extra.get("skipped_images", 0))
@@ -807,8 +818,7 @@ def fit(
         try:
             if state.step < stop_at:
                 # Batch number `state.step` comes next: the stream starts there, fresh or resumed.
-                start = divmod(state.step, pipeline.steps_per_epoch)
-                source = pipeline.batches(*start, stop_epoch=config.epochs)
+                source = pipeline.batches(*loop.position(state.step), stop_epoch=config.epochs)
                 batches = prefetch(source, size=2, put=lambda b: (put((b.images, b.labels)), b.skipped))
                 started = time.perf_counter()
                 state.window.start = started
