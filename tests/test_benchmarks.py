@@ -426,6 +426,7 @@ print(json.dumps(data_pipeline.watch_training([sys.executable, sys.argv[2]], sys
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("watcher_mb", [0, 600])
 def test_data_pipeline_watcher_gives_each_process_its_own_peak(tmp_path, watcher_mb):
     """`data_pipeline.watch_training` (behind the README's peak-memory table) reads each process's own peak:

@@ -217,6 +217,7 @@ def runs(files, digits, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_an_init_run_resumes_bit_for_bit_after_and_before_its_first_checkpoint(runs, files):
     full = runs["full"].fit
     assert full.status == "completed" and full.step == 6
@@ -237,6 +238,7 @@ def test_an_init_run_resumes_bit_for_bit_after_and_before_its_first_checkpoint(r
     assert 0 < np.max(np.abs(trained - source)) < 0.1 * np.max(np.abs(source))
 
 
+@pytest.mark.slow
 def test_resuming_after_a_checkpoint_does_not_read_the_source_again(runs, files, digits, tmp_path):
     # A copy of the interrupted run whose source is gone: resuming needs only the record and checkpoint.
     gone = tmp_path / "gone.safetensors"
@@ -262,6 +264,7 @@ def test_resuming_after_a_checkpoint_does_not_read_the_source_again(runs, files,
         training.train_run(config, tmp_path / "run", data=digits, resume=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["full", "cut-interrupted"])
 def test_a_run_directory_is_a_source_and_its_head_is_kept(runs, digits, tmp_path, name):
     """A finished run gives its final model, an interrupted one its newest checkpoint's; both fit the
@@ -284,6 +287,7 @@ def test_a_run_directory_is_a_source_and_its_head_is_kept(runs, digits, tmp_path
     assert notes == ["head kept: its 10 classes fit the data"]
 
 
+@pytest.mark.slow
 def test_the_cli_starts_from_a_run_directory_and_says_what_it_changed(runs, tmp_path, capsys):
     run_dir = tmp_path / "run"
     source = (runs["root"] / "full").resolve()
@@ -373,6 +377,7 @@ def test_structure_flags_and_model_with_init_are_usage_errors(files, flags, mess
     assert message in _usage_error(argv, capsys)
 
 
+@pytest.mark.slow
 def test_resume_refuses_init_and_run_config_refuses_structure(runs, files, capsys):
     err = _usage_error(["train", "--resume", str(runs["root"] / "full"), "--init", "cait_xxs24_224"], capsys)
     assert "drop --init" in err

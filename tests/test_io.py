@@ -139,6 +139,7 @@ for name in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 def test_the_same_model_saved_in_two_processes_gives_the_same_bytes(tmp_path):
     """safetensors orders its metadata by a hash seeded at random in each save: `save` must undo that.
 

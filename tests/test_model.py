@@ -338,7 +338,7 @@ def test_forward_and_reverse_mode_autodiff_agree(getkey):
     products need) and gives the same input Jacobian as reverse mode, entry by entry."""
     model = cait_eqx.CaiT(16, 4, 5, 32, 2, 1, 4, 64, channels=1, init_values=0.5, key=getkey())
     x = jax.random.normal(getkey(), (1, 16, 16))
-    forward = eqx.filter_jit(jax.jacfwd(model))(x)
-    reverse = eqx.filter_jit(jax.jacrev(model))(x)
+    forward = eqx.filter_jit(lambda m, x: jax.jacfwd(m)(x))(model, x)
+    reverse = eqx.filter_jit(lambda m, x: jax.jacrev(m)(x))(model, x)
     assert forward.shape == (5, 1, 16, 16) and float(jnp.abs(reverse).max()) > 0
     np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5 * float(jnp.abs(reverse).max()))

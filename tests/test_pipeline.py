@@ -395,6 +395,7 @@ def test_a_dead_worker_of_the_check_pass_and_other_errors_are_told_apart():
     assert pickle.loads(pickle.dumps(died)).exit_code == 3  # crosses processes as BadImageError does
 
 
+@pytest.mark.slow
 def test_a_script_without_the_main_guard_is_told_what_is_missing_not_left_waiting(tmp_path, mnist_folder):
     """spawn imports the script again in each worker; unguarded, the worker's own pipeline fails to start and
     it exits. Wrong would be a trainer that waits for it, or an error that does not name the missing guard."""
