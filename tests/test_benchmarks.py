@@ -532,3 +532,107 @@ def test_data_pipeline_times_fit_between_stamps_one_step_late():
             assert next_call is not None and next_call < metrics, (k, events)
         else:
             assert next_call is None or metrics < next_call, (k, events)
+
+
+# ------------------------------------------------------------------------------------ benchmarks/gpu.py
+
+GPU_SCRIPT = ROOT / "benchmarks" / "gpu.py"
+
+import gpu  # noqa: E402
+
+
+def _run_gpu(*args, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, str(GPU_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def gpu_smoke(tmp_path_factory):
+    """`gpu.py --smoke --json PATH` once, in a fresh process: (stdout, parsed JSON, JSON path)."""
+    path = tmp_path_factory.mktemp("gpu") / "smoke.json"
+    proc = _run_gpu("--smoke", "--json", str(path))
+    assert proc.returncode == 0, f"gpu.py --smoke failed:\n{proc.stderr[-4000:]}"
+    return proc.stdout, json.loads(path.read_text()), path
+
+
+@pytest.mark.slow
+def test_gpu_smoke_measures_every_row(gpu_smoke):
+    """Every model × dtype × workload × (cait_eqx, timm eager) is measured, none dropped or duplicated, with
+    images/s that is batch over the timed seconds per call, and cait_eqx's XLA memory counted."""
+    _, results, _ = gpu_smoke
+    rows = results["rows"]
+    contenders = ("cait_eqx", "timm")
+    expected = {
+        (m, d, w, c) for m in gpu.MODELS for d in gpu.DTYPES for w in gpu.WORKLOADS for c in contenders
+    }
+    got = [(r["model"], r["dtype"], r["workload"], r["contender"]) for r in rows]
+    assert sorted(got) == sorted(expected), f"missing {expected - set(got)}"
+    assert results["not_measured"] == []
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["batch"] == gpu.SMOKE_BATCH and r["timed_calls"] == 1
+        assert _finite_positive(r["images_per_s"]) and _finite_positive(r["first_call_s"]), r
+        assert r["images_per_s"] * r["step_s"] == pytest.approx(r["batch"], rel=1e-9)
+    peak = {
+        (r["model"], r["dtype"], r["workload"]): r["peak_bytes"] for r in rows if r["contender"] == "cait_eqx"
+    }
+    for (model, dtype, workload), value in peak.items():
+        assert isinstance(value, int) and value > 0
+        if workload == "train":  # gradients and AdamW's moments on top of the weights
+            assert value > peak[(model, dtype, "inference")]
+    meta = results["meta"]
+    assert meta["smoke"] and meta["contenders"] == ["cait_eqx", "timm"]
+    assert meta["jax_device_kind"] and meta["torch_device"] == "cpu" and meta["timm"]
+    assert "--smoke" in meta["command"] and "xla_flags" in meta
+
+
+@pytest.mark.slow
+def test_gpu_smoke_ratios_are_the_rows_ratios(gpu_smoke):
+    _, results, _ = gpu_smoke
+    rows = results["rows"]
+    ips = {(r["model"], r["dtype"], r["workload"], r["contender"]): r["images_per_s"] for r in rows}
+    ratios = results["ratios"]
+    assert len(ratios) == len(gpu.MODELS) * len(gpu.DTYPES) * len(gpu.WORKLOADS)
+    for q in ratios:
+        key = (q["model"], q["dtype"], q["workload"])
+        assert q["vs_timm"] == pytest.approx(ips[(*key, "cait_eqx")] / ips[(*key, "timm")])
+        assert q["vs_timm_compile"] is None  # no torch.compile rows in the smoke run
+
+
+@pytest.mark.slow
+def test_gpu_table_reprints_the_json(gpu_smoke):
+    printed, results, path = gpu_smoke
+    proc = _run_gpu("--table", str(path), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == printed == gpu.table(results)
+    assert sum(line.startswith("| cait_") for line in printed.splitlines()) == len(results["rows"])
+
+
+def test_gpu_rows_say_timm_not_installed(tmp_path):
+    """On a machine without timm the torch worker reports its rows as such instead of crashing."""
+    (tmp_path / "timm").mkdir()
+    (tmp_path / "timm" / "__init__.py").write_text("raise ModuleNotFoundError('no timm here', name='timm')\n")
+    spec = dict(lib="timm", model="cait_xxs24_224", batch=2, dtypes=list(gpu.DTYPES), smoke=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    proc = _run_gpu("--worker", json.dumps(spec), env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line[len(gpu.MARK) :])["row"] for line in proc.stdout.splitlines()]
+    assert [(r["dtype"], r["workload"]) for r in rows] == [(d, w) for d in gpu.DTYPES for w in gpu.WORKLOADS]
+    assert {r["status"] for r in rows} == {"timm not installed (timm missing)"}
+
+
+def test_gpu_spent_budget_skips_every_row_and_says_so(tmp_path):
+    """With no budget left no worker starts; every planned row is in the JSON as skipped, with no ratios."""
+    path = tmp_path / "none.json"
+    proc = _run_gpu("--smoke", "--smoke-compile", "--budget-s", "0", "--json", str(path), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(path.read_text())
+    assert len(results["rows"]) == len(gpu.MODELS) * len(gpu.DTYPES) * len(gpu.WORKLOADS) * 3
+    assert {r["status"] for r in results["rows"]} == {"skipped: budget spent"}
+    assert results["ratios"] == [] and len(results["not_measured"]) == len(results["rows"])
