@@ -1,12 +1,6 @@
 """Where arrays live on a `jax.sharding` mesh: the mesh itself, and the rule that places parameters.
 
-One mesh with two named axes carries everything:
-
-- `data`: data parallelism. Every device along it holds the parameters its `fsdp` group holds and works
-    on its own slice of the batch.
-- `fsdp`: fully-sharded data parallelism. Large parameter arrays (and the optimiser state that mirrors
-    them) are split along this axis, so each device stores only `1/fsdp` of them; the batch is split over
-    this axis too, so the devices of an `fsdp` group still work on different examples.
+The mesh's two axes, `data` and `fsdp`, are described in `cait_eqx.parallel`'s docstring.
 
 Which parameters are split, and along which axis, is a rule over key paths and shapes (`partition_spec`).
 A model tells the rule which of its fields hold stacked layers (a leading depth axis run by `lax.scan`, never
