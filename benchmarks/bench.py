@@ -196,6 +196,23 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def cpu_kind() -> tuple[str, str]:
+    """The CPU's model name and its widest x86 vector extension ("AVX-512", "AVX2" or "neither"), from
+    /proc/cpuinfo: XLA's code and the speed ratios differ between AVX2 and AVX-512 machines."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == "unknown CPU":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "neither"
+    return name, isa
+
+
 def source_meta() -> dict:
     """Where the measured `cait_eqx` is (found without importing it) and a digest of its Python files."""
     import hashlib
@@ -801,7 +818,8 @@ def markdown(results: dict) -> str:
     meta = results.get("meta", {})
     if meta:
         lines.append(
-            f"Machine: {meta.get('cpu', '?')}, {meta.get('threads')} threads; jax {meta.get('jax')}, equinox "
+            f"Machine: {meta.get('cpu', '?')} ({meta.get('isa', 'vector extensions not recorded')}), "
+            f"{meta.get('threads')} threads; jax {meta.get('jax')}, equinox "
             f"{meta.get('equinox')}, torch {meta.get('torch')}, timm {meta.get('timm')}; float32; medians of "
             f"{meta.get('rounds')} interleaved rounds"
             + (f", each opening with {meta['round_warmup_calls']} untimed call(s) per contender"
@@ -969,17 +987,13 @@ def main(argv=None) -> int:
         )
     configs = [BENCHES[p] for p in parts if p in BENCHES]
 
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu, isa = cpu_kind()
     results: dict[str, Any] = dict(
         meta=dict(
             command=" ".join([os.path.basename(sys.executable), *sys.argv]),
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             cpu=cpu,
+            isa=isa,
             machine=platform.machine(),
             threads=args.threads,
             cpus=cpus,

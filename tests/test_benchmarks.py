@@ -210,6 +210,9 @@ def test_quick_run_records_its_allocator_settings(quick):
     assert meta["glibc_tunables"] == "glibc.malloc.hugetlb=0"
     assert meta["train_calls_per_round"] == 3
     assert meta["round_warmup_calls"] == 1
+    # The machine's vector extension, which the ratios depend on, is recorded and named in the printed table.
+    assert meta["isa"] == bench.cpu_kind()[1] and meta["isa"] in ("AVX-512", "AVX2", "neither")
+    assert f"({meta['isa']})" in stdout
     # Every row keeps the untimed first call of each of its rounds, so what the median leaves out is on
     # record.
     for r in results["throughput"]:
