@@ -199,18 +199,40 @@ def _reset_peak_rss() -> bool:
 def cpu_kind() -> tuple[str, str]:
     """The CPU's model name and its widest x86 vector extension ("AVX-512", "AVX2" or "neither"), from
     /proc/cpuinfo: XLA's code and the speed ratios differ between AVX2 and AVX-512 machines."""
-    name, flags = "unknown CPU", set()
+    name, flags, family, model = "unknown CPU", set(), None, None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and name == "unknown CPU":
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name" and name == "unknown CPU":
+                    name = value
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+                elif key == "cpu family" and family is None:
+                    family = value
+                elif key == "model" and model is None:
+                    model = value
     except OSError:
         pass
+    if family is not None and model is not None:
+        # The model name of a virtual machine's CPU may say only "AMD EPYC": family and model tell the
+        # generation (AMD family 25 is Zen 3 and Zen 4, 26 is Zen 5).
+        name = f"{name}, family {family} model {model}"
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "neither"
     return name, isa
+
+
+def machine_meta() -> dict:
+    """What every benchmark records of the machine its figures come from: the CPU's model name, its widest
+    vector extension, and the XLA flags in force (XLA's code, and so the ratios, differ with each)."""
+    cpu, isa = cpu_kind()
+    return dict(cpu=cpu, isa=isa, xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def machine_line(meta: dict) -> str:
+    """`machine_meta()`'s fields as the opening words of a table's header line."""
+    return (f"{meta.get('cpu', '?')} ({meta.get('isa', 'vector extensions not recorded')}); "
+            f"XLA_FLAGS={meta.get('xla_flags', 'not recorded')!r}")
 
 
 def source_meta() -> dict:
@@ -245,6 +267,10 @@ def write_json_atomic(path: str, data: Any) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
     try:
+        # mkstemp creates the file readable by its owner only; a result file is for everyone (umask applies).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
@@ -818,7 +844,7 @@ def markdown(results: dict) -> str:
     meta = results.get("meta", {})
     if meta:
         lines.append(
-            f"Machine: {meta.get('cpu', '?')} ({meta.get('isa', 'vector extensions not recorded')}), "
+            f"Machine: {machine_line(meta)}, "
             f"{meta.get('threads')} threads; jax {meta.get('jax')}, equinox "
             f"{meta.get('equinox')}, torch {meta.get('torch')}, timm {meta.get('timm')}; float32; medians of "
             f"{meta.get('rounds')} interleaved rounds"

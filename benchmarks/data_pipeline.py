@@ -651,7 +651,7 @@ def throughput_part(part: str, args, results: dict) -> None:
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
-        f"{meta['cpus']} CPUs ({meta['machine']}); {meta['date'][:10]}; "
+        f"Machine: {bench.machine_line(meta)}, {meta['cpus']} CPUs ({meta['machine']}); {meta['date'][:10]}; "
         f"whole run {meta.get('wall_s', 0) - meta.get('lock_wait_s', 0):.0f} s (not counting "
         f"{meta.get('lock_wait_s', 0):.0f} s waiting for the CPU lock).",
         "",
@@ -825,6 +825,7 @@ def main(argv=None) -> int:
             parts=parts,
             quick=args.quick,
             git_head=_git_head(),
+            **bench.machine_meta(),
             **bench.source_meta(),
         ),
         generated=[],

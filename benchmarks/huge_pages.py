@@ -109,8 +109,9 @@ def main(argv=None) -> int:
     if any(not 0 <= v <= 600 for v in idle):
         raise SystemExit(f"--idle: every pause must be between 0 and 600 seconds, got {args.idle!r}")
 
-    print(f"Transparent huge pages: `{bench._thp_mode()}`; {args.threads} threads; medians of {args.rounds} "
-          f"rounds of {args.steps} steps.\n")
+    machine = bench.machine_meta()
+    print(f"Machine: {bench.machine_line(machine)}; transparent huge pages: `{bench._thp_mode()}`; "
+          f"{args.threads} threads; medians of {args.rounds} rounds of {args.steps} steps.\n")
     print("| config | batch | glibc.malloc.hugetlb | s / step | images/s | page faults / step | "
           "kernel s / step | × off |")
     print("|---|---|---|---|---|---|---|---|")
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         meta=dict(command=" ".join([os.path.basename(sys.executable), *sys.argv]),
                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   rounds=args.rounds, steps=args.steps, threads=args.threads,
-                  transparent_huge_pages=bench._thp_mode()),
+                  transparent_huge_pages=bench._thp_mode(), **machine),
         runs=[],
     )
     for name in names:

@@ -131,7 +131,7 @@ def run_worker(config: str, policy: str, args) -> dict:
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
-        f"{meta['threads']} threads"
+        f"Machine: {bench.machine_line(meta)}, {meta['threads']} threads"
         # Results measured before the allocator setting was removed name the mode they ran under.
         + (f", `configure_allocator({meta['allocator']!r})`" if "allocator" in meta else "")
         + (f", GLIBC_TUNABLES={meta['glibc_tunables']}" if meta.get("glibc_tunables") else "")
@@ -215,6 +215,7 @@ def main(argv=None) -> int:
                 threads=args.threads,
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 policies=policies,
+                **bench.machine_meta(),
                 **bench.source_meta(),
             ),
             runs=[],

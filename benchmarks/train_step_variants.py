@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.rounds, args.target_s = 1, 0.05
 
+    print(f"Machine: {bench.machine_line(bench.machine_meta())}, {args.threads} threads; medians of "
+          f"{args.rounds} interleaved rounds.\n")
     print("| config | batch | variant | s / step | images/s | × current |")
     print("|---|---|---|---|---|---|")
     for name in names:

@@ -164,7 +164,9 @@ def test_train_step_variants_quick_mode_prints_every_variant():
     proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()[2:]]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"Machine: {bench.cpu_kind()[0]} ({bench.cpu_kind()[1]}); XLA_FLAGS=")
+    rows = [line.split("|")[1:-1] for line in lines[4:]]
     import train_step_variants
 
     assert [cells[2].strip() for cells in rows] == list(train_step_variants.VARIANTS)
@@ -639,3 +641,88 @@ def test_gpu_spent_budget_skips_every_row_and_says_so(tmp_path):
     assert len(results["rows"]) == len(gpu.MODELS) * len(gpu.DTYPES) * len(gpu.WORKLOADS) * 3
     assert {r["status"] for r in results["rows"]} == {"skipped: budget spent"}
     assert results["ratios"] == [] and len(results["not_measured"]) == len(results["rows"])
+
+
+# --------------------------------------------------------------------- profile_step.py and step_settings.py
+
+
+def test_the_profile_sorts_each_op_of_a_compiled_program_by_what_it_does():
+    """`profile_step.parse_hlo`/`kind_of` on a real compiled program: a product is a product (with its
+    FLOPs), a sum a reduction; an op XLA added has no op_name; the update phase is what lies outside the
+    forward and backward passes."""
+    import jax
+    import jax.numpy as jnp
+    import profile_step
+
+    def f(a, b, c):
+        return a @ b, jnp.sum(jnp.tanh(c), axis=0)
+
+    a, b, c = jnp.ones((64, 32)), jnp.ones((32, 48)), jnp.ones((40, 24))
+    instrs = profile_step.parse_hlo(jax.jit(f).lower(a, b, c).compile().as_text())
+    kinds = {}
+    for entry in (e for e in instrs.values() if e["runs"]):
+        kind = profile_step.kind_of({**entry, "op_name": "jvp(" + entry["op_name"]})
+        if kind is not None:
+            kinds.setdefault(kind, []).append(entry)
+    products = kinds["matrix products"]
+    assert sum(e["total_flops"] for e in products) == 2 * 64 * 32 * 48
+    assert "reductions" in kinds
+    assert profile_step.phase_of({"op_name": ""}) == "inserted"
+    assert profile_step.phase_of({"op_name": "jit(step)/transpose(jvp(vmap()))/dot_general"}) == "backward"
+    assert profile_step.phase_of({"op_name": "jit(step)/jvp(vmap())/dot_general"}) == "forward"
+    assert profile_step.phase_of({"op_name": "jit(step)/mul"}) == "update"
+    assert profile_step.kind_of({"opcode": "while", "opcodes": {"while"}, "op_name": "jvp(x)"}) is None
+
+
+@pytest.mark.slow
+def test_profile_step_quick_mode_accounts_for_the_step(tmp_path):
+    """`profile_step.py --quick`: each workload's kinds add up to its total, the products' FLOPs are the
+    traced program's matmul FLOPs (forward) and about three times them (training step), and the table is the
+    JSON's."""
+    import jax
+    import jax.numpy as jnp
+
+    import cait_eqx
+
+    path = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--quick", "--json",
+                           str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(path.read_text())
+    assert results["meta"]["isa"] == bench.cpu_kind()[1] and "xla_flags" in results["meta"]
+    rows = {r["workload"]: r for r in results["profiles"]}
+    assert set(rows) == {"train", "inference"}
+    for row in rows.values():
+        kinds = row["kinds"]
+        assert math.isclose(sum(k["ms"] for k in kinds.values()), row["total_ms"], rel_tol=1e-9)
+        assert math.isclose(sum(k["share"] for k in kinds.values()), 1.0, rel_tol=1e-9)
+        assert kinds["matrix products"]["ms"] > 0 and kinds["matrix products"]["gflops"] > 0
+    b = bench.BENCHES["tiny"]
+    model = cait_eqx.CaiT(**b.eqx_kwargs(), key=jax.random.key(0))
+    x = jnp.ones((rows["inference"]["batch"], 3, b.image_size, b.image_size))
+    traced = bench.traced_matmul_flops(jax.make_jaxpr(jax.vmap(model))(x).jaxpr)
+    assert rows["inference"]["kinds"]["matrix products"]["flops"] == traced
+    per_image = traced / rows["inference"]["batch"]
+    train_flops = rows["train"]["kinds"]["matrix products"]["flops"] / rows["train"]["batch"]
+    # The backward pass has two products per forward product, less the patch embedding's input gradient.
+    assert 2.5 * per_image < train_flops <= 3 * per_image
+    assert proc.stdout == subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--table", str(path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT).stdout
+
+
+@pytest.mark.slow
+def test_step_settings_quick_mode_runs_each_setting_in_its_own_process(tmp_path):
+    """`step_settings.py --quick`: one row per setting, the first its own 1.00× reference; settings that do
+    not change the maths (unrolling the scan) give the same loss to float32 rounding."""
+    path = tmp_path / "settings.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_settings.py"), "--quick", "--json",
+                           str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(path.read_text())
+    rows = results["rows"]
+    assert [r["name"] for r in rows] == ["default", "unroll 2"]
+    assert rows[0]["x_first"] == 1.0 and all(r["step_s"] > 0 and r["compile_s"] > 0 for r in rows)
+    assert math.isclose(rows[0]["loss"], rows[1]["loss"], rel_tol=1e-5)
+    assert results["meta"]["isa"] == bench.cpu_kind()[1]
+    assert "| default |" in proc.stdout and "| unroll 2 |" in proc.stdout

@@ -682,6 +682,9 @@ def test_run_names_its_files_once_and_reads_everything_back(tmp_path, digits):
     first = training.train_run(config, run.path, data=(train, test), max_steps=3, progress=False)
     assert first.fit.status == "max_steps" and run.exists and run.summary() is None
     assert run.config().train == config.train and run.config().model["dim"] == 16
+    # What the speed depended on: the CPU's vector extension and the XLA flags this process started with.
+    runtime = {"isa": cait_eqx.cpu_isa(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    assert json.loads(run.config_path.read_text())["runtime"] == runtime
     lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     assert run.metrics() == lines and [r["step"] for r in lines] == [1, 2, 3]
     with pytest.raises(FileNotFoundError, match=f"model file not found: {run.model_path}"):
@@ -698,6 +701,7 @@ def test_run_names_its_files_once_and_reads_everything_back(tmp_path, digits):
     _assert_trees_identical(run.model(), done.fit.model)
     _assert_trees_identical(run.model("ema"), done.fit.ema)
     assert run.summary()["status"] == "completed" and run.summary()["step"] == 5
+    assert run.summary()["runtime"] == runtime
     assert not run.curves_path.exists()  # pictures are drawn by `cait_eqx.viz`, not by training
     full_train, full_test = run.data()  # the run's dataset, split as it defines (here all 1,797 digits)
     assert len(full_train) + len(full_test) == 1797 and full_train.image_size == (8, 8)

@@ -20,7 +20,7 @@ TYPECHECKING_ENABLED: bool = _os.environ.get("CAIT_EQX_TYPECHECK", "1").strip().
 
 # Pure-Python modules that `cait-eqx --help` imports and that hold no array code: left unchecked, because the
 # first function jaxtyping's hook decorates imports JAX (seconds), and the help must answer at once.
-_UNCHECKED = frozenset({"_spec", "_config", "_constants", "_lazy", "cli", "training._config"})
+_UNCHECKED = frozenset({"_spec", "_config", "_constants", "_lazy", "_xla_flags", "cli", "training._config"})
 
 
 def _checked_modules() -> list[str]:
@@ -112,6 +112,12 @@ if TYPE_CHECKING:
         to_timm_state_dict as to_timm_state_dict,
     )
     from ._variants import list_models as list_models, variant_config as variant_config
+    from ._xla_flags import (
+        cpu_isa as cpu_isa,
+        recommended_xla_flags as recommended_xla_flags,
+        with_recommended_xla_flags as with_recommended_xla_flags,
+        xla_flags_in_force as xla_flags_in_force,
+    )
 else:
     from ._lazy import attach as _attach
 

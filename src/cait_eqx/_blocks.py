@@ -132,6 +132,11 @@ def _prepend(cls: Array, patches: Array) -> Array:
     return jnp.concatenate([cls[None, :].astype(patches.dtype), patches], axis=0)
 
 
+# How many SA blocks one iteration of the scan runs (`lax.scan`'s `unroll`; True: all of them). A setting
+# for measurements (benchmarks/step_settings.py); 1 keeps the compiled program one block long.
+SCAN_UNROLL: int | bool = 1
+
+
 def run_stacked(
     blocks: LayerScaleBlock,
     tokens: Array,
@@ -175,5 +180,7 @@ def run_stacked(
         x = run_block(block_params, x, block_key)
         return (x, None if taken is None else taken.at[slot].set(x)), None
 
-    (tokens, taken), _ = jax.lax.scan(step, (tokens, taken), (params, block_keys, jnp.asarray(slots)))
+    (tokens, taken), _ = jax.lax.scan(
+        step, (tokens, taken), (params, block_keys, jnp.asarray(slots)), unroll=SCAN_UNROLL
+    )
     return tokens, (None if taken is None else taken[:-1])

@@ -58,6 +58,18 @@ def _interrupted(args: argparse.Namespace) -> str:
     return f"cait-eqx: interrupted; the run had not started (no {run.config_path} yet): start it again"
 
 
+def use_recommended_xla_flags() -> None:
+    """Put the XLA flags recommended for this CPU (`cait_eqx.recommended_xla_flags`) in this process's
+    `XLA_FLAGS`, before JAX starts its backend. Only the `cait-eqx` program does this: it owns its process,
+    the library never changes a user's. A flag the user set in `XLA_FLAGS` keeps the user's value; the flags
+    in force are recorded in the run's `config.json` and `summary.json` (`runtime.xla_flags`)."""
+    import cait_eqx
+
+    flags = cait_eqx.with_recommended_xla_flags(os.environ.get("XLA_FLAGS", ""))
+    if flags:
+        os.environ["XLA_FLAGS"] = flags
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `cait-eqx` with `argv` (default `sys.argv[1:]`); returns the exit status.
 
@@ -66,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     - `argv`: the command line without the program name, e.g. `["train", "--quick"]`; `None`: `sys.argv[1:]`
         (the `cait-eqx` program).
 
+    The program (`argv=None`) first sets the XLA flags recommended for this CPU (`use_recommended_xla_flags`).
+
     **Returns:** 0 on success, 1 on an error the command reports, 2 on a usage error (raised as `SystemExit`
     by the parser), 130 when interrupted (Ctrl-C or SIGTERM; a training run saves a checkpoint first).
     """
+    if argv is None:
+        use_recommended_xla_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.as_program = argv is None  # the `cait-eqx` program (a fresh process), not `main([...])` from Python

@@ -33,6 +33,7 @@ from .._atomic import atomic_write_bytes
 from .._config import image_size_pair
 from .._io import load, save
 from .._model import CaiT
+from .._xla_flags import cpu_isa, xla_flags_in_force
 from ..data import DataSource, load_dataset, train_test_split
 from ..parallel import to_host
 from ._checkpoint import list_checkpoints, load_checkpoint
@@ -270,6 +271,8 @@ class RunSummary:
             "images_per_s": result.images_per_s,
             "skipped_steps": result.skipped_steps,
             "skipped_images": result.skipped_images,
+            # The process that finished the run (a resumed run may have started under other flags).
+            "runtime": _runtime(),
         }
         if result.test is not None:
             out.update(
@@ -281,6 +284,12 @@ class RunSummary:
         if result.ema_test is not None:
             out.update(ema_test_accuracy=result.ema_test.top1, ema_test_top5=result.ema_test.top5)
         return out
+
+
+def _runtime() -> dict[str, str]:
+    """What the speed of this process depends on besides the versions: the CPU's vector extension and the
+    XLA flags in force (`cait_eqx.xla_flags_in_force`)."""
+    return {"isa": cpu_isa(), "xla_flags": xla_flags_in_force()}
 
 
 def _versions() -> dict[str, str]:
@@ -393,6 +402,7 @@ def train_run(
     )
     record["num_params"] = model.num_params
     record["versions"] = _versions()
+    record["runtime"] = _runtime()
     primary = jax.process_index() == 0
     if primary:
         run.path.mkdir(parents=True, exist_ok=True)
