@@ -112,7 +112,7 @@ def markdown(results: dict) -> str:
         ratio = f"{r['median_s'] / base['median_s']:.2f}×" if base else "–"
         name = "backbone, masked (before: every gradient computed)" if variant == "masked" else variant
         lines.append(
-            f"| {name} | {r['median_s']:.3f} | {ratio} | {r['matmul_gflops']:.1f} | {r['temp_mb']:.0f} | "
+            f"| {name} | {r['median_s']:.3f} | {ratio} | {r['matmul_gflops']:.2f} | {r['temp_mb']:.0f} | "
             f"{r['opt_state_mb']:.1f} | {r['argument_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"

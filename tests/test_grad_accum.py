@@ -116,8 +116,9 @@ def test_an_accumulated_step_equals_one_big_batch(recipe):
     _assert_same_step(_step_result(step_config, optim_kwargs, 4), want)
 
 
-def test_accumulation_on_a_mesh_equals_one_big_batch_on_one_device():
-    step_config, optim_kwargs = RECIPES["mixing-ema-layer-decay"]
+@pytest.mark.parametrize("recipe", ["mixing-ema-layer-decay", "soft-distillation-frozen-blocks"])
+def test_accumulation_on_a_mesh_equals_one_big_batch_on_one_device(recipe):
+    step_config, optim_kwargs = RECIPES[recipe]
     want = _step_result(step_config, optim_kwargs, 1)
     # 16 images, 2 micro-batches of 8, each split over data=2 × fsdp=2 devices.
     got = _step_result(step_config, optim_kwargs, 2, mesh=parallel.make_mesh(data=2, fsdp=2))
