@@ -58,7 +58,7 @@ def worker(spec: dict) -> dict:
     if variant == "scan":
         step_accum = accum
     elif variant == "multisteps":
-        optim = optax.MultiSteps(optim, every_k_schedule=accum)
+        optim = optax.MultiSteps(optim, every_k_schedule=accum).gradient_transformation()
         calls, rows = accum, batch // accum
     elif variant == "micro":
         rows = batch // accum
