@@ -726,3 +726,42 @@ def test_step_settings_quick_mode_runs_each_setting_in_its_own_process(tmp_path)
     assert math.isclose(rows[0]["loss"], rows[1]["loss"], rel_tol=1e-5)
     assert results["meta"]["isa"] == bench.cpu_kind()[1]
     assert "| default |" in proc.stdout and "| unroll 2 |" in proc.stdout
+
+@pytest.mark.slow
+def test_grad_accum_script_quick_mode(tmp_path, jax_cache):
+    """`grad_accum.py --quick` (behind the fine-tuning guide's accumulation table) runs every variant in its
+    own worker, and accumulation reaches the compiled program: 4 micro-batches of 2 need less scratch memory
+    than the batch of 8 at once."""
+    script = ROOT / "benchmarks" / "grad_accum.py"
+    path = tmp_path / "grad_accum.json"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(jax_cache))
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--batch", "8", "--json", str(path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (table,) = _tables(proc.stdout)
+    assert len(table) == 4 and all(float(cells[2]) > 0 for cells in table)
+    runs = {r["variant"]: r for r in json.loads(path.read_text())["runs"]}
+    assert runs["scan"]["temp_mb"] < runs["batch"]["temp_mb"]
+    proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and _tables(proc.stdout) == [table], proc.stderr
+
+
+@pytest.mark.slow
+def test_freeze_script_quick_mode(tmp_path, jax_cache):
+    """`freeze.py --quick` (behind the fine-tuning guide's frozen-backbone table): a probe's traced step
+    computes fewer matmul FLOPs than the masked probe, which computes every gradient."""
+    script = ROOT / "benchmarks" / "freeze.py"
+    path = tmp_path / "freeze.json"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(jax_cache))
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (table,) = _tables(proc.stdout)
+    assert [cells[0] for cells in table][:3] == ["none", "blocks:1", "backbone"] and table[0][2] == "1.00×"
+    variants = json.loads(path.read_text())["variants"]
+    assert variants["backbone"]["matmul_gflops"] < variants["masked"]["matmul_gflops"]
+    assert variants["backbone"]["opt_state_mb"] < variants["none"]["opt_state_mb"]
+    proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and _tables(proc.stdout) == [table], proc.stderr

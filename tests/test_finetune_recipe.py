@@ -15,8 +15,12 @@ What would be wrong, and which test sees it:
 
 from __future__ import annotations
 
+import json
+import math
+
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -301,7 +305,10 @@ def test_the_cli_takes_the_flags_into_the_run_config(tmp_path):
     config = cli.train.run_config(parser.parse_args(argv), parser)
     assert config.train.layer_decay == 0.75 and config.train.freeze == "backbone"
     assert {"layer_decay", "freeze"} <= set(training.TrainConfig.trajectory_fields())
-    assert not {"layer_decay", "freeze"} & set(training.TrainConfig.step_fields())
+    # The step freezes (it differentiates only what trains); the optimiser decays layers.
+    assert "freeze" in training.TrainConfig.step_fields()
+    assert config.train.step_config(10).freeze == "backbone"
+    assert "layer_decay" not in training.TrainConfig.step_fields()
 
 
 @pytest.mark.parametrize(
@@ -310,6 +317,8 @@ def test_the_cli_takes_the_flags_into_the_run_config(tmp_path):
         (["train", "--layer-decay", "0"], "--layer-decay: must be in (0, 1]"),
         (["train", "--layer-decay", "1.5"], "--layer-decay: must be in (0, 1]"),
         (["train", "--freeze", "all"], "--freeze"),
+        # The default digits model has 4 SA blocks: checked against it before anything is trained.
+        (["train", "--freeze", "blocks:5"], "freezes 5 self-attention blocks, but this model has 4"),
     ],
 )
 def test_bad_flags_name_the_flag(argv, message, capsys):
@@ -326,12 +335,179 @@ def test_bad_settings_are_refused_naming_the_field(getkey):
             training.TrainConfig(layer_decay=value)
         with pytest.raises(ValueError, match=r"`layer_decay` must be in \(0, 1\]"):
             training.make_optimizer(1e-3, layer_decay=value)
-    with pytest.raises(
-        ValueError, match=r"TrainConfig `freeze` must be one of 'none', 'backbone', got 'head'"
-    ):
-        training.TrainConfig(freeze="head")
+    for value in ("head", "blocks:0", "blocks:-1", "blocks:x", "blocks"):
+        with pytest.raises(
+            ValueError, match=rf"TrainConfig `freeze` must be none, backbone or blocks:N .*got '{value}'"
+        ):
+            training.TrainConfig(freeze=value)
+    assert training.TrainConfig(freeze="blocks:12").freeze == "blocks:12"
     with pytest.raises(ValueError, match=r"`freeze` must be one of 'none', 'backbone', got 'all'"):
         training.make_optimizer(1e-3, freeze="all")
     assert training.TrainConfig(layer_decay=1).layer_decay == 1.0  # 1: no decay, allowed
     with pytest.raises(TypeError, match="follows the layers of a `CaiT`"):
         training.layer_decay_scales({"w": jnp.zeros(3)}, 0.75)
+
+
+# ----------------------------------------------------------------------- frozen parameters cost nothing
+
+
+def _matmul_flops(jaxpr) -> int:
+    """Multiply-add FLOPs of every `dot_general` a jaxpr runs, a scan's body counted once per iteration."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += times * _matmul_flops(inner)
+    return total
+
+
+def _step_flops(model, freeze, batch=4):
+    optim = training.make_optimizer(1e-3)
+    step = training.make_train_step(optim, training.StepConfig(num_classes=10, freeze=freeze), jit=False)
+    state = optim.init(training.trainable_params(model, freeze))
+    images, labels = jnp.zeros((batch, 1, 8, 8), jnp.uint8), jnp.arange(batch)
+    return _matmul_flops(eqx.filter_make_jaxpr(step)(model, state, (images, labels), jr.key(0))[0].jaxpr)
+
+
+def _forward_flops(model, batch=4):
+    images = jnp.zeros((batch, 1, 8, 8))
+    forward = eqx.filter_make_jaxpr(lambda m, x: jax.vmap(m)(x))(eqx.nn.inference_mode(model), images)
+    return _matmul_flops(forward[0].jaxpr)
+
+
+def test_frozen_parameters_cost_no_gradient_computation(getkey):
+    """Counted on the traced step, not on values: the probe's step is the forward pass plus the head's weight
+    gradient; each frozen SA block removes its whole backward pass (twice its forward's matmuls: the
+    gradients of its inputs and of its weights), which a masked gradient would still compute."""
+    model = cait_eqx.with_remat(_tiny(getkey(), depth=4), "none")  # no recomputation in the count
+    batch, dim, classes = 4, 16, 10
+    forward = _forward_flops(model, batch)
+    assert _step_flops(model, "backbone", batch) == forward + 2 * batch * dim * classes
+    one_block = _forward_flops(model, batch) - _forward_flops(_tiny(getkey(), depth=3), batch)
+    frozen = [_step_flops(model, f"blocks:{n}", batch) for n in range(1, 5)]
+    assert [a - b for a, b in zip(frozen, frozen[1:], strict=False)] == [2 * one_block] * 3
+    full = _step_flops(model, "none", batch)
+    assert full - frozen[0] > 2 * one_block and frozen[-1] < full - 8 * one_block
+
+
+def _state_size(state) -> int:
+    return sum(x.size for x in jax.tree.leaves(state) if eqx.is_array(x))
+
+
+def test_the_optimiser_keeps_no_state_for_frozen_parameters(getkey):
+    model = _tiny(getkey(), depth=3)
+    optim = training.make_optimizer(1e-3, ema_decay=0.9, layer_decay=0.75)
+    counters = _state_size(optim.init({}))  # Adam's step count
+
+    def size(tree):
+        return sum(x.size for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
+
+    head = size(model.head)
+    # Two Adam moments and the EMA of what trains, nothing else.
+    assert _state_size(optim.init(training.trainable_params(model, "backbone"))) == 3 * head + counters
+    stem = size((model.patch_embed, model.pos_embed, model.cls_token))
+    per_block = size(model.blocks) // 3
+    trained = size(model) - stem - 2 * per_block
+    params = training.trainable_params(model, "blocks:2")
+    assert params.blocks.attn.qkv.weight.shape[0] == 1 and jax.tree.leaves(params.patch_embed) == []
+    assert _state_size(optim.init(params)) == 3 * trained + counters
+    assert _state_size(optim.init(training.trainable_params(model, "none"))) == 3 * size(model) + counters
+    # Layer decay still gives each trained block its own layer's factor (the last block's here).
+    scales = training.layer_decay_scales(params, 0.5)
+    full = training.layer_decay_scales(model, 0.5)
+    np.testing.assert_array_equal(scales.blocks.attn.qkv.weight, full.blocks.attn.qkv.weight[2:])
+
+
+def test_split_blocks_compute_the_same_function(getkey):
+    """Frozen first blocks run as a stack of their own (`trainable_model`): the same outputs, features and
+    intermediates, with the same stochastic depth, as the one stack."""
+    model = _tiny(getkey(), depth=4, layer_dropout=0.3, dropout=0.1)
+    split = training.trainable_model(model, training.trainable_params(model, "blocks:1"))
+    assert isinstance(split.blocks, tuple) and len(split.blocks) == 2
+    image, key = jr.uniform(getkey(), (1, 8, 8)), getkey()
+    np.testing.assert_allclose(split(image, key=key), model(image, key=key), rtol=1e-6, atol=1e-6)
+    for kw in (dict(indices=[0, 2]), dict(indices=[1, 3], stop_early=True),
+               dict(indices=[0], stop_early=True)):
+        got = eqx.nn.inference_mode(split).forward_intermediates(image, intermediates_only=True, **kw)
+        want = eqx.nn.inference_mode(model).forward_intermediates(image, intermediates_only=True, **kw)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # `merge_trainable` is the inverse of `trainable_params`.
+    merged = training.merge_trainable(model, training.trainable_params(model, "blocks:3"))
+    for a, b in zip(jax.tree.leaves(eqx.filter(merged, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(model, eqx.is_array)), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_frozen_first_blocks_stay_bitwise_and_resume_exactly(tmp_path):
+    ds = data.load_digits()
+    train, test = data.train_test_split(ds, test_fraction=0.2, seed=0)
+    train, test = train.subset(np.arange(96)), test.subset(np.arange(32))
+    model = _tiny(jr.key(0), layer_dropout=0.1)
+    config = training.TrainConfig(
+        epochs=2, batch_size=32, lr=1e-2, warmup_epochs=0.0, weight_decay=0.5, ema_decay=0.9,
+        freeze="blocks:2", layer_decay=0.75, eval_batch_size=32, log_every=1, keep_checkpoints=3,
+    )
+    steps = training.TrainSteps.build(config, 3, 10, parallel.make_mesh(data=1))
+
+    def run(**kw):
+        return training.fit(model, train, test, config, key=jr.key(1), progress=False, steps=steps, **kw)
+
+    full = run(run_dir=tmp_path / "full")
+    assert full.status == "completed" and full.step == 6
+    for name, old, new in (
+        ("patch_embed", model.patch_embed, full.model.patch_embed),
+        ("pos_embed", model.pos_embed, full.model.pos_embed),
+        ("cls_token", model.cls_token, full.model.cls_token),
+        ("first two blocks", jax.tree.map(lambda x: x[:2], eqx.filter(model.blocks, eqx.is_array)),
+         jax.tree.map(lambda x: x[:2], eqx.filter(full.model.blocks, eqx.is_array))),
+    ):
+        for a, b in zip(jax.tree.leaves(eqx.filter(old, eqx.is_array)),
+                        jax.tree.leaves(eqx.filter(new, eqx.is_array)), strict=True):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), name
+    for name, old, new in (
+        ("last block", model.blocks.mlp.fc1.weight[2], full.model.blocks.mlp.fc1.weight[2]),
+        ("class attention", model.blocks_token_only[0].attn.q.weight,
+         full.model.blocks_token_only[0].attn.q.weight),
+        ("head", model.head.weight, full.model.head.weight),
+    ):
+        assert np.abs(np.asarray(new) - np.asarray(old)).max() > 1e-4, name
+    # The EMA model keeps the frozen parameters as they are.
+    assert np.asarray(full.ema.blocks.attn.qkv.weight[:2]).tobytes() == np.asarray(
+        model.blocks.attn.qkv.weight[:2]).tobytes()
+    part = run(run_dir=tmp_path / "cut", max_steps=4)
+    resumed = run(run_dir=tmp_path / "cut", resume=True)
+    assert part.step == 4 and resumed.step == 6
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter((resumed.model, resumed.opt_state), eqx.is_array)),
+        jax.tree.leaves(eqx.filter((full.model, full.opt_state), eqx.is_array)),
+        strict=True,
+    ):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    # A checkpoint of an older version (a frozen model's optimiser state over every parameter) is refused
+    # with a sentence, before its arrays are read.
+    newest = training.list_checkpoints(tmp_path / "cut" / "checkpoints")[-1]
+    meta = json.loads(newest.path.read_text())
+    del meta["extra"]["optimiser_state"]
+    newest.path.write_text(json.dumps(meta))
+    with pytest.raises(training.CheckpointError, match=r"written by an older cait_eqx.*start a new run"):
+        run(run_dir=tmp_path / "cut", resume=True)
+
+
+def test_freezing_more_blocks_than_the_model_has_is_refused_before_training(tmp_path, getkey):
+    ds = data.load_digits()
+    train = ds.subset(np.arange(32))
+    model = _tiny(getkey(), depth=3)
+    config = training.TrainConfig(epochs=1, batch_size=16, freeze="blocks:4", check_data=False)
+    with pytest.raises(ValueError, match=r"freezes 4 self-attention blocks, but this model has 3: N must be "
+                                         r"in 1\.\.3"):
+        training.fit(model, train, None, config, key=getkey(), run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"this model has 3"):
+        training.trainable_params(model, "blocks:4")
+    with pytest.raises(TypeError, match=r"knows the layers of a `CaiT`"):
+        training.trainable_params({"w": jnp.zeros(3)}, "blocks:1")

@@ -138,7 +138,7 @@ SCAN_UNROLL: int | bool = 1
 
 
 def run_stacked(
-    blocks: LayerScaleBlock,
+    blocks: LayerScaleBlock | tuple[LayerScaleBlock, ...],
     tokens: Array,
     block_keys: Array | None,
     *,
@@ -149,12 +149,19 @@ def run_stacked(
 ) -> tuple[Array, Array | None]:
     """Run stacked SA blocks (array leaves with a leading depth axis) by `lax.scan`: `(output, taken)`.
 
+    - `blocks`: one stack, or a tuple of stacks (segments) that run in turn, one scan each, the same
+        function as their concatenation. Training with the first blocks frozen runs them as their own
+        segment: the backward pass then never enters it (a scan differentiates all its iterations or none).
     - `remat`: what the backward pass keeps of each block (`remat_policy`); no effect on a forward call.
     - `take`: sorted block indices whose outputs to return, stacked in `taken` `(len(take), tokens, dim)`
         (None when empty). They are written into one buffer carried by the scan, so only those maps are
         kept and the scan is not unrolled.
     - `stop`: run only blocks `0 .. stop - 1` (with the keys they have in a full run).
     """
+    if isinstance(blocks, tuple):
+        return _run_segments(
+            blocks, tokens, block_keys, inference=inference, remat=remat, take=take, stop=stop
+        )
     params, static = eqx.partition(blocks, eqx.is_array)
     depth = jax.tree_util.tree_leaves(params)[0].shape[0] if stop is None else stop
     if stop is not None:
@@ -184,3 +191,25 @@ def run_stacked(
         step, (tokens, taken), (params, block_keys, jnp.asarray(slots)), unroll=SCAN_UNROLL
     )
     return tokens, (None if taken is None else taken[:-1])
+
+
+def _run_segments(segments, tokens, block_keys, *, inference, remat, take, stop):
+    """`run_stacked` over consecutive stacks, block indices (`take`, `stop`, the keys) counted over all."""
+    offset, parts = 0, []
+    for segment in segments:
+        rows = jax.tree_util.tree_leaves(eqx.filter(segment, eqx.is_array))[0].shape[0]
+        if stop is not None and offset >= stop:
+            break
+        tokens, taken = run_stacked(
+            segment,
+            tokens,
+            None if block_keys is None else block_keys[offset : offset + rows],
+            inference=inference,
+            remat=remat,
+            take=tuple(index - offset for index in take if offset <= index < offset + rows),
+            stop=None if stop is None or stop >= offset + rows else stop - offset,
+        )
+        if taken is not None:
+            parts.append(taken)
+        offset += rows
+    return tokens, (jnp.concatenate(parts) if take else None)

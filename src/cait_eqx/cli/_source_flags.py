@@ -77,7 +77,8 @@ def read_sources(config: training.RunConfig, train_data: Any, *, key: Any) -> So
     init, notes, teacher = None, (), None
     if config.init is not None:
         init = training.load_source(config.init)
-        _, _, notes = training.initial_model(config, train_data, key=key, source=init)
+        model, _, notes = training.initial_model(config, train_data, key=key, source=init)
+        training.check_freeze(model, config.train.freeze)  # `--freeze blocks:N` against the source's depth
     if config.teacher is not None:
         teacher = training.load_source(config.teacher)
         training.check_teacher(teacher.model, train_data)

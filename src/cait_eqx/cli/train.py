@@ -287,7 +287,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
             # `--init` and `--teacher`, read once: reported below, and handed to `train_run`.
             sources = read_sources(config, data[0], key=jr.key(0))
         if config.init is None or args.resume is not None:
-            training.build_model(config, data[0], key=jr.key(0))
+            model = training.build_model(config, data[0], key=jr.key(0))
+            training.check_freeze(model, config.train.freeze)  # `--freeze blocks:N` against the depth
     except cait_eqx.PretrainedWeightsUnavailable as error:  # no network and no cached copy: says what to do
         print(f"cait-eqx train: error: {error}", file=sys.stderr)
         return 1

@@ -10,6 +10,9 @@ One private module per concern; their public names:
   `build_optimizer(config, steps_per_epoch)`.
 - Losses and batch mixing (`_losses.py`): `smooth_labels`, `cross_entropy`, `distillation_loss` (DeiT's hard
   and soft distillation; `fit(..., teacher=...)`, `check_teacher`), `mixup`, `cutmix`, `mix_batch`.
+- What trains (`_freeze.py`): `trainable_params` (the parameters `TrainConfig.freeze` leaves to train: what
+  the step differentiates and the optimiser holds state for), `merge_trainable`, `trainable_model`,
+  `check_freeze`.
 - Steps (`_steps.py`): `make_train_step` (one `eqx.filter_jit` around `eqx.filter_value_and_grad`, buffers
   donated) and `make_eval_step` (inference mode); `evaluate` (top-1/top-5, confusion matrix). Compiled for
   a mesh of devices and hosts by `cait_eqx.parallel`, the room that shares this package's layer.
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
         RunConfig as RunConfig,
         StepConfig as StepConfig,
         TrainConfig as TrainConfig,
+        frozen_blocks as frozen_blocks,
     )
     from ._fit import (
         FitResult as FitResult,
@@ -54,6 +58,12 @@ if TYPE_CHECKING:
         check_teacher as check_teacher,
         fit as fit,
         train_transform as train_transform,
+    )
+    from ._freeze import (
+        check_freeze as check_freeze,
+        merge_trainable as merge_trainable,
+        trainable_model as trainable_model,
+        trainable_params as trainable_params,
     )
     from ._losses import (
         cross_entropy as cross_entropy,

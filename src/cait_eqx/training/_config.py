@@ -29,6 +29,7 @@ __all__ = [
     "RunConfig",
     "StepConfig",
     "TrainConfig",
+    "frozen_blocks",
 ]
 
 # The compute dtypes training offers (float16 would need loss scaling, which the step does not do).
@@ -37,8 +38,33 @@ TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 # What `TrainConfig.distillation` may hold: off, or DeiT's two kinds (`distillation_loss`).
 DISTILLATION_KINDS = ("none", "hard", "soft")
 
-# What `TrainConfig.freeze` may hold: `"none"` trains everything, `"backbone"` only the classifier head.
+# What `TrainConfig.freeze` may hold: `"none"` trains everything, `"backbone"` only the classifier head;
+# besides these names, `"blocks:N"` (`frozen_blocks`) keeps the stem and the first N SA blocks fixed.
 FREEZE_MODES = ("none", "backbone")
+_FROZEN_BLOCKS = re.compile(r"blocks:([0-9]+)")
+
+
+def frozen_blocks(freeze: str) -> int | None:
+    """N of `freeze="blocks:N"` (the stem and the first N self-attention blocks stay fixed), else `None`."""
+    match = _FROZEN_BLOCKS.fullmatch(freeze) if isinstance(freeze, str) else None
+    return None if match is None else int(match.group(1))
+
+@dataclasses.dataclass(frozen=True)
+class _Freeze(Check):
+    """`none`, `backbone`, or `blocks:N` with N >= 1 (whether N fits the model's depth is checked against the
+    model: `cait_eqx.training.check_freeze`)."""
+
+    def check(self, value: Any) -> str:
+        if value in FREEZE_MODES:
+            return value
+        count = frozen_blocks(value)
+        if count is None or count < 1:
+            raise ValueError(
+                f"must be none, backbone or blocks:N (N >= 1: the stem and the first N self-attention blocks "
+                f"stay fixed, e.g. blocks:12), got {value!r}"
+            )
+        return value
+
 
 # The default small CaiT for `cait-eqx train` on digits (chosen by experiment: experiments/defaults.md).
 DEFAULT_MODEL: dict[str, Any] = dict(
@@ -127,9 +153,11 @@ class TrainConfig:
     model's own; else one of `cait_eqx.REMAT_POLICIES`, what the self-attention stage keeps for the
     backward pass). Stochastic depth and dropout are the model's own (`layer_dropout`, `dropout`).
     Fine-tuning: `layer_decay` (layer-wise learning-rate decay, timm's grouping; `None` = off) and `freeze`
-    (`"backbone"`: a linear probe, only the head trains). Distillation as DeiT's (`distillation` =
-    `"hard"` or `"soft"`, weight `distillation_alpha`, temperature `distillation_tau`), from the teacher
-    `fit(..., teacher=...)` takes.
+    (`"backbone"`: a linear probe, only the head trains; `"blocks:N"`: the stem and the first N SA blocks stay
+    fixed; frozen parameters get neither gradients nor optimiser state). `grad_accum_steps` (K): each step
+    runs its batch as K micro-batches in turn and takes the whole batch's mean gradient. Distillation as
+    DeiT's (`distillation` = `"hard"` or `"soft"`, weight `distillation_alpha`, temperature
+    `distillation_tau`), from the teacher `fit(..., teacher=...)` takes.
 
     Data (DeiT's augmentations): `resized_crop` (a random-resized crop of each image to the model's size,
     areas in [`crop_scale`, 1], aspect ratios in [1/`crop_ratio`, `crop_ratio`], resampled with
@@ -173,8 +201,18 @@ class TrainConfig:
         "learns this much slower than the one above it (default: none, one rate)",
         check=Real(0.0, 1.0, low_open=True, optional=True), metavar="D", trajectory=True,
     )
-    freeze: str = hyper("none", help="what not to train: none, or backbone (a linear probe: only the "
-                        "classifier head learns)", check=OneOf(FREEZE_MODES), trajectory=True)
+    freeze: str = hyper(
+        "none", help="what not to train: none; backbone (a linear probe: only the classifier head learns); "
+        "or blocks:N (the patch embedding, positional embedding, class token and first N self-attention "
+        "blocks stay fixed). Frozen parameters get no gradient computation and no optimiser state",
+        check=_Freeze(), metavar="WHAT", trajectory=True, group="step",
+    )
+    grad_accum_steps: int = hyper(
+        1, help="gradient accumulation: each optimiser step runs its batch as K micro-batches of "
+        "batch_size / K images, one after the other (the memory of one micro-batch), and takes the mean "
+        "gradient over the whole batch, the same as one big batch", check=_POSITIVE, metavar="K",
+        group="step",
+    )
     label_smoothing: float = hyper(0.1, help="label-smoothing epsilon", check=_RATE, metavar="E",
                                    trajectory=True, group="step")
     mixup_alpha: float = hyper(0.0, help="mixup Beta alpha (0 = off)", check=_NON_NEGATIVE, flag="--mixup",
@@ -282,6 +320,16 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(self, "TrainConfig ")
+        if self.batch_size % self.grad_accum_steps:
+            divisors = [k for k in range(1, self.batch_size + 1) if self.batch_size % k == 0]
+            below = [k for k in divisors if k < self.grad_accum_steps][-1:]
+            nearby = below + [k for k in divisors if k > self.grad_accum_steps][:1]
+            multiple = -(-self.batch_size // self.grad_accum_steps) * self.grad_accum_steps
+            raise ValueError(
+                f"TrainConfig `grad_accum_steps` ({self.grad_accum_steps}) must divide `batch_size` "
+                f"({self.batch_size}): each step splits its batch into that many equal micro-batches. Use "
+                f"grad_accum_steps {' or '.join(map(str, sorted(nearby)))}, or batch_size {multiple}."
+            )
         if self.min_lr > self.lr:
             raise ValueError(
                 f"TrainConfig `min_lr` must be at most `lr` ({self.lr:g}), got {self.min_lr!r}: the schedule "

@@ -51,6 +51,7 @@ from ..parallel import (
 )
 from ._checkpoint import CheckpointError, CheckpointInfo, list_checkpoints, load_checkpoint, save_checkpoint
 from ._config import TrainConfig
+from ._freeze import check_freeze, trainable_params
 from ._metrics import MetricsLog, TrainWindow
 from ._optim import build_optimizer, ema_model
 from ._signals import StopSignals
@@ -348,6 +349,21 @@ def _check_resume(info: CheckpointInfo, config: TrainConfig) -> None:
         )
 
 
+# How the optimiser state of a checkpoint is laid out, recorded in its `extra`: since this mark, over the
+# trained parameters alone (`trainable_params`); before it, with `freeze="backbone"`, over every parameter.
+_STATE_LAYOUT = "trainable_params/1"
+
+
+def _check_state_layout(info: CheckpointInfo, config: TrainConfig) -> None:
+    if config.freeze != "none" and info.extra.get("optimiser_state") != _STATE_LAYOUT:
+        raise CheckpointError(
+            f"Cannot resume {info.path} with freeze={config.freeze!r}: it was written by an older cait_eqx, "
+            f"whose optimiser state for a frozen model held every parameter; this version keeps state for "
+            f"the trained parameters only. Finish that run with the cait_eqx version that started it, or "
+            f"start a new run (e.g. `--init` from the checkpoint's run directory)."
+        )
+
+
 def start_state(
     model: PyTree,
     config: TrainConfig,
@@ -357,7 +373,7 @@ def start_state(
     resume: bool,
 ) -> LoopState:
     """The loop's first state: `model` fresh, or the newest checkpoint in `checkpoint_dir` when resuming."""
-    opt_state = steps.optim.init(eqx.filter(model, eqx.is_array))
+    opt_state = steps.optim.init(trainable_params(model, config.freeze))
     state = LoopState(model, opt_state, key)
     checkpoints = list_checkpoints(checkpoint_dir) if checkpoint_dir is not None else []
     found = bool(checkpoints)
@@ -370,6 +386,7 @@ def start_state(
         # Settings first: some (`freeze`) change the optimiser state's structure, which loading would refuse
         # without naming the setting.
         _check_resume(checkpoints[-1], config)
+        _check_state_layout(checkpoints[-1], config)
         state.model, state.opt_state, state.key, info = load_checkpoint(
             checkpoint_dir, model=model, opt_state=opt_state
         )
@@ -515,6 +532,7 @@ def _checkpoint(loop: Loop, state: LoopState) -> None:
             "window": state.window.saved(),
             # What the data pipeline skipped so far (where it goes on is the step).
             "skipped_images": state.skipped_images,
+            "optimiser_state": _STATE_LAYOUT,
         },
     )
 
@@ -740,6 +758,12 @@ def fit(
         raise ValueError(f"`max_steps` must be >= 0, got {max_steps}.")
     mesh = mesh_from_spec(None) if mesh is None else mesh
     check_batch_size(config.batch_size, mesh)  # before anything is compiled
+    if config.grad_accum_steps > 1:
+        check_batch_size(
+            config.batch_size // config.grad_accum_steps, mesh,
+            what=f"micro-batch (batch_size / grad_accum_steps {config.grad_accum_steps})",
+        )
+    check_freeze(model, config.freeze)
     if resume and run_dir is None:
         raise ValueError("`resume=True` needs the `run_dir` that holds the checkpoints.")
     num_classes = train_data.num_classes

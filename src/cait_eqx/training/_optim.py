@@ -3,7 +3,8 @@
 `make_optimizer` chains: optional gradient clipping → Adam moments → decoupled weight decay on the weight
 matrices only (`weight_decay_mask`) → the learning-rate schedule → optional layer-wise learning-rate decay
 (`scale_by_layer_decay`, timm's grouping) → optional EMA of the weights. Freezing the backbone (a linear
-probe) routes every parameter but the head's to zero updates with `optax.multi_transform`. Every piece is a
+probe) routes every parameter but the head's to zero updates with `optax.multi_transform` (for a step that
+computes every gradient; `fit`'s step differentiates only `trainable_params` instead). Every piece is a
 public function, so a user can re-chain them differently.
 """
 
@@ -23,6 +24,7 @@ from jaxtyping import PyTree
 from .._layers import Linear
 from .._model import CaiT
 from ._config import FREEZE_MODES, TrainConfig
+from ._freeze import merge_trainable
 
 __all__ = [
     "EmaState",
@@ -62,6 +64,8 @@ def weight_decay_mask(model: PyTree) -> PyTree:
     def mark(node):
         if isinstance(node, _DECAYED_MODULES):
             flags = jax.tree.map(lambda _: False, node)
+            if node.weight is None:  # a frozen layer (`trainable_params`)
+                return flags
             return eqx.tree_at(lambda m: m.weight, flags, True)
         return False
 
@@ -88,8 +92,8 @@ def _layer_ordinals(path: tuple[Any, ...], leaf: Any, depth: int, cls_depth: int
     field = path[0].name
     if field in _STEM_FIELDS:
         return [0]
-    if field == "blocks":
-        return [i + 1 for i in range(leaf.shape[0])]
+    if field == "blocks":  # the last rows when the first blocks are frozen (`trainable_params`)
+        return [depth - leaf.shape[0] + i + 1 for i in range(leaf.shape[0])]
     if field == "blocks_token_only":
         return [path[1].idx + depth - cls_depth + 1]
     if field == "norm":
@@ -262,7 +266,8 @@ def ema_model(model: PyTree, opt_state: PyTree) -> PyTree:
     ]
     if not found:
         raise ValueError("This optimiser state holds no EMA: build the optimiser with `ema_decay=...`.")
-    return eqx.combine(found[0].ema, model)
+    # The average covers what trains (`trainable_params`); frozen parameters are the model's own.
+    return merge_trainable(model, found[0].ema)
 
 
 def make_optimizer(
@@ -293,7 +298,9 @@ def make_optimizer(
         argument.)
     - `freeze`: `"none"`, or `"backbone"` for a linear probe: only the head's parameters change; every other
         update is zero (no Adam moments and no weight decay there; gradient clipping sees the head's gradient
-        only, as in PyTorch with the backbone's `requires_grad` off). (Keyword only argument.)
+        only, as in PyTorch with the backbone's `requires_grad` off). This masks a step that still computes
+        every gradient; `fit` instead freezes in the step (`TrainConfig.freeze`, `trainable_params`), which
+        computes no frozen gradient and keeps no state for frozen parameters. (Keyword only argument.)
 
     **Returns:** an `optax.GradientTransformation`; use it on `eqx.filter(model, eqx.is_array)` of a `CaiT`
     (any model when `layer_decay` and `freeze` are off).
@@ -336,10 +343,13 @@ def build_optimizer(
     **Arguments:**
 
     - `config`: the `TrainConfig` (its `epochs`, `lr`, `min_lr`, `warmup_epochs`, `weight_decay`,
-        `clip_norm`, `ema_decay`, `layer_decay` and `freeze`).
+        `clip_norm`, `ema_decay` and `layer_decay`).
     - `steps_per_epoch`: optimiser steps per epoch (`len(train_data) // config.batch_size`).
 
-    **Returns:** `(optim, schedule)`: `make_optimizer(schedule, ...)` and the `warmup_cosine_schedule`.
+    **Returns:** `(optim, schedule)`: `make_optimizer(schedule, ...)` and the `warmup_cosine_schedule`. The
+    optimiser works on `trainable_params(model, config.freeze)`: `config.freeze` is the training step's
+    (`make_train_step`), which differentiates the trained parameters only, so the optimiser never sees the
+    frozen ones and keeps no state for them.
     """
     total = config.epochs * steps_per_epoch
     warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
@@ -350,6 +360,5 @@ def build_optimizer(
         clip_norm=config.clip_norm,
         ema_decay=config.ema_decay,
         layer_decay=config.layer_decay,
-        freeze=config.freeze,
     )
     return optim, schedule

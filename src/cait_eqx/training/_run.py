@@ -39,6 +39,7 @@ from ..parallel import to_host
 from ._checkpoint import list_checkpoints, load_checkpoint
 from ._config import RunConfig
 from ._fit import CHECKPOINT_DIR, FitResult, fit
+from ._freeze import trainable_params
 from ._metrics import METRICS_FILE, read_metrics
 from ._optim import build_optimizer
 from ._signals import StopSignals
@@ -196,7 +197,7 @@ class Run:
         # built them (the optimiser state's structure depends on the recipe, e.g. an EMA adds leaves).
         template = build_model(config, train_data, key=jr.key(0))
         optim, _ = build_optimizer(config.train, len(train_data) // config.train.batch_size)
-        opt_state = optim.init(eqx.filter(template, eqx.is_array))
+        opt_state = optim.init(trainable_params(template, config.train.freeze))
         model, _, _, _ = load_checkpoint(directory, model=template, opt_state=opt_state)
         return eqx.nn.inference_mode(model)
 

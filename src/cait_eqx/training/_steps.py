@@ -21,6 +21,7 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Shaped
 from .._atomic import atomic_write_bytes
 from ..data import DataSource, eval_batches, normalize_images, to_unit_float
 from ._config import StepConfig
+from ._freeze import merge_trainable, trainable_model, trainable_params
 from ._losses import cross_entropy, mix_batch, smooth_labels, training_loss
 
 __all__ = [
@@ -62,10 +63,17 @@ def make_train_step(
 
     Inside: pixels to `[0, 1]`, per-image augmentation and per-example model keys (all split from `key`),
     normalisation, label smoothing and mixup/cutmix, then `eqx.filter_value_and_grad` of the mean
-    cross-entropy over `jax.vmap(model)`, `optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))`
-    and `eqx.apply_updates`. With `config.distillation` `"hard"` or `"soft"` the step takes a `teacher`
-    (any image → logits callable that `jax.vmap` can map: a `CaiT`, an Equinox module, a pure function),
-    runs it in inference mode on the same augmented, mixed and normalised images, without gradients, and
+    cross-entropy over `jax.vmap(model)` with respect to `params = trainable_params(model, config.freeze)`
+    (every array unless some are frozen: no frozen gradient is computed, and the backward pass never
+    enters frozen first blocks), `optim.update(grads, opt_state, params)` and `eqx.apply_updates`; the
+    optimiser state must be `optim.init(params)`. With `config.grad_accum_steps` K > 1 the gradient is taken
+    over K micro-batches of `batch / K` images in turn, in one `lax.scan` inside the step (micro-batch `k`:
+    images `k, k + K, ...`), and averaged: the whole batch's mean gradient, with one micro-batch's
+    activations in memory. Everything before the model (augmentation, mixing, the per-example keys) is the
+    whole batch's, so the step computes the same function as with K = 1, up to float32 rounding. With
+    `config.distillation` `"hard"` or `"soft"` the step takes a `teacher` (any image → logits callable
+    that `jax.vmap` can map: a `CaiT`, an Equinox module, a pure function), runs it in inference mode on
+    the same augmented, mixed and normalised images, without gradients, and
     the loss is `distillation_loss` (DeiT's). If the loss or the gradient norm is not finite the update is
     **not** applied: the model and optimiser state come back unchanged and `metrics["finite"]` is false
     (the caller decides to stop or skip).
@@ -85,6 +93,7 @@ def make_train_step(
     `grad_norm` and `finite`.
     """
     augment = config.augment
+    accum = config.grad_accum_steps
     if config.reprob > 0:
         from ..data import random_erasing
 
@@ -97,6 +106,11 @@ def make_train_step(
     ) -> tuple[PyTree, PyTree, dict[str, Array]]:
         images, labels = batch
         size = images.shape[0]
+        if size % accum:
+            raise ValueError(
+                f"A batch of {size} images does not split into `grad_accum_steps={accum}` equal "
+                f"micro-batches: give a batch whose size is a multiple of {accum}."
+            )
         aug_key, mix_key, model_key = jr.split(key, 3)
         x = to_unit_float(images)
         if not augment.is_identity:
@@ -120,24 +134,66 @@ def make_train_step(
             switch_prob=config.switch_prob,
         )
         example_keys = jr.split(model_key, size)
-        teacher_logits = _teacher_logits(teacher, x, config.distillation)
+        params = trainable_params(model, config.freeze)
 
-        def loss_fn(model):
-            logits = jax.vmap(lambda image, k: model(image, key=k))(x, example_keys)
+        def loss_fn(params, x, targets, example_keys):
+            # The teacher per micro-batch too: its activations are one micro-batch's.
+            teacher_logits = _teacher_logits(teacher, x, config.distillation)
+            student = trainable_model(model, params)
+            logits = jax.vmap(lambda image, k: student(image, key=k))(x, example_keys)
             return training_loss(logits, targets, config, teacher_logits), logits
 
-        (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
-        updates, new_opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-        new_model = eqx.apply_updates(model, updates)
+        grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
+        if accum == 1:
+            (loss, logits), grads = grad_fn(params, x, targets, example_keys)
+            correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+        else:
+            loss, grads, correct = _accumulate(grad_fn, params, (x, targets, example_keys, labels), accum)
+        updates, new_opt_state = optim.update(grads, opt_state, params)
+        new_model = merge_trainable(model, eqx.apply_updates(params, updates))
         grad_norm = optax.tree.norm(grads)
         # An update can overflow even when the gradient is finite (a huge learning rate): refuse it too.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         new_model, new_opt_state = _select(finite, (new_model, new_opt_state), (model, opt_state))
-        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        accuracy = correct.astype(jnp.float32) / jnp.float32(size)
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
         return new_model, new_opt_state, metrics
 
     return jit_train_step(train_step) if jit else train_step
+
+
+def _micro_batches(x: Array, count: int) -> Array:
+    """`(batch, ...)` → `(count, batch / count, ...)`, micro-batch `k` the rows `k, k + count, ...`.
+
+    Strided, so that on a mesh (the batch split into contiguous slices, one per device, each a multiple of
+    `count` rows) every micro-batch holds `batch / (count · devices)` rows of each device's own slice: no
+    image moves between devices.
+    """
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+
+def _accumulate(
+    grad_fn: Callable[..., Any], params: PyTree, batch: tuple[Array, ...], count: int
+) -> tuple[Array, PyTree, Array]:
+    """The mean loss and gradient of `batch` as `count` micro-batches in one `lax.scan`, and the number of
+    correct predictions. Each micro-batch's loss is a mean over its images, so the mean of the `count`
+    equal micro-batches' is the whole batch's; only one micro-batch's activations are alive at a time.
+    """
+    x, targets, example_keys, labels = (_micro_batches(a, count) for a in batch)
+
+    def micro_step(carry, micro):
+        loss_sum, grad_sum, correct = carry
+        x, targets, example_keys, labels = micro
+        (loss, logits), grads = grad_fn(params, x, targets, example_keys)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        correct = correct + jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+        return (loss_sum + loss, grad_sum, correct), None
+
+    zeros = jax.tree.map(jnp.zeros_like, eqx.filter(params, eqx.is_inexact_array))
+    start = (jnp.zeros((), jnp.float32), zeros, jnp.zeros((), jnp.int32))
+    (loss_sum, grad_sum, correct), _ = jax.lax.scan(micro_step, start, (x, targets, example_keys, labels))
+    grads = jax.tree.map(lambda g: g / jnp.asarray(count, g.dtype), grad_sum)
+    return loss_sum / jnp.float32(count), grads, correct
 
 
 def jit_train_step(step: Callable[..., tuple[Any, Any, Any]]) -> Callable[..., tuple[Any, Any, Any]]:
