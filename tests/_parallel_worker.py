@@ -1,13 +1,13 @@
 """One process of a multi-process training run over loopback, for tests/test_parallel.py.
 
 Run as `python tests/_parallel_worker.py --coordinator-address 127.0.0.1:PORT --num-processes 2 --process-id I
---out DIR`. Every process joins the run with `cait_eqx.parallel.initialize_distributed`, sees its own
-`--local-devices` CPU devices, loads only its rows of each global batch, and trains the tiny model of
-`setup()` for `--steps` steps on a mesh over all processes' devices; process 0 alone writes
-`DIR/result.npz` (the losses, the gathered final parameters, eval logits, and how the parameters were
-sharded). With `--fit-dir`, the processes then run `fit` on the mesh for `FIT_STEPS` steps into that run
-directory (shared by both; process 0 alone writes the metrics and the checkpoint). The test runs the same
-`setup()` in one process and compares.
+--out DIR` (or without the first three, in an environment that says them, such as SLURM's `srun`). Every
+process joins the run with `cait_eqx.parallel.initialize_distributed`, sees its own `--local-devices` CPU
+devices, loads only its rows of each global batch, and trains the tiny model of `setup()` for `--steps` steps
+on a mesh over all processes' devices; process 0 alone writes `DIR/result.npz` (the losses, the gathered final
+parameters, eval logits, and how the parameters were sharded). With `--fit-dir`, the processes then run `fit`
+on the mesh for `FIT_STEPS` steps into that run directory (shared by both; process 0 alone writes the metrics
+and the checkpoint). The test runs the same `setup()` in one process and compares.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ def flat_params(model) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--coordinator-address", required=True)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--process-id", type=int, required=True)
+    # Without these three, the run's settings come from the environment (e.g. SLURM's variables).
+    parser.add_argument("--coordinator-address")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
     parser.add_argument("--local-devices", type=int, default=2)
     parser.add_argument("--mesh", default="data=2,fsdp=2")
     parser.add_argument("--steps", type=int, default=3)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     joined = parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                              timeout_s=60)
-    assert joined and jax.process_count() == args.num_processes, (joined, jax.process_count())
+    assert joined and jax.process_count() == (args.num_processes or 2), (joined, jax.process_count())
 
     import jax.random as jr
     import numpy as np

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import socket
 import subprocess
@@ -224,6 +225,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _free_port_in(low: int, high: int) -> int:
+    """A port in [low, high] that nothing listens on now (tried from a random start)."""
+    start = int(np.random.default_rng().integers(low, high + 1))
+    for port in [*range(start, high + 1), *range(low, start)]:
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"No free port in [{low}, {high}].")
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """Two OS processes over loopback, 2 CPU devices each, mesh data=2,fsdp=2: steps, then `fit`.
@@ -274,6 +288,54 @@ def test_two_processes_match_one(reference, two_processes):
     got = {name[len("param:"):]: result[name] for name in result.files if name.startswith("param:")}
     _assert_same_params(got, want_params, "two processes")
     np.testing.assert_allclose(result["logits"], want_logits, rtol=0, atol=1e-5)
+
+
+def _slurm_environment(rank: int, job_id: int) -> dict[str, str]:
+    """What SLURM's `srun -n 2` on one node gives task `rank` (the variables JAX's `SlurmCluster` reads, and
+    a few more), without any of JAX's or cait_eqx's own settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                                                                   "JAX_PROCESS_ID", "SLURM_"))}
+    return {
+        **env, "SLURM_JOB_ID": str(job_id), "SLURM_JOBID": str(job_id), "SLURM_STEP_ID": "0",
+        "SLURM_NTASKS": "2", "SLURM_NPROCS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+        "SLURM_NODEID": "0", "SLURM_NNODES": "1", "SLURM_STEP_NUM_NODES": "1", "SLURM_NODELIST": "localhost",
+        "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "2",
+    }
+
+
+@pytest.mark.slow
+def test_two_processes_started_by_slurm_join_with_no_settings(reference, tmp_path):
+    """`srun -n 2 ...`: each process gets only SLURM's variables, and `initialize_distributed()` with nothing
+    given must join them as JAX's own detection reads SLURM (process 0's host, a port from the job id), and
+    train as one process does. Wrong would be two separate one-process runs (each its own result, or a
+    mesh of 2 devices), or a run that waits for a coordinator nobody started."""
+    # JAX's port for a SLURM job: 61440 + job id mod 4096. A job id whose port is free now.
+    job_id = 4096 * 7 + _free_port_in(61440, 65535) - 61440
+    assert parallel.detect_cluster() is None  # this test process itself: no scheduler, one process
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "--local-devices", "2", "--mesh", "data=2,fsdp=2", "--steps",
+             str(STEPS), "--out", str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_slurm_environment(rank, job_id),
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"process {rank} failed:\n{output[-4000:]}"
+    want_losses, want_params, _ = reference
+    result = np.load(tmp_path / "result.npz")
+    assert int(result["num_devices"]) == 4  # both processes' devices in one mesh
+    assert result["rows"].tolist() == [0, 8] and (tmp_path / "rows-1.txt").read_text().split() == ["8", "16"]
+    np.testing.assert_allclose(result["losses"], want_losses, rtol=LOSS_TOL, atol=LOSS_TOL)
+    got = {name[len("param:"):]: result[name] for name in result.files if name.startswith("param:")}
+    _assert_same_params(got, want_params, "two SLURM tasks")
 
 
 @pytest.mark.slow
@@ -421,8 +483,24 @@ def test_errors_come_before_compilation():
 def test_initialize_distributed_settings(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
+    for name in [name for name in os.environ if name.startswith(("SLURM_", "OMPI_"))]:
+        monkeypatch.delenv(name)
     assert parallel.initialize_distributed() is False  # nothing given: one process, nothing done
     assert jax.process_count() == 1
+    # Under SLURM: the step's settings, as JAX reads them; a single task is one process, nothing to join.
+    slurm = {"SLURM_JOB_ID": "8195", "SLURM_STEP_NODELIST": "node[007-009],gpu1", "SLURM_NTASKS": "3",
+             "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert parallel.detect_cluster() == parallel.ClusterSettings("slurm", "node007:61443", 3, 2, (0,))
+    monkeypatch.setenv("JAX_COORDINATOR_PORT", "1234")  # JAX's own override of the port
+    assert parallel.detect_cluster().coordinator_address == "node007:1234"
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert parallel.detect_cluster() is None
+    assert parallel.initialize_distributed() is False and jax.process_count() == 1
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    monkeypatch.setenv("SLURM_PROCID", "2")
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     with pytest.raises(ValueError, match=r"missing: coordinator address, number of processes"):
         parallel.initialize_distributed()

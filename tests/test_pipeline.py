@@ -4,13 +4,16 @@
 Real files throughout: MNIST-5k digits written as PNGs, `.npy` arrays opened memory-mapped.
 """
 
+import dataclasses
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -448,3 +451,208 @@ def test_cli_run_whose_data_worker_dies_stops_with_one_line_and_a_resume_hint(tm
     (line,) = [line for line in err.splitlines() if line.startswith("cait-eqx train: stopped:")]
     assert "A data worker process died while preparing training batches: it was killed by SIGKILL" in line
     assert line.endswith(f"continue with cait-eqx train --resume {out}")
+
+
+# ---------------------------------------------------------------------------------- a worker that hangs
+
+
+def _stuck_file(path: Path) -> bytes:
+    """Make `path` (a listed image) a named pipe without a writer: opening it blocks for ever, as a file of a
+    stalled network file system does. Returns the file's bytes, to put back."""
+    content = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    return content
+
+
+def _release(path: Path) -> None:
+    """Let a reader blocked on the pipe `path` go on (it then reads an empty file)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader left
+        pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="named pipes, SIGKILL")
+def test_a_worker_stuck_in_a_read_stops_fit_naming_the_batch_keeping_a_checkpoint_and_it_resumes(
+    tmp_path, mnist_folder
+):
+    """A read that never returns (a named pipe where a PNG was listed) must not hang the trainer: after
+    `data_timeout` it stops with a `DataWorkerError` naming the batch and the file, its workers gone, the
+    steps done checkpointed; once the file is back, resuming continues exactly. Wrong would be a trainer
+    that waits for ever, an error without the file, a worker left blocked, or lost steps."""
+    import jax.random as jr
+
+    import cait_eqx
+    from cait_eqx.training import TrainConfig, fit, list_checkpoints
+
+    folder = tmp_path / "folder"
+    shutil.copytree(mnist_folder, folder)
+    source = data.scan_image_folder(folder, image_size=16)
+    config = TrainConfig(epochs=1, batch_size=8, log_every=1, data_workers=1, data_timeout=1.5,
+                         check_data=False, checkpoint_every=100)
+    pipeline = TrainPipeline(source, 8, seed=config.seed)
+    batch = [source.describe(int(i)) for i in pipeline.batch_examples(3)]  # after the workers started
+    stuck = Path(batch[5])
+    content = _stuck_file(stuck)
+    model = cait_eqx.CaiT(image_size=16, patch_size=4, num_classes=3, dim=16, depth=1, cls_depth=1, heads=2,
+                          mlp_dim=32, channels=1, key=jr.key(0))
+    run = tmp_path / "run"
+    started = time.monotonic()
+    try:
+        with pytest.raises(data.DataWorkerError, match=r"Training batch 3 \(epoch 0, batch 3 of 7\) did not "
+                           r"come from its 1 data worker\(s\) in 1.5 s") as caught:
+            fit(model, source, None, config, key=jr.key(1), run_dir=run, progress=False,
+                handle_signals=False)
+        assert time.monotonic() - started < 120
+        error = caught.value
+        assert (error.batch, error.epoch, error.index, error.exit_code) == (3, 0, 3, None)
+        assert error.paths == tuple(batch) and f"Its files: {', '.join(batch[:4])} and 4 more." in str(error)
+        deadline = time.monotonic() + 10
+        while _grain_workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _grain_workers() == []  # killed: none is left blocked on the pipe
+        (kept,) = list_checkpoints(run / "checkpoints")
+        assert (kept.step, kept.epoch, kept.batch_index) == (3, 0, 3)  # the three steps done
+    finally:
+        _release(stuck)
+        stuck.unlink()
+        stuck.write_bytes(content)
+    resumed = fit(model, source, None, config, key=jr.key(1), run_dir=run, resume=True, progress=False,
+                  handle_signals=False)
+    whole = fit(model, source, None, config, key=jr.key(1), progress=False, handle_signals=False)
+    assert resumed.status == "completed" and resumed.step == 7
+    for a, b in zip(jax_leaves(resumed.model), jax_leaves(whole.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(model):
+    import equinox as eqx
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="named pipes, SIGKILL")
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_check_pass_stops_on_a_read_that_never_returns_naming_the_files(tmp_path, mnist_folder, workers):
+    """`--check-data` reads every file first: a file that blocks there must stop it after the timeout too,
+    naming the files of the chunk that did not come (with workers, none left behind)."""
+    folder = tmp_path / "folder"
+    shutil.copytree(mnist_folder, folder)
+    source = data.scan_image_folder(folder, image_size=16)
+    stuck = Path(source.describe(25))
+    content = _stuck_file(stuck)
+    started = time.monotonic()
+    try:
+        said = r"Reading images 20 to 39 of folder \(the --check-data pass\) did not finish in 1 s"
+        with pytest.raises(data.DataWorkerError, match=said) as caught:
+            data.find_bad_images(source, workers=workers, chunk=20, timeout=1.0)
+        assert time.monotonic() - started < 90
+        assert caught.value.paths == tuple(source.describe(i) for i in range(20, 40))
+        if workers:
+            deadline = time.monotonic() + 10
+            while _grain_workers() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _grain_workers() == []
+    finally:
+        _release(stuck)  # without workers, the thread blocked in `open` goes on, and ends
+        deadline = time.monotonic() + 10
+        reading = lambda: any(t.name == "cait-eqx-prefetch" for t in threading.enumerate())  # noqa: E731
+        while reading() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stuck.unlink()
+        stuck.write_bytes(content)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="named pipes")
+def test_cli_run_whose_data_worker_hangs_stops_with_one_line_a_checkpoint_and_a_resume_hint(
+    tmp_path, mnist_folder
+):
+    """`cait-eqx train` on a folder one of whose files starts to block mid-run (swapped for a named pipe once
+    training runs, so the next epoch's read of it hangs): one line, exit 1, the steps done checkpointed."""
+    folder = tmp_path / "folder"
+    shutil.copytree(mnist_folder, folder)
+    out = tmp_path / "run"
+    program = Path(sys.executable).with_name("cait-eqx")
+    program = str(program) if program.is_file() else shutil.which("cait-eqx")
+    cmd = [program, "train", "--dataset", f"folder:{folder}", "--image-size", "16", "--batch-size", "8",
+           "--epochs", "100000", "--data-workers", "1", "--no-check-data", "--data-timeout", "2",
+           "--log-every", "1", "--checkpoint-every", "1000", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A file of the run's training split (the held-out fifth is read by the evaluation, in the trainer).
+    train, _ = data.train_test_split(data.scan_image_folder(folder, image_size=16), test_fraction=0.2, seed=0)
+    stuck = Path(train.describe(0))
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        content = _stuck_file(stuck)  # read again within the next epoch
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        _release(stuck)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("cait-eqx train: stopped:")]
+    assert re.search(r"stopped: Training batch (\d+) \(epoch \d+, batch \d+ of 6\) did not come from its 1 "
+                     r"data worker\(s\) in 2 s", line), line
+    assert line.endswith(f"continue with cait-eqx train --resume {out}")
+    from cait_eqx.training import list_checkpoints
+
+    batch = int(re.search(r"Training batch (\d+)", line).group(1))
+    assert list_checkpoints(out / "checkpoints")[-1].step == batch  # every step done is kept
+    assert content
+
+
+# ------------------------------------------------------------------------------ evaluation as timm does it
+
+
+def test_the_trainer_evaluates_a_folder_as_timms_validate_does(mnist_folder):
+    """A folder is evaluated as timm's `validate.py` evaluates a CaiT: shorter side resized to size /
+    crop_pct (bicubic), centre crop; default crop_pct 1.0 (CaiT's pretrained configs), `eval_crop_pct` to
+    change it. Wrong would be the whole image squashed to the size (what `read` gives), which makes a
+    fine-tuned model's accuracy incomparable with timm's on the same folder."""
+    import jax.random as jr
+    from timm.data import create_transform
+
+    import cait_eqx
+    from cait_eqx.training import TrainConfig, TrainSteps, eval_transform, fit
+
+    source = data.scan_image_folder(mnist_folder, image_size=16)
+    assert eval_transform(TrainConfig(), source) == data.EvalTransform(16, 1.0, "bicubic")
+    assert eval_transform(TrainConfig(), data.load_image_folder(mnist_folder, image_size=16)) is None
+    config = TrainConfig(epochs=1, batch_size=20, eval_crop_pct=0.875, data_workers=0, check_data=False)
+    transform = eval_transform(config, source)
+    assert transform == data.EvalTransform(16, 0.875, "bicubic")
+    (images, labels, valid), = data.eval_batches(source, 60, transform)
+    assert valid.all() and images.shape == (60, 1, 16, 16)
+    timm_eval = create_transform(input_size=(1, 16, 16), crop_pct=0.875, interpolation="bicubic", mean=(0,),
+                                 std=(1,))
+    for i in (0, 31, 59):
+        with Image.open(source.path(i)) as img:
+            want = timm_eval(img.convert("L")).numpy()  # in [0, 1]: timm's ToTensor of the crop
+        np.testing.assert_array_equal(images[i], np.round(want * 255).astype(np.uint8))
+    squashed = source.read(np.arange(60))
+    assert not np.array_equal(images, squashed)  # a crop, not the whole image resized
+
+    # What the trainer's evaluation feeds the model: its own eval step, watched.
+    model = cait_eqx.CaiT(image_size=16, patch_size=4, num_classes=3, dim=16, depth=1, cls_depth=1, heads=2,
+                          mlp_dim=32, channels=1, key=jr.key(0))
+    steps = TrainSteps.build(config, 3, 3)
+    seen = []
+
+    def watched(model, batch):
+        seen.append(np.asarray(batch[0]))
+        return steps.eval_step(model, batch)
+
+    watched_steps = dataclasses.replace(steps, eval_step=watched)
+    result = fit(model, source, source, config, key=jr.key(1), progress=False, handle_signals=False,
+                 steps=watched_steps)
+    assert result.test is not None and len(seen) == 1  # one evaluation (the end of the epoch), one batch
+    np.testing.assert_array_equal(seen[0], images)

@@ -9,7 +9,12 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-__all__ = ["VARIANTS", "list_models", "variant_config"]
+__all__ = ["EVAL_CROP_PCT", "EVAL_INTERPOLATION", "VARIANTS", "list_models", "variant_config"]
+
+# How timm evaluates every CaiT variant (its pretrained configs, `cait.py`'s `_cfg`): resize the shorter side
+# to the input size / crop_pct with this filter, then centre-crop the input size.
+EVAL_CROP_PCT = 1.0
+EVAL_INTERPOLATION = "bicubic"
 
 
 def _variant(image_size: int, dim: int, depth: int, heads: int, init_values: float) -> dict[str, Any]:

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     try:
         result = training.evaluate(
-            model, dataset, batch_size=args.batch_size, normalize=config.train.normalize
+            model, dataset, batch_size=args.batch_size, normalize=config.train.normalize,
+            transform=training.eval_transform(config.train, dataset),  # as the run evaluated
         )
     except ValueError as error:
         print(f"cait-eqx evaluate: error: {error}", file=sys.stderr)

@@ -55,10 +55,10 @@ NON_CONFIG_FLAGS = (
 RESUME_FLAGS = (
     "--resume", "--max-steps", "--no-progress",
     "--mesh", "--coordinator-address", "--num-processes", "--process-id",
-    "--log", "--data-workers",  # where records go and who reads the data: never what is trained
-)
+    "--log", "--data-workers", "--data-timeout",  # where records go, who reads the data and how long
+)  # one waits: never what is trained
 # The `TrainConfig` fields of those flags, which a resumed run takes from the command line.
-_RESUME_FIELDS = ("log", "data_workers")
+_RESUME_FIELDS = ("log", "data_workers", "data_timeout")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -59,13 +59,16 @@ if TYPE_CHECKING:
         open_arrays as open_arrays,
         scan_image_folder as scan_image_folder,
     )
-    from ._loader import eval_batches as eval_batches, prefetch as prefetch
+    from ._loader import (
+        eval_batches as eval_batches,
+        find_bad_images as find_bad_images,
+        prefetch as prefetch,
+    )
     from ._pipeline import (
         BAD_IMAGE_POLICIES as BAD_IMAGE_POLICIES,
         PipelineBatch as PipelineBatch,
         Sampler as Sampler,
         TrainPipeline as TrainPipeline,
-        find_bad_images as find_bad_images,
     )
     from ._rand_augment import (
         RAND_AUGMENT_OPS as RAND_AUGMENT_OPS,
@@ -73,7 +76,11 @@ if TYPE_CHECKING:
         RandAugment as RandAugment,
     )
     from ._transforms import EvalTransform as EvalTransform, TrainTransform as TrainTransform
-    from ._workers import DataWorkerError as DataWorkerError, default_data_workers as default_data_workers
+    from ._workers import (
+        WORKER_STARTUP_S as WORKER_STARTUP_S,
+        DataWorkerError as DataWorkerError,
+        default_data_workers as default_data_workers,
+    )
 else:
     from .._lazy import attach as _attach
 

@@ -38,10 +38,16 @@ def read_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        # Opened here, not by PIL: PIL leaves a file it opened itself unclosed when it cannot seek in it
+        # (a named pipe) and copies it into memory instead.
+        with open(path, "rb") as file, Image.open(file) as img:
             img.load()
             return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError:
+        raise ValueError(
+            f"Cannot read image {path}: not an image format PIL knows. Fix or remove the file."
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"Cannot read image {path}: {error}. Fix or remove the file.") from None
 
 

@@ -1,4 +1,5 @@
-"""Evaluation batches in dataset order, and running an iterator ahead in a thread (`prefetch`)."""
+"""A dataset read in order: evaluation batches, the `--check-data` pass (`find_bad_images`), and running an
+iterator ahead in a thread with a bounded wait (`prefetch`)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,32 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["eval_batches", "prefetch"]
+from ._datasets import Dataset
+from ._workers import (
+    WORKER_STARTUP_S,
+    DataWorkerError,
+    children,
+    default_data_workers,
+    kill_workers,
+    worker_died,
+    worker_init,
+)
+
+__all__ = ["eval_batches", "find_bad_images", "prefetch"]
 
 
-def eval_batches(dataset: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def eval_batches(
+    dataset: Any,
+    batch_size: int,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The whole dataset (a `Dataset` or a lazy source) in order, in fixed-size batches: `(images, labels,
     valid)`.
 
     The last batch is padded (repeating the first example) to `batch_size`, so an evaluation step compiles
-    once; `valid` marks the real examples.
+    once; `valid` marks the real examples. With a `transform` (e.g. `EvalTransform`, timm's resize and
+    centre crop) each image is read at its own size (`read_native`) and transformed; without one the
+    source's `read` gives its `image_size` (a bilinear resize of the whole image).
     """
     n = len(dataset)
     for start in range(0, n, batch_size):
@@ -25,7 +43,11 @@ def eval_batches(dataset: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np
         take = np.arange(start, start + batch_size)
         valid = take < stop
         take = np.where(valid, take, 0)
-        yield dataset.read(take), dataset.labels[take].astype(np.int32), valid
+        if transform is None:
+            images = dataset.read(take)
+        else:
+            images = np.stack([transform(dataset.read_native(int(i))) for i in take.tolist()])
+        yield images, dataset.labels[take].astype(np.int32), valid
 
 
 _DONE = object()
@@ -37,7 +59,13 @@ class _Failure:
 
 
 def prefetch(
-    iterator: Iterator[Any], size: int = 2, put: Callable[[Any], Any] | None = None
+    iterator: Iterator[Any],
+    size: int = 2,
+    put: Callable[[Any], Any] | None = None,
+    *,
+    timeout: float | int | None = None,
+    startup: float | int = 0.0,
+    on_timeout: Callable[[int], BaseException] | None = None,
 ) -> Iterator[Any]:
     """Run `iterator` (and `put` on each item, e.g. `jax.device_put`) in a thread, `size` items ahead.
 
@@ -49,11 +77,20 @@ def prefetch(
     - `iterator`: the items to produce.
     - `size`: how many items may wait in the queue.
     - `put`: applied to every item in the thread (a device transfer, sharding, ...).
+    - `timeout`: the longest the consumer waits for one item, in seconds (`None`: for ever). (Keyword only
+        argument.)
+    - `startup`: how much longer the first item may take (e.g. `WORKER_STARTUP_S` while worker processes
+        start). (Keyword only argument.)
+    - `on_timeout`: called with the number of items already given when the wait runs out; it returns the
+        error to raise (and may unblock the thread, e.g. `TrainPipeline.stalled` stops the workers).
+        Default: a `TimeoutError`. (Keyword only argument.)
 
     **Returns:** a generator of the (put) items, in order.
     """
     if size < 1:
         raise ValueError(f"`size` must be >= 1, got {size}.")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"`timeout` must be > 0 seconds (or None: wait for ever), got {timeout}.")
     items: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
 
@@ -87,16 +124,115 @@ def prefetch(
         # The thread starts with the first `next`: a generator that is never iterated leaves nothing behind.
         thread = threading.Thread(target=produce, name="cait-eqx-prefetch", daemon=True)
         thread.start()
+        given, waited_out = 0, False
         try:
             while True:
-                item = items.get()
+                wait = None if timeout is None else timeout + (startup if given == 0 else 0.0)
+                try:
+                    item = items.get(timeout=wait)
+                except queue.Empty:
+                    waited_out = True
+                    if on_timeout is not None:
+                        raise on_timeout(given) from None
+                    raise TimeoutError(f"No item came in {wait:g} s (after {given}).") from None
                 if item is _DONE:
                     return
                 if isinstance(item, _Failure):
                     raise item.error
+                given += 1
                 yield item
         finally:
             stop.set()
-            thread.join(timeout=5.0)
+            # A thread stuck in the iterator is a daemon: not waited for long, it cannot hold the exit.
+            thread.join(timeout=1.0 if waited_out else 5.0)
 
     return consume()
+
+
+class _CheckChunk:
+    """Reads examples `[start, start + size)` of a source whole; the ones that fail, with why."""
+
+    def __init__(self, source, size: int):
+        self.source, self.size = source, size
+
+    def __call__(self, chunk: int) -> list[tuple[int, str]]:
+        bad = []
+        for index in range(chunk * self.size, min((chunk + 1) * self.size, len(self.source))):
+            try:
+                self.source.read_native(index)
+            except ValueError as error:
+                bad.append((index, str(error)))
+        return bad
+
+
+def find_bad_images(
+    source: Any, *, workers: int | None = None, chunk: int = 256, timeout: float | int | None = None
+) -> list[tuple[int, str]]:
+    """Read every example of `source` once (in Grain workers) and list those that cannot be read.
+
+    What `--check-data` runs before training: a corrupt or unreadable file, an image of another size than
+    the folder's (without `image_size`), a colour image in a folder read as greyscale.
+
+    **Arguments:**
+
+    - `source`: a `Dataset` (always readable) or a lazy source (not read again once `checked`).
+    - `workers`: worker processes (`None`: `default_data_workers` for a transformed source). (Keyword only
+        argument.)
+    - `chunk`: examples per work item. (Keyword only argument.)
+    - `timeout`: the longest wait for one chunk, in seconds (`None`: for ever); then the workers are stopped
+        and a `DataWorkerError` names the chunk's files (one of them blocks when read). (Keyword only
+        argument.)
+
+    **Returns:** `(index, reason)` for every example that fails, in index order (`source.describe(index)`
+    names its file).
+    """
+    import grain
+
+    if isinstance(source, Dataset) or len(source) == 0 or getattr(source, "checked", False):
+        return []
+    workers = default_data_workers(source, True) if workers is None else workers
+    chunks = -(-len(source) // chunk)
+    data = grain.MapDataset.range(chunks).map(_CheckChunk(source, chunk))
+    # Without workers, read in the `prefetch` thread itself (a daemon, unlike a pool's thread).
+    read = grain.ReadOptions(num_threads=1 if workers > 0 else 0, prefetch_buffer_size=2)
+    stream = data.to_iter_dataset(read)
+    if workers > 0:
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+        stream = stream.mp_prefetch(options, worker_init_fn=worker_init)
+    others = children()
+
+    def stalled(done: int) -> DataWorkerError:
+        kill_workers(others)
+        first, last = done * chunk, min((done + 1) * chunk, len(source)) - 1
+        paths = tuple(source.describe(i) for i in range(first, last + 1))
+        return DataWorkerError(
+            f"Reading images {first} to {last} of {source.name} (the --check-data pass) did not finish in "
+            f"{timeout:g} s: one of them blocks when read (a stalled network file system, a named pipe) or "
+            f"its decoding hangs. They are {paths[0]} to {paths[-1]}. Check that they read (e.g. `cat FILE "
+            f"> /dev/null`); if reading is only slow, raise --data-timeout (`TrainConfig.data_timeout`; 0 "
+            f"waits for ever).",
+            paths=paths,
+        )
+
+    def chunks_read():
+        iterator = iter(stream)
+        try:
+            yield from iterator
+        except RuntimeError as error:
+            died = worker_died(error, workers, "reading every image once (the --check-data pass)")
+            if died is None:
+                raise
+            raise died from error
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            del iterator
+
+    # Read in a thread, so that a read that never returns cannot hold this one beyond `timeout`.
+    startup = WORKER_STARTUP_S if workers else 0.0
+    found = prefetch(chunks_read(), size=2, timeout=timeout, startup=startup, on_timeout=stalled)
+    try:
+        return [item for bad in found for item in bad]
+    finally:
+        found.close()

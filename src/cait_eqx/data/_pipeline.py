@@ -6,6 +6,10 @@ augmentation included), this process's rows of it only, each read (and, with a `
 a generator seeded by its position) by `_BatchReader`. Everything an element holds is a pure function of
 `b`, so any number of workers gives the same bytes, and a run resumes exactly from its batch number (a
 checkpoint holds no iterator state: the position says it all).
+
+A worker that never answers (a read that blocks for ever) cannot be interrupted from outside its process:
+the trainer waits for a batch at most `data_timeout` seconds, then `TrainPipeline.stalled` kills this
+pipeline's workers (which ends the stream) and names the batch that did not come and its files.
 """
 
 from __future__ import annotations
@@ -21,16 +25,16 @@ __all__ = [
     "PipelineBatch",
     "Sampler",
     "TrainPipeline",
-    "find_bad_images",
 ]
 
 from .._constants import BAD_IMAGE_POLICIES
-from ._datasets import Dataset
 from ._decode import BadImageError
-from ._workers import default_data_workers, worker_died, worker_init
+from ._workers import DataWorkerError, children, default_data_workers, kill_workers, worker_died, worker_init
 
 # How many other examples a skipped one may try before the batch gives up (a folder of mostly bad files).
 _MAX_REPLACEMENTS = 64
+# How many of a stalled batch's files its error message lists before it only counts the rest.
+_LISTED = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +210,8 @@ class TrainPipeline:
         self.source, self.transform, self.bad_images, self.buffer = source, transform, bad_images, buffer
         self.rows = rows
         self.workers = default_data_workers(source, transform) if workers is None else workers
+        # The multiprocessing children alive before this pipeline's stream started: not its workers.
+        self._others: set[int] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -216,8 +222,12 @@ class TrainPipeline:
 
         reader = _BatchReader(self.source, self.sampler, self.rows, self.transform, self.bad_images)
         data = grain.MapDataset.range(start, stop).map(reader)
-        read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.buffer)
+        # Without workers the batches are read in the calling thread (a daemon `prefetch` thread in `fit`):
+        # a read that never returns then cannot keep the process from exiting, as a pool thread would.
+        threads = 1 if self.workers > 0 else 0
+        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self.buffer)
         stream = data.to_iter_dataset(read)
+        self._others = children()
         if self.workers > 0:
             options = grain.MultiprocessingOptions(
                 num_workers=self.workers, per_worker_buffer_size=self.buffer
@@ -271,60 +281,40 @@ class TrainPipeline:
                 close()
             del iterator
 
+    def batch_examples(self, b: int) -> np.ndarray:
+        """The example indices this process reads for global batch number `b` (before any skipped one is
+        replaced)."""
+        epoch, index = divmod(int(b), self.steps_per_epoch)
+        start, stop, _ = self.rows.indices(self.sampler.batch_size)
+        first = index * self.sampler.batch_size
+        return self.sampler.order(epoch)[first + start : first + stop]
 
-class _CheckChunk:
-    """Reads examples `[start, start + size)` of a source whole; the ones that fail, with why."""
+    def stalled(self, b: int, seconds: float | int) -> DataWorkerError:
+        """Batch number `b` has not come in `seconds`: stop this pipeline's worker processes (SIGKILL, as a
+        worker blocked in a read cannot finish it), which ends the stream and frees what it holds, and return
+        the error to raise.
 
-    def __init__(self, source, size: int):
-        self.source, self.size = source, size
+        **Arguments:**
 
-    def __call__(self, chunk: int) -> list[tuple[int, str]]:
-        bad = []
-        for index in range(chunk * self.size, min((chunk + 1) * self.size, len(self.source))):
-            try:
-                self.source.read_native(index)
-            except ValueError as error:
-                bad.append((index, str(error)))
-        return bad
+        - `b`: the global batch number that did not come.
+        - `seconds`: how long it was waited for.
 
-
-def find_bad_images(source: Any, *, workers: int | None = None, chunk: int = 256) -> list[tuple[int, str]]:
-    """Read every example of `source` once (in Grain workers) and list those that cannot be read.
-
-    What `--check-data` runs before training: a corrupt or unreadable file, an image of another size than
-    the folder's (without `image_size`), a colour image in a folder read as greyscale.
-
-    **Arguments:**
-
-    - `source`: a `Dataset` (always readable) or a lazy source (not read again once `checked`).
-    - `workers`: worker processes (`None`: `default_data_workers` for a transformed source). (Keyword only
-        argument.)
-    - `chunk`: examples per work item. (Keyword only argument.)
-
-    **Returns:** `(index, reason)` for every example that fails, in index order (`source.describe(index)`
-    names its file).
-    """
-    import grain
-
-    if isinstance(source, Dataset) or len(source) == 0 or getattr(source, "checked", False):
-        return []
-    workers = default_data_workers(source, True) if workers is None else workers
-    chunks = -(-len(source) // chunk)
-    data = grain.MapDataset.range(chunks).map(_CheckChunk(source, chunk))
-    stream = data.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-    if workers > 0:
-        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
-        stream = stream.mp_prefetch(options, worker_init_fn=worker_init)
-    iterator = iter(stream)
-    try:
-        return [item for found in iterator for item in found]
-    except RuntimeError as error:
-        died = worker_died(error, workers, "reading every image once (the --check-data pass)")
-        if died is None:
-            raise
-        raise died from error
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
-        del iterator
+        **Returns:** a `DataWorkerError` naming the batch (`batch`, `epoch`, `index`) and its files (`paths`).
+        """
+        kill_workers(self._others or set())
+        epoch, index = divmod(int(b), self.steps_per_epoch)
+        paths = tuple(self.source.describe(int(i)) for i in self.batch_examples(b))
+        more = len(paths) - _LISTED
+        listed = ", ".join(paths[:_LISTED]) + (f" and {more} more" if more > 0 else "")
+        reader = f"its {self.workers} data worker(s)" if self.workers else "the thread that reads them"
+        return DataWorkerError(
+            f"Training batch {b} (epoch {epoch}, batch {index} of {self.steps_per_epoch}) did not come from "
+            f"{reader} in {seconds:g} s: one of its files blocks when read (a stalled network file system, "
+            f"a named pipe) or its decoding hangs. Its files: {listed}. Check that they read (e.g. `cat FILE "
+            f"> /dev/null`); if the batches are only slow, raise --data-timeout (`TrainConfig.data_timeout`; "
+            f"0 waits for ever).",
+            batch=int(b),
+            epoch=epoch,
+            index=index,
+            paths=paths,
+        )

@@ -4,11 +4,14 @@ A worker starts by tying its life to the trainer's (a SIGKILLed trainer leaves n
 leaving Ctrl-C to the trainer (which stops the workers itself). A worker that dies (the kernel's
 out-of-memory killer, a crash in an image decoder, an `os._exit` in a user's transform) makes Grain raise a
 bare `RuntimeError` ("Worker process was terminated unexpectedly with exit code ..."); `worker_died` turns
-it into a `DataWorkerError` that says what happened and what to change.
+it into a `DataWorkerError` that says what happened and what to change. A worker that never answers (a file
+that blocks when opened, on a stalled network file system; a decoder that hangs) is stopped by the trainer
+after its `data_timeout` (`TrainPipeline.stalled`), and its `DataWorkerError` names the batch and its files.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
@@ -16,21 +19,50 @@ from typing import Any
 
 from ._datasets import Dataset
 
-__all__ = ["DataWorkerError", "default_data_workers"]
+__all__ = ["WORKER_STARTUP_S", "DataWorkerError", "default_data_workers"]
+
+# How much longer than `data_timeout` the first batch of a stream may take: its workers start (a spawned
+# interpreter, its imports) before they read anything.
+WORKER_STARTUP_S = 60.0
 
 # What Grain (0.2.16 and later) raises in the trainer when a worker process has exited with a non-zero code.
 _GRAIN_WORKER_DIED = re.compile(r"Worker process was terminated unexpectedly with exit code (-?\d+)")
+# The names Grain (0.2.16) gives its worker processes.
+_GRAIN_WORKER = "grain-process-prefetch"
 
 
 class DataWorkerError(RuntimeError):
-    """A data worker process died while preparing data; `exit_code` is its exit status (`-N`: signal N)."""
+    """A data worker process died, or gave no batch in time, while preparing data.
 
-    def __init__(self, message: str, exit_code: int):
+    - `exit_code`: the dead worker's exit status (`-N`: signal N); `None` for a worker that never answered.
+    - `batch`: the global batch number that did not come (`None` when not known); `epoch` and `index` its
+        position (`batch = epoch * steps_per_epoch + index`).
+    - `paths`: where that batch's examples come from (`source.describe`), when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        exit_code: int | None = None,
+        *,
+        batch: int | None = None,
+        epoch: int | None = None,
+        index: int | None = None,
+        paths: tuple[str, ...] = (),
+    ):
         super().__init__(message)
         self.exit_code = exit_code
+        self.batch, self.epoch, self.index, self.paths = batch, epoch, index, tuple(paths)
 
-    def __reduce__(self):
-        return (type(self), (str(self), self.exit_code))
+    def __reduce__(self):  # crosses processes whole, as `BadImageError` does
+        return (
+            _rebuild,
+            (type(self), str(self), self.exit_code, self.batch, self.epoch, self.index, self.paths),
+        )
+
+
+def _rebuild(cls, message, exit_code, batch, epoch, index, paths):
+    return cls(message, exit_code, batch=batch, epoch=epoch, index=index, paths=paths)
 
 
 def default_data_workers(source: Any, transform: Any) -> int:
@@ -101,3 +133,17 @@ def worker_died(error: BaseException, workers: int, doing: str) -> DataWorkerErr
         f"so this cannot go on.",
         code,
     )
+
+
+def children() -> set[int]:
+    """The process ids of this process's live multiprocessing children (taken before a stream starts, to
+    tell its workers from what was there already)."""
+    return {child.pid for child in multiprocessing.active_children()}
+
+
+def kill_workers(others: set[int]) -> None:
+    """SIGKILL the Grain workers of this process that are not in `others` (a worker blocked in a read cannot
+    be asked to stop); the stream that waited for them then ends with Grain's error about a dead worker."""
+    for child in multiprocessing.active_children():
+        if child.name.startswith(_GRAIN_WORKER) and child.pid not in others:
+            child.kill()

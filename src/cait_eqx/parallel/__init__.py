@@ -27,7 +27,9 @@ model, opt_state, metrics = step(model, opt_state, (images, labels), key)   # ho
 ```
 
 Several hosts: start one process per host with `initialize_distributed(...)` (or the variables
-`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`) before anything else touches JAX; each
+`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`; under SLURM's `srun`, Open MPI's `mpirun`,
+Kubernetes or a TPU pod, nothing: `detect_cluster` reads the scheduler's settings as JAX does) before
+anything else touches JAX; each
 process loads only its rows of every global batch (`local_batch_rows`, the `rows` of
 `cait_eqx.data.TrainPipeline`) and passes them with `shard_batch(..., local=True)`; `to_host` gathers a
 sharded state for one process (`is_primary()`) to write.
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
         shard_train_step as shard_train_step,
     )
     from ._hosts import (
+        ClusterSettings as ClusterSettings,
+        detect_cluster as detect_cluster,
         initialize_distributed as initialize_distributed,
         is_primary as is_primary,
         local_batch_rows as local_batch_rows,

@@ -20,7 +20,8 @@ One private module per concern; their public names:
   data position; atomic; last K kept).
 - Training (`_fit.py`): `fit(model, train, test, TrainConfig(...), key=..., run_dir=..., resume=...)`,
   stopped cooperatively by SIGINT/SIGTERM (`StopSignals`); `TrainSteps`, a recipe's steps compiled for a
-  mesh, to share between `fit` calls; what it asks of the data: `train_transform`, `check_images`.
+  mesh, to share between `fit` calls; what it asks of the data: `train_transform`, `eval_transform`,
+  `check_images`.
 - Runs as directories (`_run.py`): `Run(run_dir)` (its files, config, metrics, models, data),
   `train_run(RunConfig(...), run_dir)` and `resume_run(run_dir)` (what `cait-eqx train` does).
 - Starting weights (`_weight_sources.py`): `load_source` (a variant name, a checkpoint file or a run
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
         TrainSteps as TrainSteps,
         check_images as check_images,
         check_teacher as check_teacher,
+        eval_transform as eval_transform,
         fit as fit,
         train_transform as train_transform,
     )

@@ -164,13 +164,15 @@ class TrainConfig:
     `interpolation`), `auto_augment` (RandAugment, timm's config string) — both in the data workers — and
     `aug_repeats` (repeated augmentation, `cait_eqx.data.Sampler`); random erasing on the device after
     normalisation (`reprob`, `remode`, `recount`). The pipeline: `data_workers` (`None`: automatic),
+    `data_timeout` (the longest wait for one batch, then `cait_eqx.data.DataWorkerError`; 0: for ever),
     `bad_images` (`"error"` or `"skip"`) and `check_data` (read every image once before training).
     Experiment tracking: `log`, any of `"jsonl"` (always), `"tensorboard"`, `"wandb"`.
 
     Bookkeeping: evaluate every `eval_every` epochs; log training metrics every `log_every` steps;
     checkpoint every `checkpoint_every` steps (0: at the end of each epoch) and always at the end or on an
     interrupt, keeping the newest `keep_checkpoints`; `on_nonfinite` = `"stop"` (raise
-    `NonFiniteLossError`) or `"skip"` (drop that update and go on); `eval_batch_size`.
+    `NonFiniteLossError`) or `"skip"` (drop that update and go on); `eval_batch_size`; `eval_crop_pct`
+    (images read from files are evaluated as timm evaluates: resize, centre crop; `eval_transform`).
 
     Bad values raise `ValueError("TrainConfig `name` must be ...")`. Each field's help text is
     `cait_eqx._spec.specs(TrainConfig)[name].help`.
@@ -284,6 +286,12 @@ class TrainConfig:
                               check=OneOf(("stop", "skip")), group="loop")
     eval_batch_size: int = hyper(500, help="examples per evaluation step", check=_POSITIVE, metavar="B",
                                  group="loop")
+    eval_crop_pct: float | None = hyper(
+        None, help="evaluate images read from files (a folder, npy arrays) as timm's validate.py does: the "
+        "shorter side resized to the image size / P (bicubic), then the centre cropped (default: CaiT's "
+        "pretrained configs' crop_pct, 1.0); images read into memory are evaluated as read",
+        check=Real(0.0, 1.0, low_open=True, optional=True), metavar="P", group="loop",
+    )
     compute_dtype: str | None = hyper(
         None,
         help="dtype of the computation (default: the model's own, float32). bfloat16: mixed precision for "
@@ -302,6 +310,11 @@ class TrainConfig:
         None, help="processes that read, decode and augment the images (default: none for arrays in memory "
         "without per-image transforms, else one per spare core, at most 8)", check=Whole(0, optional=True),
         metavar="N", group="loop",
+    )
+    data_timeout: float = hyper(
+        300.0, help="seconds to wait for one training batch before stopping with an error that names its "
+        "files (a file that blocks when read, as on a stalled network file system; a decoder that hangs); "
+        "0 waits for ever", check=_NON_NEGATIVE, metavar="SECONDS", group="loop",
     )
     bad_images: str = hyper("error", help="a training image that cannot be read: error (stop, naming it) or "
                             "skip (replace it by the next readable one, and count it)",

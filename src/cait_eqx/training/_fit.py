@@ -36,7 +36,16 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from .._model import CaiT
 from .._surgery import with_compute_dtype, with_remat
-from ..data import BadImageError, DataSource, TrainPipeline, find_bad_images, prefetch
+from .._variants import EVAL_CROP_PCT, EVAL_INTERPOLATION
+from ..data import (
+    WORKER_STARTUP_S,
+    BadImageError,
+    DataSource,
+    DataWorkerError,
+    TrainPipeline,
+    find_bad_images,
+    prefetch,
+)
 from ..parallel import (
     check_batch_size,
     is_primary,
@@ -65,6 +74,7 @@ __all__ = [
     "TrainSteps",
     "check_images",
     "check_teacher",
+    "eval_transform",
     "evaluate_model",
     "fit",
     "run_steps",
@@ -214,6 +224,23 @@ def train_transform(config: TrainConfig, image_size: tuple[int, int]) -> Any:
     return _ResizedRandAugment(size, augment)
 
 
+def eval_transform(config: TrainConfig, data: Any) -> Any:
+    """How `fit` (and `cait-eqx evaluate`) turn `data`'s images into the model's input when evaluating.
+
+    Images read from files (a lazy source: `scan_image_folder`, `open_arrays`) are evaluated as timm's
+    `validate.py` evaluates a pretrained CaiT: `EvalTransform` (shorter side resized to `image_size /
+    crop_pct`, bicubic, then the centre crop) with `config.eval_crop_pct` (default: the variants'
+    `EVAL_CROP_PCT`, 1.0). Images already in memory (a `Dataset`: digits, `.npz`) were resized when loaded:
+    `None`, they are evaluated as they are.
+    """
+    from ..data import EvalTransform, LazySource
+
+    if data is None or not isinstance(data, LazySource):
+        return None
+    crop_pct = EVAL_CROP_PCT if config.eval_crop_pct is None else config.eval_crop_pct
+    return EvalTransform(tuple(data.image_size), crop_pct, EVAL_INTERPOLATION)
+
+
 class _ResizedRandAugment:
     """RandAugment on images first resized to one size (picklable, for the data workers)."""
 
@@ -242,7 +269,7 @@ def check_images(train_data: Any, test_data: Any, config: TrainConfig) -> tuple[
         if data is None:
             parts.append((data, []))
             continue
-        bad = find_bad_images(data, workers=config.data_workers)
+        bad = find_bad_images(data, workers=config.data_workers, timeout=config.data_timeout or None)
         parts.append((data, bad))
     found = [(data, index, reason) for data, bad in parts for index, reason in bad]
     if not found:
@@ -484,6 +511,7 @@ def evaluate_model(loop: Loop, model: PyTree) -> EvalResult | None:
         batch_size=loop.config.eval_batch_size,
         normalize=loop.config.normalize,
         eval_step=loop.steps.eval_step,
+        transform=eval_transform(loop.config, loop.test_data),
     )
 
 
@@ -535,6 +563,15 @@ def _checkpoint(loop: Loop, state: LoopState) -> None:
             "optimiser_state": _STATE_LAYOUT,
         },
     )
+
+
+def _checkpoint_before_data_error(loop: Loop, state: LoopState) -> None:
+    """The data stopped coming (a worker died or hangs, a file went bad): keep the steps done, as a stop
+    does. One process only: with several, the others wait in the step's collectives, not in this one."""
+    if loop.several_processes or (state.checkpoint is not None and state.checkpoint.step == state.step):
+        return
+    _take_metrics(loop, state)
+    _checkpoint(loop, state)
 
 
 def _should_stop(loop: Loop, state: LoopState, stop_asked: bool) -> bool:
@@ -753,6 +790,10 @@ def fit(
 
     **Raises:** `NonFiniteLossError` (naming the step) when a loss or gradient is not finite and
     `config.on_nonfinite == "stop"`; the update of that step is not applied and no checkpoint is written.
+    `cait_eqx.data.DataWorkerError` when a data worker dies, or when no batch comes in
+    `config.data_timeout` seconds (naming the batch and its files), and `cait_eqx.data.BadImageError` for a
+    file that cannot be read (`bad_images="error"`): with one process and a `run_dir`, the steps done are
+    checkpointed first, as on a stop.
     """
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"`max_steps` must be >= 0, got {max_steps}.")
@@ -843,10 +884,22 @@ def fit(
             if state.step < stop_at:
                 # Batch number `state.step` comes next: the stream starts there, fresh or resumed.
                 source = pipeline.batches(*loop.position(state.step), stop_epoch=config.epochs)
-                batches = prefetch(source, size=2, put=lambda b: (put((b.images, b.labels)), b.skipped))
+                first = state.step  # the global batch number the stream starts at
+                batches = prefetch(
+                    source,
+                    size=2,
+                    put=lambda b: (put((b.images, b.labels)), b.skipped),
+                    timeout=config.data_timeout or None,
+                    startup=WORKER_STARTUP_S if pipeline.workers else 0.0,
+                    on_timeout=lambda given: pipeline.stalled(first + given, config.data_timeout),
+                )
                 started = time.perf_counter()
                 state.window.start = started
-                run_steps(loop, state, batches)
+                try:
+                    run_steps(loop, state, batches)
+                except (DataWorkerError, BadImageError):
+                    _checkpoint_before_data_error(loop, state)
+                    raise
                 state.train_seconds = time.perf_counter() - started
         finally:
             if batches is not None:

@@ -311,6 +311,7 @@ def evaluate(
     batch_size: int = 500,
     normalize: str = "none",
     eval_step: Callable[..., dict[str, Array]] | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> EvalResult:
     """Top-1 and top-5 accuracy, mean loss and the confusion matrix of `model` on every example of `dataset`.
 
@@ -321,6 +322,9 @@ def evaluate(
     - `batch_size`: examples per step (the last batch is padded, so one compilation). (Keyword only argument.)
     - `normalize`: the input normalisation the model was trained with. (Keyword only argument.)
     - `eval_step`: a prebuilt `make_eval_step(...)` to reuse its compilation. (Keyword only argument.)
+    - `transform`: how each image read at its own size becomes the model's input, e.g. timm's resize and
+        centre crop (`eval_transform(config, dataset)`); `None`: the dataset's `read` (its `image_size`).
+        (Keyword only argument.)
 
     **Returns:** an `EvalResult`. Top-5 is top-`min(5, num_classes)`.
     """
@@ -329,7 +333,7 @@ def evaluate(
     k = min(5, dataset.num_classes)
     confusion = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
     loss_sum, top1, topk = 0.0, 0, 0
-    for images, labels, valid in eval_batches(dataset, batch_size):
+    for images, labels, valid in eval_batches(dataset, batch_size, transform):
         out = step(model, (jnp.asarray(images), jnp.asarray(labels)))
         logits = np.asarray(out["logits"])[valid]
         if logits.shape[-1] != dataset.num_classes:
