@@ -34,6 +34,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
+from .._atomic import DiskFullError, check_writable_dir
 from .._model import CaiT
 from .._surgery import with_compute_dtype, with_remat
 from ..data import BadImageError, DataSource, TrainPipeline, find_bad_images, prefetch
@@ -64,6 +65,7 @@ __all__ = [
     "TrainSteps",
     "check_images",
     "check_teacher",
+    "disk_full_note",
     "evaluate_model",
     "fit",
     "run_steps",
@@ -524,6 +526,17 @@ def _should_stop(loop: Loop, state: LoopState, stop_asked: bool) -> bool:
     return stop_asked or loop.signals.urgent or state.step >= loop.stop_at
 
 
+def disk_full_note(checkpoint: CheckpointInfo | None, run_dir: Path | None) -> str:
+    """What a `DiskFullError` during a run adds: which checkpoint is intact and how to go on from it."""
+    if checkpoint is None:
+        return "No checkpoint had been written yet: free some space and start the run again."
+    how = f"`cait-eqx train --resume {run_dir}` (from Python: `fit(..., resume=True)`)"
+    return (
+        f"The last checkpoint, {checkpoint.path.with_suffix('').name} (step {checkpoint.step}), is intact: "
+        f"free some space, then continue with {how}."
+    )
+
+
 def run_steps(loop: Loop, state: LoopState, batches: Any) -> None:
     """The loop: each step, then what is due at it (read metrics, log, evaluate, checkpoint), then stop?"""
     config, signals = loop.config, loop.signals
@@ -735,6 +748,9 @@ def fit(
 
     **Raises:** `NonFiniteLossError` (naming the step) when a loss or gradient is not finite and
     `config.on_nonfinite == "stop"`; the update of that step is not applied and no checkpoint is written.
+    `cait_eqx.NotWritableError`, before any work, when no file can be created in `run_dir`;
+    `cait_eqx.DiskFullError` when a checkpoint or a metrics line does not fit on the disk (its message names
+    the file, the bytes needed and free, and the last intact checkpoint to resume from).
     """
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"`max_steps` must be >= 0, got {max_steps}.")
@@ -742,6 +758,8 @@ def fit(
     check_batch_size(config.batch_size, mesh)  # before anything is compiled
     if resume and run_dir is None:
         raise ValueError("`resume=True` needs the `run_dir` that holds the checkpoints.")
+    if run_dir is not None and is_primary():
+        check_writable_dir(run_dir, "the run directory")  # before anything is read or compiled
     num_classes = train_data.num_classes
     if test_data is not None and test_data.num_classes != num_classes:
         raise ValueError(
@@ -822,7 +840,10 @@ def fit(
                 batches = prefetch(source, size=2, put=lambda b: (put((b.images, b.labels)), b.skipped))
                 started = time.perf_counter()
                 state.window.start = started
-                run_steps(loop, state, batches)
+                try:
+                    run_steps(loop, state, batches)
+                except DiskFullError as error:  # a checkpoint or metrics line did not fit: say what is safe
+                    raise error.with_note(disk_full_note(state.checkpoint, run_dir)) from None
                 state.train_seconds = time.perf_counter() - started
         finally:
             if batches is not None:
