@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import equinox as eqx
 import huggingface_hub
@@ -116,13 +117,15 @@ def test_an_interrupted_save_leaves_the_previous_file(tmp_path, getkey, monkeypa
     first = _random_model(getkey())
     cait_eqx.save(target, first)
     before = target.read_bytes()
-    real_save_file = safetensors.numpy.save_file
+    real_replace = os.replace
 
-    def killed_after_writing(tensors, filename, metadata=None):
-        real_save_file(tensors, filename, metadata=metadata)  # the bytes are on disk, under a temporary name
-        raise KeyboardInterrupt  # ... when the process is interrupted
+    def killed_after_writing(source, destination):
+        if Path(source).parent == tmp_path:  # the bytes are on disk, under a temporary name ...
+            assert Path(source).stat().st_size > len(before) // 2
+            raise KeyboardInterrupt  # ... when the process is interrupted
+        real_replace(source, destination)
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", killed_after_writing)
+    monkeypatch.setattr(os, "replace", killed_after_writing)
     with pytest.raises(KeyboardInterrupt):
         cait_eqx.save(target, _random_model(getkey()))
     with pytest.raises(KeyboardInterrupt):
@@ -321,3 +324,64 @@ def test_pretrained_loads_a_cached_copy_offline_and_checks_its_hash(tmp_path, mo
     blob.write_bytes(bytes(data))
     with pytest.raises(cait_eqx.WeightsError, match=r"corrupt: their SHA-256 is [0-9a-f]{64}(.|\n)*Delete"):
         cait_eqx.create_model("cait_xxs24_224", pretrained=True, cache_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------- a config gone stale
+
+
+def _swapped(model, donor, where):
+    """`model` with the part `where` taken from `donor` by `eqx.tree_at`, which leaves `config` as it was."""
+    return eqx.tree_at(where, model, where(donor), is_leaf=lambda x: x is None)
+
+
+_BASE = dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=2, cls_depth=2, heads=4, mlp_dim=64)
+# Each part replaced with `eqx.tree_at` from a model of other hyper-parameters, and the fields that go stale.
+_STALE_CASES = {
+    "head": (dict(num_classes=5), lambda m: m.head, {"num_classes": (10, 5)}),
+    "no head": (dict(num_classes=0), lambda m: m.head, {"num_classes": (10, 0)}),
+    "blocks": (dict(depth=3, mlp_dim=48), lambda m: m.blocks, {"depth": (2, 3), "mlp_dim": (64, 48)}),
+    "heads": (dict(heads=2), lambda m: m.blocks, {"heads": (4, 2), "dim_head": (8, 16)}),
+    "class attention": (dict(cls_depth=1, cls_mlp_dim=16), lambda m: m.blocks_token_only,
+                        {"cls_depth": (2, 1), "cls_mlp_dim": (64, 16)}),
+    "channels": (dict(channels=1), lambda m: m.patch_embed, {"channels": (3, 1)}),
+    "positional grid": (dict(image_size=32), lambda m: m.pos_embed, {"image_size": ((16, 16), (32, 32))}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_STALE_CASES))
+def test_save_refuses_a_config_that_no_longer_describes_the_arrays(tmp_path, case):
+    changes, where, stale = _STALE_CASES[case]
+    model = cait_eqx.CaiT(**_BASE, key=jax.random.key(0))
+    donor = cait_eqx.CaiT(**{**_BASE, **changes}, key=jax.random.key(1))
+    swapped = _swapped(model, donor, where)
+    target = tmp_path / "model.safetensors"
+    for write in (lambda: cait_eqx.save(target, swapped), lambda: cait_eqx.to_timm_state_dict(swapped),
+                  lambda: cait_eqx.export(swapped, tmp_path / "model.jax")):
+        with pytest.raises(cait_eqx.StaleConfigError) as caught:
+            write()
+        assert caught.value.fields == stale
+        message = str(caught.value)
+        for field, (said, got) in stale.items():
+            assert f"{field}: the config says {said!r}, the arrays say {got!r}" in message
+        assert "cait_eqx.with_config_from_arrays(model)" in message and "eqx.tree_at" in message
+    assert ("reset_classifier" in message) == ("num_classes" in stale)
+    assert list(tmp_path.iterdir()) == []
+    # The fix the message names: a config read from the arrays, which then saves and loads bit for bit.
+    fixed = cait_eqx.with_config_from_arrays(swapped)
+    assert {field: getattr(fixed.config, field) for field in stale} == {f: g for f, (_, g) in stale.items()}
+    loaded = cait_eqx.load(cait_eqx.save(target, fixed))
+    assert loaded.config == fixed.config
+    image = jax.random.normal(jax.random.key(2), (fixed.config.channels, *fixed.config.image_size))
+    np.testing.assert_array_equal(eqx.nn.inference_mode(fixed)(image), loaded(image))
+
+
+def test_with_config_from_arrays_keeps_a_fresh_model_and_refuses_an_unreadable_grid():
+    model = cait_eqx.CaiT(**_BASE, key=jax.random.key(0))
+    assert cait_eqx.with_config_from_arrays(model) is model
+    # 12 patches fit no square grid: the arrays do not tell the height and width.
+    odd = eqx.tree_at(lambda m: m.pos_embed, model, jnp.zeros((12, 32)))
+    with pytest.raises(ValueError, match="not a square grid.*set_input_size"):
+        cait_eqx.with_config_from_arrays(odd)
+    # reset_classifier, the way to a new head that the message names, keeps the config right by itself.
+    assert cait_eqx.reset_classifier(model, 5, key=jax.random.key(1)).config.num_classes == 5
+    cait_eqx.to_timm_state_dict(cait_eqx.reset_classifier(model, 5, key=jax.random.key(1)))

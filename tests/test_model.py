@@ -342,3 +342,20 @@ def test_forward_and_reverse_mode_autodiff_agree(getkey):
     reverse = eqx.filter_jit(lambda m, x: jax.jacrev(m)(x))(model, x)
     assert forward.shape == (5, 1, 16, 16) and float(jnp.abs(reverse).max()) > 0
     np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5 * float(jnp.abs(reverse).max()))
+
+
+def test_the_patch_embedding_is_the_convolution_timm_computes(tiny_config):
+    """`PatchEmbed.proj` is a linear map over flattened patches (`PatchProjection`), stored in the kernel
+    layout of timm's stride-p convolution: running that convolution on the same weights gives the same
+    tokens, and the initialisation is the convolution's (Equinox's `Conv2d` draws, bit for bit)."""
+    key = jax.random.key(3)
+    embed = cait_eqx.PatchEmbed((16, 24), 4, 3, 32, key=key)
+    conv = eqx.nn.Conv2d(3, 32, kernel_size=4, stride=4, key=key)
+    np.testing.assert_array_equal(embed.proj.weight, conv.weight)
+    np.testing.assert_array_equal(embed.proj.bias, conv.bias.reshape(-1))
+    assert embed.proj.bias.shape == (32,)
+    image = jax.random.normal(jax.random.key(4), (3, 16, 24))
+    tokens = conv(image).reshape(32, -1).T  # (dim, rows, cols) -> (rows * cols, dim), row-major patches
+    np.testing.assert_allclose(embed(image), tokens, rtol=0, atol=1e-5)
+    assert not any(isinstance(m, eqx.nn.Conv2d) for m in jax.tree.leaves(
+        cait_eqx.CaiT(**tiny_config, key=key), is_leaf=lambda m: isinstance(m, eqx.nn.Conv2d)))

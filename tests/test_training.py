@@ -300,33 +300,36 @@ def test_checkpoints_round_trip_keep_the_newest_and_survive_damage(tmp_path, get
     np.testing.assert_array_equal(jr.key_data(restored_key), jr.key_data(key))
     assert (loaded.step, loaded.epoch, loaded.batch_index, loaded.shuffle_seed) == (4, 2, 0, 7)
 
-    # A crash between the data file and its description (simulated: the description's write fails)
-    # leaves the good checkpoints alone, even with keep=1.
+    # A crash between the data file and its description (simulated: the description's write is interrupted)
+    # leaves the good checkpoints alone, even with keep=1; a description that fails to be written (a full
+    # disk: tests/test_storage.py makes one for real) takes its data file with it.
     from cait_eqx.training import _checkpoint
 
     real_write = _checkpoint.atomic_write_bytes
+    for stop, orphan_left in ((KeyboardInterrupt(), True), (OSError("disk full"), False)):
 
-    def crash_on_description(path, blob):
-        if str(path).endswith(".json"):
-            raise OSError("disk full")
-        return real_write(path, blob)
+        def crash_on_description(path, blob, stop=stop):
+            if str(path).endswith(".json"):
+                raise stop
+            return real_write(path, blob)
 
-    monkeypatch.setattr(_checkpoint, "atomic_write_bytes", crash_on_description)
-    with pytest.raises(OSError, match="disk full"):
-        training.save_checkpoint(
-            tmp_path,
-            model=model,
-            opt_state=state,
-            key=key,
-            step=5,
-            epoch=2,
-            batch_index=1,
-            shuffle_seed=7,
-            keep=1,
-        )
-    monkeypatch.undo()
-    assert (tmp_path / "step-00000005.eqx").is_file()  # an orphan data file, not a checkpoint
-    assert [i.step for i in training.list_checkpoints(tmp_path)] == [3, 4]
+        monkeypatch.setattr(_checkpoint, "atomic_write_bytes", crash_on_description)
+        with pytest.raises(type(stop)):
+            training.save_checkpoint(
+                tmp_path,
+                model=model,
+                opt_state=state,
+                key=key,
+                step=5,
+                epoch=2,
+                batch_index=1,
+                shuffle_seed=7,
+                keep=1,
+            )
+        monkeypatch.undo()
+        # An orphan data file is no checkpoint.
+        assert (tmp_path / "step-00000005.eqx").is_file() == orphan_left
+        assert [i.step for i in training.list_checkpoints(tmp_path)] == [3, 4]
 
     # A damaged newest checkpoint is skipped, loudly, for the older intact one.
     newest = tmp_path / "step-00000004.eqx"
@@ -731,3 +734,32 @@ def test_a_default_step_config_smooths_mixes_and_augments_nothing():
     assert tuple(defaults)[1:] == training.TrainConfig.step_fields()  # declared there, in its order
     # The recipe's own step keeps the recipe's values.
     assert training.TrainConfig().step_config(10).label_smoothing == training.TrainConfig().label_smoothing
+
+
+def test_checkpoints_are_read_shape_for_shape_and_old_patch_biases_still_load(tmp_path, getkey):
+    """A template of other shapes is refused, naming the array. Checkpoints from before `PatchProjection`
+    hold the patch-embedding bias as a convolution's `(dim, 1, 1)`: they load, the same numbers as `(d,)`."""
+    model = _tiny(getkey())
+    optim = optax.adam(1e-3)
+    opt_state = optim.init(eqx.filter(model, eqx.is_array))
+    # The old layout, written for real: the bias (and its Adam moments) shaped as the convolution had it.
+    old_bias = lambda tree: tree.patch_embed.proj.bias  # noqa: E731
+    legacy_model = eqx.tree_at(old_bias, model, old_bias(model).reshape(-1, 1, 1) + 0.5)
+    adam = opt_state[0]
+    legacy_state = (adam._replace(
+        mu=eqx.tree_at(old_bias, adam.mu, old_bias(adam.mu).reshape(-1, 1, 1)),
+        nu=eqx.tree_at(old_bias, adam.nu, old_bias(adam.nu).reshape(-1, 1, 1)),
+    ), *opt_state[1:])
+    common = dict(key=jr.key(0), step=1, epoch=0, batch_index=1, shuffle_seed=0)
+    training.save_checkpoint(tmp_path / "old", model=legacy_model, opt_state=legacy_state, **common)
+    restored, state, _, _ = training.load_checkpoint(tmp_path / "old", model=model, opt_state=opt_state)
+    assert restored.patch_embed.proj.bias.shape == model.patch_embed.proj.bias.shape
+    np.testing.assert_array_equal(restored.patch_embed.proj.bias, model.patch_embed.proj.bias + 0.5)
+    assert state[0].mu.patch_embed.proj.bias.shape == model.patch_embed.proj.bias.shape
+
+    # Another architecture with as many arrays (a wider MLP): named, not loaded.
+    wider = _tiny(getkey(), mlp_dim=48)
+    shapes = r"name='fc1'\), GetAttrKey\(name='weight'\)\) has changed shape from \(2, 48, 16\)"
+    with pytest.raises(training.CheckpointError, match=shapes):
+        training.load_checkpoint(tmp_path / "old", model=wider,
+                                 opt_state=optim.init(eqx.filter(wider, eqx.is_array)))

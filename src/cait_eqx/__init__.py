@@ -51,12 +51,19 @@ if TYPECHECKING_ENABLED:
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ._atomic import (
+        DiskFullError as DiskFullError,
+        NotWritableError as NotWritableError,
+        StorageError as StorageError,
+        check_writable_dir as check_writable_dir,
+    )
     from ._blocks import ClassAttentionBlock as ClassAttentionBlock, LayerScaleBlock as LayerScaleBlock
     from ._config import (
         REMAT_POLICIES as REMAT_POLICIES,
         CaiTConfig as CaiTConfig,
         default_init_values as default_init_values,
     )
+    from ._config_check import StaleConfigError as StaleConfigError
     from ._constants import IMAGENET_MEAN as IMAGENET_MEAN, IMAGENET_STD as IMAGENET_STD
     from ._export import EXPORT_PLATFORMS as EXPORT_PLATFORMS, export as export
     from ._io import load as load, load_timm as load_timm, save as save
@@ -85,6 +92,7 @@ if TYPE_CHECKING:
         LayerScale as LayerScale,
         Linear as Linear,
         PatchEmbed as PatchEmbed,
+        PatchProjection as PatchProjection,
     )
     from ._spec import (
         OneOf as OneOf,
@@ -100,6 +108,7 @@ if TYPE_CHECKING:
         reset_classifier as reset_classifier,
         set_input_size as set_input_size,
         with_compute_dtype as with_compute_dtype,
+        with_config_from_arrays as with_config_from_arrays,
         with_dropout as with_dropout,
         with_dynamic_img_size as with_dynamic_img_size,
         with_remat as with_remat,

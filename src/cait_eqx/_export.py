@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from ._atomic import atomic_write_bytes
 from ._config import image_size_pair
+from ._config_check import check_config
 from ._model import CaiT
 
 __all__ = ["EXPORT_PLATFORMS", "export"]
@@ -144,10 +145,12 @@ def export(
 
     **Raises:** `TypeError` for a model that is not a `CaiT`; `IsADirectoryError` / `NotADirectoryError`
     for a path that cannot be a file; `ValueError` for an unknown dtype or platform, a bad batch size, or
-    an image size the model does not take.
+    an image size the model does not take; `cait_eqx.StaleConfigError` when `model.config` no longer
+    describes its arrays; `cait_eqx.DiskFullError` when the file does not fit on the disk.
     """
     path = Path(path).expanduser()
     dtype_name, platforms = _check_options(model, path, dtype, batch_size, platforms)
+    check_config(model, "export the model")  # its input shape comes from the config
     height, width = _spatial_size(model, image_size)
     model = eqx.nn.inference_mode(model)
     params, static = eqx.partition(model, eqx.is_array)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import atomic_write_with
+from ._atomic import atomic_write_bytes
 from ._config import CaiTConfig
 from ._model import CaiT
 from ._timm import (
@@ -223,11 +223,12 @@ def save(path: PathLike, model: CaiT) -> Path:
     - `path`: where to write, conventionally ending in `.safetensors`.
     - `model`: a `CaiT`.
 
-    **Returns:** the path written.
+    **Returns:** the path written. **Raises:** `cait_eqx.DiskFullError` (nothing half-written) for a full
+    disk; `cait_eqx.StaleConfigError` when `model.config` no longer describes its arrays (`eqx.tree_at`).
     """
     if not isinstance(model, CaiT):
         raise TypeError(f"`cait_eqx.save` writes a `CaiT`, got {type(model).__name__}.")
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as serialise
 
     cfg = model.config
     state_dict = to_timm_state_dict(model, dtype=None)
@@ -250,33 +251,31 @@ def save(path: PathLike, model: CaiT) -> Path:
         _PACKAGE_KEY: __version__,
     }
     contiguous = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
-    return atomic_write_with(path, lambda tmp: _save_sorted(save_file, contiguous, tmp, metadata))
+    return atomic_write_bytes(path, _sorted_metadata(serialise(contiguous, metadata=metadata)))
 
 
-def _save_sorted(save_file, tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
-    """`save_file`, then the header's metadata put in sorted order, so that equal models give equal bytes.
+def _sorted_metadata(blob: bytes) -> tuple[bytes, memoryview]:
+    """A safetensors file's bytes with its header's metadata put in sorted order, so that equal models give
+    equal bytes.
 
     safetensors keeps the metadata in a hash map whose order changes from one save to the next (Rust seeds
     its hash maps at random). Only the order of the `__metadata__` entries is rewritten: the tensor entries,
     the padding, the header length and hence the 8-byte aligned data offset stay exactly as safetensors
     wrote them, and the JSON is re-encoded the way safetensors (serde_json) encodes it, compact and UTF-8.
     """
-    save_file(tensors, path, metadata=metadata)
-    with open(path, "r+b") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        raw = handle.read(length)
-        header = json.loads(raw)
-        if "__metadata__" in header:  # first, as safetensors writes it, then the tensors in data order
-            header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) != len(raw.rstrip(b" ")):
-            raise RuntimeError(  # a different JSON encoding would move the data: never write that
-                f"safetensors wrote a header of {len(raw.rstrip(b' '))} bytes that re-encodes to {len(text)} "
-                f"bytes; cannot reorder its metadata in place. Please report this with your safetensors "
-                f"version."
-            )
-        handle.seek(8)
-        handle.write(text.ljust(length))  # the same padding (spaces) up to the same length
+    (length,) = struct.unpack("<Q", blob[:8])
+    raw = blob[8 : 8 + length]
+    header = json.loads(raw)
+    if "__metadata__" in header:  # first, as safetensors writes it, then the tensors in data order
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) != len(raw.rstrip(b" ")):
+        raise RuntimeError(  # a different JSON encoding would move the data: never write that
+            f"safetensors wrote a header of {len(raw.rstrip(b' '))} bytes that re-encodes to {len(text)} "
+            f"bytes; cannot reorder its metadata in place. Please report this with your safetensors version."
+        )
+    # The same padding (spaces) up to the same length; the tensors' bytes are not copied.
+    return blob[:8] + text.ljust(length), memoryview(blob)[8 + length :]
 
 
 def load(path: PathLike, **overrides: Any) -> CaiT:

@@ -1,9 +1,12 @@
-"""The small layers CaiT is made of: Linear, LayerNorm, PatchEmbed, LayerScale and DropPath.
+"""The small layers CaiT is made of: Linear, LayerNorm, PatchEmbed (and its PatchProjection), LayerScale and
+DropPath.
 
 Every layer here acts on the tokens of *one* image (Equinox's convention); batches go through `jax.vmap`.
 """
 
 from __future__ import annotations
+
+import math
 
 import equinox as eqx
 import jax
@@ -13,7 +16,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._misc import check_rate, expand_to, trunc_normal
 
-__all__ = ["DropPath", "LayerNorm", "LayerScale", "Linear", "PatchEmbed"]
+__all__ = ["DropPath", "LayerNorm", "LayerScale", "Linear", "PatchEmbed", "PatchProjection"]
 
 
 class Linear(eqx.Module):
@@ -88,14 +91,47 @@ class LayerNorm(eqx.Module):
         return y.astype(x.dtype)
 
 
-class PatchEmbed(eqx.Module):
-    """Cuts an image into non-overlapping `patch_size` patches and embeds each linearly.
+class PatchProjection(eqx.Module):
+    """The patch embedding's map: one flattened `(channels, patch, patch)` patch → one `dim` token, affine.
 
-    Equal to a convolution with kernel = stride = patch size (timm's `patch_embed.proj`), computed as one
-    matrix product over the flattened patches.
+    It is what timm's `patch_embed.proj` computes (a convolution whose kernel and stride are both the patch
+    size never overlaps two patches, so it is this map applied to each patch), held as the map it is. The
+    weight keeps the convolution kernel's layout `(dim, channels, patch, patch)`, so timm's weights convert
+    by name without a reshape; the bias is `(dim,)`. Initialised as PyTorch (and Equinox) initialise that
+    convolution: uniform in ±1/sqrt(channels·patch²).
     """
 
-    proj: eqx.nn.Conv2d
+    weight: Float[Array, "dim channels patch_height patch_width"]
+    bias: Float[Array, " dim"]
+
+    def __init__(self, channels: int, patch_size: int, dim: int, dtype=None, *, key: PRNGKeyArray):
+        """**Arguments:**
+
+        - `channels`, `patch_size`: the patches' channels and side.
+        - `dim`: the token width.
+        - `dtype`: parameter dtype (default float32).
+        - `key`: a `jax.random.key`. (Keyword only argument.)
+        """
+        dtype = jnp.float32 if dtype is None else dtype
+        wkey, bkey = jr.split(key)  # the draws of `eqx.nn.Conv2d`, which this layer used to be stored as
+        limit = 1 / math.sqrt(channels * patch_size * patch_size)
+        self.weight = jr.uniform(wkey, (dim, channels, patch_size, patch_size), dtype, -limit, limit)
+        self.bias = jr.uniform(bkey, (dim,), dtype, -limit, limit)
+
+    def __call__(self, patches: Float[Array, "patches features"]) -> Float[Array, "patches dim"]:
+        """Embed flattened patches, each laid out `(channels, row, column)` like the weight's last axes."""
+        weight = self.weight.reshape(self.weight.shape[0], -1).astype(patches.dtype)
+        return patches @ weight.T + self.bias.reshape(1, -1).astype(patches.dtype)
+
+
+class PatchEmbed(eqx.Module):
+    """Cuts an image into non-overlapping `patch_size` patches and embeds each with one affine map (`proj`).
+
+    The same function as timm's convolution with kernel = stride = patch size, computed as one matrix
+    product over the flattened patches.
+    """
+
+    proj: PatchProjection
     image_size: tuple[int, int] = eqx.field(static=True)
     patch_size: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
@@ -110,9 +146,7 @@ class PatchEmbed(eqx.Module):
         *,
         key: PRNGKeyArray,
     ):
-        self.proj = eqx.nn.Conv2d(
-            channels, dim, kernel_size=patch_size, stride=patch_size, use_bias=True, dtype=dtype, key=key
-        )
+        self.proj = PatchProjection(channels, patch_size, dim, dtype, key=key)
         self.image_size = image_size
         self.patch_size = patch_size
         self.channels = channels
@@ -131,12 +165,9 @@ class PatchEmbed(eqx.Module):
         channels, height, width = x.shape
         p = self.patch_size
         rows, cols = height // p, width // p
-        # (C, rows, p, cols, p) -> (rows, cols, C, p, p): the same order as the conv kernel (dim, C, p, p).
+        # (C, rows, p, cols, p) -> (rows, cols, C, p, p): each patch flattened in the weight's order.
         patches = x.reshape(channels, rows, p, cols, p).transpose(1, 3, 0, 2, 4).reshape(rows * cols, -1)
-        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1).astype(x.dtype)
-        y = patches @ weight.T
-        assert self.proj.bias is not None
-        return y + self.proj.bias.reshape(1, -1).astype(x.dtype)
+        return self.proj(patches)
 
 
 class LayerScale(eqx.Module):

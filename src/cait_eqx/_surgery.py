@@ -7,6 +7,7 @@
 - `with_dropout`: other dropout and stochastic-depth rates (e.g. for fine-tuning loaded weights).
 - `with_compute_dtype`, `with_remat`: the same weights, computing in another dtype or keeping other
     intermediates for the backward pass.
+- `with_config_from_arrays`: the config brought up to date after a part was replaced with `eqx.tree_at`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from ._config import check_compute_dtype, check_remat
+from ._config_check import stale_fields
 from ._inputs import adapt_input_conv, resample_pos_embed
 from ._layers import DropPath, Linear
 from ._model import CaiT
@@ -32,6 +34,7 @@ __all__ = [
     "resample_pos_embed",
     "set_input_size",
     "with_compute_dtype",
+    "with_config_from_arrays",
     "with_dropout",
     "with_dynamic_img_size",
     "with_remat",
@@ -252,3 +255,36 @@ def with_dynamic_img_size(model: CaiT, dynamic: bool = True) -> CaiT:
     if not isinstance(dynamic, bool):
         raise TypeError(f"`dynamic` must be True or False, got {dynamic!r}.")
     return _with_static(model, "dynamic_img_size", dynamic)
+
+
+def with_config_from_arrays(model: CaiT) -> CaiT:
+    """A copy of `model` whose `config` says what its arrays are, after a part was swapped by `eqx.tree_at`.
+
+    `config` is a static field, which `eqx.tree_at` never changes: after
+    `eqx.tree_at(lambda m: m.head, model, new_head)` the config still has the old `num_classes`, and
+    `cait_eqx.save` refuses the model (`StaleConfigError`). This reads every field the arrays fix (classes,
+    width, depths, heads, MLP widths, patch size, channels, the image size from the positional embedding's
+    square grid) and rebuilds the static fields from them; the arrays are shared, unchanged.
+    (`cait_eqx.reset_classifier` replaces a head and keeps the config right in one step.)
+
+    **Arguments:**
+
+    - `model`: a `CaiT`.
+
+    **Returns:** the `CaiT` with an up-to-date `config` (the model itself when nothing was stale).
+
+    **Raises:** `ValueError` when the arrays do not fix a field (a positional embedding whose patch count is
+    not a square grid: use `cait_eqx.set_input_size`), or fit no CaiT configuration.
+    """
+    if not isinstance(model, CaiT):
+        raise TypeError(f"`with_config_from_arrays` takes a `CaiT`, got {type(model).__name__}.")
+    stale = stale_fields(model)
+    if not stale:
+        return model
+    if "image_size" in stale and stale["image_size"][1] is None:
+        raise ValueError(
+            f"Cannot tell the image size from the arrays: {stale['image_size'][2]}, not a square grid. Set "
+            f"the resolution with `cait_eqx.set_input_size(model, (height, width))` on the original model."
+        )
+    new_cfg = model.config.replace(**{field: got for field, (_, got, _) in stale.items()})
+    return _rebuilt(model, new_cfg, lambda m: m.pos_embed, model.pos_embed)

@@ -23,19 +23,14 @@ import jax.random as jr
 import numpy as np
 
 from ._config import CaiTConfig
+from ._config_check import check_config
 from ._inputs import adapt_input_conv, resample_pos_embed
 from ._model import CaiT
 from ._variants import variant_config
 
 __all__ = [
-    "WeightsError",
-    "from_timm_state_dict",
-    "to_timm_state_dict",
-    "infer_config",
-    "timm_keys",
-    "build_from_state_dict",
-    "patch_grid",
-    "resample_state_dict",
+    "WeightsError", "from_timm_state_dict", "to_timm_state_dict", "infer_config", "timm_keys",
+    "build_from_state_dict", "patch_grid", "resample_state_dict",
 ]
 
 logger = logging.getLogger("cait_eqx")
@@ -96,7 +91,7 @@ def _slots(cfg: CaiTConfig) -> list[_Slot]:
         _Slot("pos_embed", ("pos_embed",), (1, n, d), (n, d), False),
         _Slot("patch_embed.proj.weight", ("patch_embed.proj.weight",), (d, cfg.channels, p, p),
               (d, cfg.channels, p, p), False),
-        _Slot("patch_embed.proj.bias", ("patch_embed.proj.bias",), (d,), (d, 1, 1), False),
+        _Slot("patch_embed.proj.bias", ("patch_embed.proj.bias",), (d,), (d,), False),
     ]
     for timm_suffix, our_suffix, shape in _block_entries(cfg, class_attention=False):
         keys = tuple(f"blocks.{i}.{timm_suffix}" for i in range(cfg.depth))
@@ -374,8 +369,10 @@ def to_timm_state_dict(model: CaiT, *, dtype: str | None = "float32") -> dict[st
     - `dtype`: the dtype of every array, float32 by default (what `torch.from_numpy` takes); `None` keeps
         the model's own dtype (bfloat16 arrays are `ml_dtypes.bfloat16`). (Keyword only argument.)
 
-    **Returns:** a dict from timm's key names to arrays of timm's shapes.
+    **Returns:** a dict from timm's key names to arrays of timm's shapes. **Raises:** `StaleConfigError` when
+    `model.config` no longer describes the arrays (a part replaced with `eqx.tree_at`), naming the fix.
     """
+    check_config(model, "write the model out")
     out: dict[str, np.ndarray] = {}
     for slot in _slots(model.config):
         leaf = np.asarray(jax.device_get(_get_item(slot.path)(model)))

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     The program (`argv=None`) first sets the XLA flags recommended for this CPU (`use_recommended_xla_flags`).
 
-    **Returns:** 0 on success, 1 on an error the command reports, 2 on a usage error (raised as `SystemExit`
+    **Returns:** 0 on success, 1 on an error the command reports (a full disk included: one line naming the
+    file, the space needed and free, and what is safe), 2 on a usage error (raised as `SystemExit`
     by the parser), 130 when interrupted (Ctrl-C or SIGTERM; a training run saves a checkpoint first).
     """
     if argv is None:
@@ -90,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     args.as_program = argv is None  # the `cait-eqx` program (a fresh process), not `main([...])` from Python
     try:
         return int(args.func(args))
+    except OSError as error:
+        import cait_eqx
+
+        if not isinstance(error, cait_eqx.StorageError):
+            raise
+        # A full disk or a folder that cannot be written: the message says what is safe and how to go on.
+        print(f"cait-eqx {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if argv is None:  # the `cait-eqx` program: another Ctrl-C must not interrupt the way out
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -164,18 +164,43 @@ def _predict_logits(model: Any, batches: Any, normalize: str) -> Any:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically: a temporary file beside it, flushed, then renamed over it."""
+    """Write `text` to `path` atomically: a temporary file beside it, flushed, then renamed over it.
+
+    **Raises:** `cait_eqx.DiskFullError` (the file's size and the space free) when it does not fit.
+    """
+    import cait_eqx
+
+    data = text.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        full = isinstance(error, OSError) and cait_eqx.DiskFullError.from_error(error, path, len(data))
+        if full:
+            raise full from None
         raise
+
+
+def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`--csv` and `--json` must be files we can write: checked before the model is loaded or compiled."""
+    import cait_eqx
+
+    for flag, path in (("--csv", args.csv), ("--json", args.json)):
+        if path is None:
+            continue
+        if path.is_dir():
+            example = path / f"predictions.{flag[2:]}"
+            parser.error(f"{flag} {path} is a folder; give a file name, e.g. {example}")
+        try:
+            cait_eqx.check_writable_dir(path.parent, path.name)
+        except OSError as error:
+            parser.error(f"{flag} {path}: {error}")
 
 
 def _table(rows: list[dict[str, Any]], k: int) -> str:
@@ -206,6 +231,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import cait_eqx
     from cait_eqx import data, training
 
+    _check_outputs(args, parser)
     try:
         paths = find_images(args.images, data.IMAGE_SUFFIXES)
     except FileNotFoundError as error:

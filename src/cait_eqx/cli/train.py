@@ -257,12 +257,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
         config = run_config(args, parser)
         kind = config.dataset.partition(":")[0]
         run_dir = args.out or Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if run_dir.exists() and not run_dir.is_dir():
-            parser.error(f"--out {run_dir} is an existing file; give a directory for the run")
         if training.Run(run_dir).exists:
             parser.error(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
             )
+    try:  # a file, a path through a file, a read-only or forbidden folder: now, before any work
+        cait_eqx.check_writable_dir(run_dir, "the run directory")
+    except OSError as error:
+        parser.error(f"{'--resume' if args.resume is not None else '--out'} {run_dir}: {error}")
     args.run_dir = run_dir  # for the hint after a second Ctrl-C (see `cait_eqx.cli.main`)
 
     try:
@@ -355,5 +357,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
         if primary and not stop.requested and run.metrics_path.is_file() and run.metrics():
             from cait_eqx import viz
 
-            summary = dataclasses.replace(summary, curves_path=viz.plot_training_curves(run_dir))
+            try:
+                curves = viz.plot_training_curves(run_dir)
+            except cait_eqx.DiskFullError as error:
+                raise error.with_note(
+                    f"The run's model and checkpoints are intact; free some space, then draw the curves "
+                    f"with: cait-eqx plot {run_dir}"
+                ) from None
+            summary = dataclasses.replace(summary, curves_path=curves)
     return report(summary, run_dir, primary=primary, seconds=time.perf_counter() - started)

@@ -172,6 +172,9 @@ def save_checkpoint(
     - `extra`: JSON-serialisable notes stored in the description.
 
     All arguments are keyword only. **Returns:** the new checkpoint's `CheckpointInfo`.
+
+    **Raises:** `cait_eqx.DiskFullError` when a file does not fit on the disk; the older checkpoints are
+    untouched and nothing of the new one is left behind.
     """
     if keep < 1:
         raise ValueError(f"`keep` must be >= 1 (the newest checkpoint is always kept), got {keep}.")
@@ -196,7 +199,14 @@ def save_checkpoint(
         "time": time.time(),
         "extra": extra or {},
     }
-    atomic_write_bytes(directory / f"{stem}.json", (json.dumps(meta, indent=1) + "\n").encode())
+    try:
+        atomic_write_bytes(directory / f"{stem}.json", (json.dumps(meta, indent=1) + "\n").encode())
+    except OSError:
+        # Without its description the data file is no checkpoint: give its space back (a full disk).
+        if not (directory / f"{stem}.json").exists():
+            with contextlib.suppress(FileNotFoundError):
+                (directory / f"{stem}.eqx").unlink()
+        raise
     info = _read_info(directory / f"{stem}.json")
     _verified_bytes(info)  # read back before anything older may go
     _prune(directory, keep, newest=info)
@@ -274,9 +284,32 @@ def load_checkpoint(
     raise CheckpointError(f"No intact checkpoint in {source}: " + " ".join(problems))
 
 
+# Checkpoints written before cait_eqx stored the patch embedding as the linear map it is (`PatchProjection`)
+# hold its bias in the shape of a convolution's bias, `(dim, 1, 1)`: the same numbers, read as `(dim,)`.
+_LEGACY_CONV_BIAS = "patch_embed.proj.bias"
+
+
+def _read_conv_bias(stream: Any, like: Any) -> Any:
+    array = jnp.load(stream)
+    if array.shape[-2:] == (1, 1) and array.shape[:-2] == like.shape:
+        return array.reshape(like.shape)
+    return array  # Equinox names any other shape as a mismatch
+
+
+def _filter_specs(like: PyTree) -> PyTree:
+    """How each leaf of `like` is read: as stored, but the old layout of the patch-embedding bias."""
+
+    def spec(path: Any, leaf: Any) -> Any:
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        return _read_conv_bias if name.endswith(_LEGACY_CONV_BIAS) else eqx.default_deserialise_filter_spec
+
+    return jax.tree_util.tree_map_with_path(spec, like)
+
+
 def _deserialise(blob: bytes, like: tuple[PyTree, PyTree], key_impl: str | None):
     stream = io.BytesIO(blob)
-    model, opt_state = eqx.tree_deserialise_leaves(stream, like)
+    # Equinox refuses an array whose shape is not the template's (naming it).
+    model, opt_state = eqx.tree_deserialise_leaves(stream, like, filter_spec=_filter_specs(like))
     # The key's data is the last array in the file; its shape depends on the PRNG implementation.
     key_data = np.load(stream)
     if stream.read(1):

@@ -34,6 +34,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
+from .._atomic import DiskFullError, check_writable_dir
 from .._model import CaiT
 from .._surgery import with_compute_dtype, with_remat
 from .._variants import EVAL_CROP_PCT, EVAL_INTERPOLATION
@@ -74,6 +75,7 @@ __all__ = [
     "TrainSteps",
     "check_images",
     "check_teacher",
+    "disk_full_note",
     "eval_transform",
     "evaluate_model",
     "fit",
@@ -579,6 +581,17 @@ def _should_stop(loop: Loop, state: LoopState, stop_asked: bool) -> bool:
     return stop_asked or loop.signals.urgent or state.step >= loop.stop_at
 
 
+def disk_full_note(checkpoint: CheckpointInfo | None, run_dir: Path | None) -> str:
+    """What a `DiskFullError` during a run adds: which checkpoint is intact and how to go on from it."""
+    if checkpoint is None:
+        return "No checkpoint had been written yet: free some space and start the run again."
+    how = f"`cait-eqx train --resume {run_dir}` (from Python: `fit(..., resume=True)`)"
+    return (
+        f"The last checkpoint, {checkpoint.path.with_suffix('').name} (step {checkpoint.step}), is intact: "
+        f"free some space, then continue with {how}."
+    )
+
+
 def run_steps(loop: Loop, state: LoopState, batches: Any) -> None:
     """The loop: each step, then what is due at it (read metrics, log, evaluate, checkpoint), then stop?"""
     config, signals = loop.config, loop.signals
@@ -794,6 +807,9 @@ def fit(
     `config.data_timeout` seconds (naming the batch and its files), and `cait_eqx.data.BadImageError` for a
     file that cannot be read (`bad_images="error"`): with one process and a `run_dir`, the steps done are
     checkpointed first, as on a stop.
+    `cait_eqx.NotWritableError`, before any work, when no file can be created in `run_dir`;
+    `cait_eqx.DiskFullError` when a checkpoint or a metrics line does not fit on the disk (its message names
+    the file, the bytes needed and free, and the last intact checkpoint to resume from).
     """
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"`max_steps` must be >= 0, got {max_steps}.")
@@ -807,6 +823,8 @@ def fit(
     check_freeze(model, config.freeze)
     if resume and run_dir is None:
         raise ValueError("`resume=True` needs the `run_dir` that holds the checkpoints.")
+    if run_dir is not None and is_primary():
+        check_writable_dir(run_dir, "the run directory")  # before anything is read or compiled
     num_classes = train_data.num_classes
     if test_data is not None and test_data.num_classes != num_classes:
         raise ValueError(
@@ -897,6 +915,8 @@ def fit(
                 state.window.start = started
                 try:
                     run_steps(loop, state, batches)
+                except DiskFullError as error:  # a checkpoint or metrics line did not fit: say what is safe
+                    raise error.with_note(disk_full_note(state.checkpoint, run_dir)) from None
                 except (DataWorkerError, BadImageError):
                     _checkpoint_before_data_error(loop, state)
                     raise

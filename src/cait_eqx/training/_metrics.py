@@ -3,16 +3,21 @@ by `MetricsLog`, read back by `read_metrics`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_write_bytes
+from .._atomic import DiskFullError, atomic_write_bytes
 
 __all__ = ["METRICS_FILE", "MetricsLog", "TrainWindow", "read_metrics"]
+
+logger = logging.getLogger("cait_eqx")
 
 # The file of a run directory that holds its records (`Run.metrics_path`).
 METRICS_FILE = "metrics.jsonl"
@@ -61,7 +66,12 @@ class MetricsLog:
     - `resume_step`: the step a run resumes from: the records after it are dropped (they will be logged
         again). `None`: a new run, an empty file.
     - `trackers`: more destinations for every record (TensorBoard, W&B: `cait_eqx.training._tracking`),
-        closed with this log.
+        closed with this log. A tracker that fails (a full disk under its folder, a broken connection) is
+        dropped with one warning on the `"cait_eqx"` logger, and the run goes on: `metrics.jsonl` keeps
+        every record.
+
+    **Raises** (from `write`): `cait_eqx.DiskFullError` when a line does not fit on the disk; the file is cut
+    back to its last whole line.
     """
 
     def __init__(self, run_dir: Path | None, resume_step: int | None, trackers: Sequence[Any] = ()):
@@ -82,17 +92,43 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self._handle is not None:
-            self._handle.write((json.dumps(record) + "\n").encode())
-        for tracker in self.trackers:
-            tracker.write(record)
+            line = (json.dumps(record) + "\n").encode()
+            end = self._handle.tell()
+            try:
+                rest = memoryview(line)
+                while rest:  # unbuffered: a write cut short by a full disk returns a count; the next fails
+                    rest = rest[self._handle.write(rest) :]
+            except OSError as error:
+                os.ftruncate(self._handle.fileno(), end)  # no cut line in the middle of the file
+                self._handle.seek(end)
+                full = DiskFullError.from_error(error, self.path, end + len(line))
+                if full is None:
+                    raise
+                raise full from None
+        for tracker in list(self.trackers):
+            self._call(tracker, "write", record)
+
+    def _call(self, tracker: Any, method: str, *args: Any) -> None:
+        """`tracker.method(*args)`; a tracker that fails is dropped with a warning, and the run goes on."""
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as error:  # noqa: BLE001 - third-party writers: any failure of theirs, same answer
+            if tracker in self.trackers:
+                self.trackers.remove(tracker)
+                with contextlib.suppress(Exception):  # let go of its files; it failed once already
+                    tracker.close()
+            logger.warning(
+                "cait_eqx: %s failed (%s: %s) and gets no more records; metrics.jsonl keeps them all.",
+                type(tracker).__name__, type(error).__name__, error,
+            )
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-        trackers, self.trackers = self.trackers, []
+        trackers, self.trackers = list(self.trackers), []
         for tracker in trackers:
-            tracker.close()
+            self._call(tracker, "close")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

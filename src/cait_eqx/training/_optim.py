@@ -23,6 +23,7 @@ from jaxtyping import PyTree
 
 from .._layers import Linear
 from .._model import CaiT
+from .._primitives import PatchProjection
 from ._config import FREEZE_MODES, TrainConfig
 from ._freeze import merge_trainable
 
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 # The modules whose `weight` is a linear map: the only parameters that weight decay should shrink.
-_DECAYED_MODULES = (Linear, eqx.nn.Linear, eqx.nn.Conv)
+_DECAYED_MODULES = (Linear, PatchProjection, eqx.nn.Linear, eqx.nn.Conv)
 
 
 def weight_decay_mask(model: PyTree) -> PyTree:

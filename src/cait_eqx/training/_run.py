@@ -29,7 +29,7 @@ import jax.random as jr
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
-from .._atomic import atomic_write_bytes
+from .._atomic import DiskFullError, atomic_write_bytes, check_writable_dir
 from .._config import image_size_pair
 from .._io import load, save
 from .._model import CaiT
@@ -38,7 +38,7 @@ from ..data import DataSource, load_dataset, train_test_split
 from ..parallel import to_host
 from ._checkpoint import list_checkpoints, load_checkpoint
 from ._config import RunConfig
-from ._fit import CHECKPOINT_DIR, FitResult, fit
+from ._fit import CHECKPOINT_DIR, FitResult, disk_full_note, fit
 from ._freeze import trainable_params
 from ._metrics import METRICS_FILE, read_metrics
 from ._optim import build_optimizer
@@ -383,9 +383,15 @@ def train_run(
     (`fit`'s `teacher`); a resumed run reads it again.
 
     **Returns:** a `RunSummary`.
+
+    **Raises:** `cait_eqx.NotWritableError` before any work when `run_dir` cannot be written;
+    `cait_eqx.DiskFullError` when a file does not fit on the disk (the message names the last intact
+    checkpoint and the command that continues from it).
     """
     started = time.perf_counter()
     run = Run(run_dir)
+    if jax.process_index() == 0:
+        check_writable_dir(run.path, "the run directory")
     train_data, test_data = load_run_data(config) if data is None else data
     root = jr.key(config.train.seed)
     model_key, run_key = jr.fold_in(root, 0), jr.fold_in(root, 1)
@@ -408,7 +414,10 @@ def train_run(
     if primary:
         run.path.mkdir(parents=True, exist_ok=True)
         if not resume or not run.exists:
-            _write_json(run.config_path, record)
+            try:
+                _write_json(run.config_path, record)
+            except DiskFullError as error:
+                raise error.with_note(disk_full_note(None, run.path)) from None
     result = fit(
         model,
         train_data,
@@ -424,18 +433,21 @@ def train_run(
         teacher=teacher,
     )
     model_path = None
-    if result.status == "completed":
-        # Whole arrays on the host (with several processes, a collective every process joins).
-        final, ema = (result.model, result.ema)
-        if jax.process_count() > 1:
-            final, ema = to_host((final, ema))
-        if primary:
-            model_path = save(run.model_path, final)
-            if ema is not None:
-                save(run.ema_model_path, ema)
-    summary = RunSummary(run.path, result, time.perf_counter() - started, model_path)
-    if result.status == "completed" and primary:
-        _write_json(run.summary_path, summary.as_dict())
+    try:
+        if result.status == "completed":
+            # Whole arrays on the host (with several processes, a collective every process joins).
+            final, ema = (result.model, result.ema)
+            if jax.process_count() > 1:
+                final, ema = to_host((final, ema))
+            if primary:
+                model_path = save(run.model_path, final)
+                if ema is not None:
+                    save(run.ema_model_path, ema)
+        summary = RunSummary(run.path, result, time.perf_counter() - started, model_path)
+        if result.status == "completed" and primary:
+            _write_json(run.summary_path, summary.as_dict())
+    except DiskFullError as error:  # the training is done and checkpointed: resuming writes the files
+        raise error.with_note(disk_full_note(result.checkpoint, run.path)) from None
     return summary
 
 

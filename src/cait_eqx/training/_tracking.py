@@ -77,6 +77,9 @@ class TensorBoardTracker:
     def write(self, record: dict[str, Any]) -> None:
         for name, value in scalars(record).items():
             self.writer.add_scalar(name, value, global_step=int(record["step"]))
+        # Now, not in tensorboardX's thread: a full disk then fails here, where `MetricsLog` drops the tracker
+        # and the run goes on (one record per `log_every` steps: the flush costs nothing that shows).
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.flush()
