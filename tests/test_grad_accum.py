@@ -109,14 +109,20 @@ def _assert_same_step(got, want):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=list(RECIPES))
+# The two longest recipes run in the slow tier (`pytest -m slow`); the probe's runs in every test command.
+@pytest.mark.parametrize("recipe", [
+    pytest.param(name, marks=[pytest.mark.slow] if name != "hard-distillation-probe" else [])
+    for name in RECIPES
+], ids=list(RECIPES))
 def test_an_accumulated_step_equals_one_big_batch(recipe):
     step_config, optim_kwargs = RECIPES[recipe]
     want = _step_result(step_config, optim_kwargs, 1)
     _assert_same_step(_step_result(step_config, optim_kwargs, 4), want)
 
 
-@pytest.mark.parametrize("recipe", ["mixing-ema-layer-decay", "soft-distillation-frozen-blocks"])
+@pytest.mark.parametrize("recipe", [
+    pytest.param("mixing-ema-layer-decay", marks=pytest.mark.slow), "soft-distillation-frozen-blocks",
+])
 def test_accumulation_on_a_mesh_equals_one_big_batch_on_one_device(recipe):
     step_config, optim_kwargs = RECIPES[recipe]
     want = _step_result(step_config, optim_kwargs, 1)
@@ -140,6 +146,7 @@ def _scratch_bytes(batch, accum):
     return lowered.compile().compiled.memory_analysis().temp_size_in_bytes, params
 
 
+@pytest.mark.slow
 def test_peak_memory_is_one_micro_batchs():
     """XLA's scratch memory of the compiled step: 64 images as 16 micro-batches of 4 take what a step on 4
     images takes, plus the gradient sum (one copy of the parameters), not what 64 at once take."""
@@ -155,6 +162,7 @@ def _digits(n_train=96, n_test=32):
     return train.subset(np.arange(n_train)), test.subset(np.arange(n_test))
 
 
+@pytest.mark.slow
 def test_fit_counts_optimiser_steps_and_resumes_exactly(tmp_path):
     train, test = _digits()
     model = _model(jr.key(0), layer_dropout=0.1)

@@ -473,6 +473,7 @@ def _release(path: Path) -> None:
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="named pipes, SIGKILL")
 def test_a_worker_stuck_in_a_read_stops_fit_naming_the_batch_keeping_a_checkpoint_and_it_resumes(
     tmp_path, mnist_folder

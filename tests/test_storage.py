@@ -174,6 +174,7 @@ except cait_eqx.DiskFullError as error:
 """
 
 
+@pytest.mark.slow
 def test_fit_on_a_disk_that_fills_up_names_the_intact_checkpoint_and_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run([sys.executable, "-c", _FIT_ON_A_FILLING_DISK, str(run_dir)], capture_output=True,

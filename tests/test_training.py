@@ -730,6 +730,7 @@ def test_a_default_step_config_smooths_mixes_and_augments_nothing():
         num_classes=10, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0,
         switch_prob=0.5, crop_padding=0, flip=False, reprob=0.0, remode="pixel", recount=1,
         normalize="none", distillation="none", distillation_alpha=0.5, distillation_tau=1.0,
+        freeze="none", grad_accum_steps=1,
     )
     assert tuple(defaults)[1:] == training.TrainConfig.step_fields()  # declared there, in its order
     # The recipe's own step keeps the recipe's values.

@@ -53,9 +53,7 @@ class CaiT(eqx.Module):
     pos_embed: Float[Array, "patches dim"]
     cls_token: Float[Array, " dim"]
     pos_drop: eqx.nn.Dropout
-    # One stack; only inside a training step that freezes the first blocks, two (`run_stacked`'s segments,
-    # `cait_eqx.training.trainable_model`).
-    blocks: LayerScaleBlock
+    blocks: LayerScaleBlock  # inside a step freezing the first blocks, two: `training.trainable_model`
     blocks_token_only: tuple[ClassAttentionBlock, ...]
     norm: LayerNorm
     head: Linear | None
