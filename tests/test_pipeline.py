@@ -614,6 +614,7 @@ def test_cli_run_whose_data_worker_hangs_stops_with_one_line_a_checkpoint_and_a_
 # ------------------------------------------------------------------------------ evaluation as timm does it
 
 
+@pytest.mark.torch  # timm's create_transform is the reference
 def test_the_trainer_evaluates_a_folder_as_timms_validate_does(mnist_folder):
     """A folder is evaluated as timm's `validate.py` evaluates a CaiT: shorter side resized to size /
     crop_pct (bicubic), centre crop; default crop_pct 1.0 (CaiT's pretrained configs), `eval_crop_pct` to
