@@ -262,6 +262,34 @@ def holding(lock: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def run_worker(
+    script: str,
+    spec: Any,
+    *,
+    args: tuple[str, ...] = (),
+    flag: str = "--worker",
+    env: dict[str, str] | None = None,
+    lock: str | None = None,
+    timeout: float = 1800,
+) -> Any:
+    """Run one measurement in a fresh Python process and return what it printed last, as JSON.
+
+    Runs `python SCRIPT *args FLAG JSON(spec)` (the script's own worker mode) with `env` added to this
+    process's environment, holding the CPU lock `lock` (if given) for just that process, so a long series of
+    workers lets other work in between. A fresh process gives each measurement its own peak memory and its own
+    start-up settings (XLA flags, allocator tunables), which one process cannot undo.
+
+    **Raises:** `SystemExit` with the command and the tail of its stderr when the worker fails.
+    """
+    cmd = [sys.executable, os.path.abspath(script), *args, flag, json.dumps(spec)]
+    with holding(lock):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                              timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def write_json_atomic(path: str, data: Any) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -786,12 +814,8 @@ def run_memory(bench: Bench, args) -> list[dict]:
     for contender in ("cait_eqx", "timm"):
         spec = dict(config=bench.key, contender=contender, infer_batch=infer_batch)
         _log(f"[{bench.key}] memory of {contender} in a subprocess ...")
-        cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--huge-pages",
-               args.huge_pages, "--memory-worker", json.dumps(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            raise SystemExit(f"memory worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(__file__, spec, args=("--threads", str(args.threads), "--huge-pages",
+                                                     args.huge_pages), flag="--memory-worker", timeout=900))
     return rows
 
 

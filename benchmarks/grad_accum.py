@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -112,11 +111,7 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict, threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return bench.run_worker(__file__, spec, args=("--threads", str(threads)), timeout=900)
 
 
 _LABELS = {

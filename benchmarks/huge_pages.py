@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -69,13 +68,8 @@ def worker(spec: dict) -> dict:
 
 def run_worker(config: str, setting: str, steps: int, threads: int, idle: list[float] = ()) -> dict:
     tunables = bench.tunables_with_hugetlb(os.environ.get("GLIBC_TUNABLES", ""), setting == "on")
-    env = dict(os.environ, GLIBC_TUNABLES=tunables)
-    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--worker",
-           json.dumps(dict(config=config, steps=steps, idle=list(idle)))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return bench.run_worker(__file__, dict(config=config, steps=steps, idle=list(idle)),
+                            args=("--threads", str(threads)), env={"GLIBC_TUNABLES": tunables})
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -105,27 +104,9 @@ def worker(spec: dict) -> dict:
 
 def run_worker(config: str, policy: str, args) -> dict:
     spec = dict(config=config, policy=policy, steps=args.steps, warmup=args.warmup)
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--threads",
-        str(args.threads),
-        "--worker",
-        json.dumps(spec),
-    ]
-    env = dict(
-        os.environ,
-        **(
-            {"JAX_COMPILATION_CACHE_DIR": args.jax_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-            if args.jax_cache
-            else {}
-        ),
-    )
-    with bench.holding(args.lock):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    cache = ({"JAX_COMPILATION_CACHE_DIR": args.jax_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+             if args.jax_cache else {})
+    return bench.run_worker(__file__, spec, args=("--threads", str(args.threads)), env=cache, lock=args.lock)
 
 
 def markdown(results: dict) -> str:

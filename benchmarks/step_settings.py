@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -134,17 +133,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ)
     flags = spec["setting"]["flags"]
-    if flags:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        env=env, capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"worker for {spec['name']!r} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()} if flags else {}
+    return bench.run_worker(__file__, spec, env=env, timeout=3600)
 
 
 def markdown(results: dict[str, Any]) -> str:

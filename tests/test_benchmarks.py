@@ -196,7 +196,7 @@ def test_each_variant_traces_differently_and_is_undone():
         return str(jax.make_jaxpr(jax.grad(lambda p: eqx.combine(p, static)(image).sum()))(params))
 
     current = program()
-    for variant in ("head-mix product", "erfc GELU", "indexed qkv"):
+    for variant in ("head-mix product", "erfc GELU", "indexed qkv", "heads-major attention"):
         with train_step_variants.traced_as(variant):
             assert program() != current, variant
         assert program() == current, f"{variant} was not undone"
@@ -765,3 +765,40 @@ def test_freeze_script_quick_mode(tmp_path, jax_cache):
     proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and _tables(proc.stdout) == [table], proc.stderr
+
+
+@pytest.mark.slow
+def test_finetune_methods_script_quick_mode(tmp_path, jax_cache):
+    """`finetune_methods.py --quick` (behind the fine-tuning guide's methods table): one fresh worker per
+    method, and each method reaches the compiled step: the probe and `blocks:N` train fewer parameters and
+    keep smaller optimiser states than the full fine-tune, accumulation needs less scratch than the full
+    step, and every method trains the same loss at step 0 (same weights, same batch) to float32 rounding."""
+    script = ROOT / "benchmarks" / "finetune_methods.py"
+    path = tmp_path / "methods.json"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(jax_cache))
+    methods = "full,remat:full,accum:2,probe,HALF"
+    cmd = [sys.executable, str(script), "--quick", "--batch", "8", "--methods", methods, "--json", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (table,) = _tables(proc.stdout)
+    rows = {r["method"]: r for r in json.loads(path.read_text())["methods"]}
+    assert list(rows) == ["full", "remat:full", "accum:2", "probe", "blocks:1"] and len(table) == 5
+    full = rows["full"]
+    for name in ("probe", "blocks:1"):
+        assert rows[name]["trainable_params"] < full["trainable_params"] == full["total_params"]
+        assert rows[name]["opt_state_mb"] < full["opt_state_mb"]
+    for name in ("remat:full", "accum:2"):
+        assert rows[name]["trainable_params"] == full["trainable_params"]
+    assert rows["accum:2"]["temp_mb"] < full["temp_mb"]
+    for row in rows.values():
+        assert math.isclose(row["first_loss"], full["first_loss"], rel_tol=1e-5), row["method"]
+        assert row["step_s"] > 0 and row["peak_first_step_mb"] > 0
+    proc = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and _tables(proc.stdout) == [table], proc.stderr
+
+
+def test_finetune_methods_rejects_an_unknown_method():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune_methods.py"), "--quick",
+                           "--methods", "full,lora"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode != 0 and "unknown method 'lora'" in proc.stderr and "lora:R" in proc.stderr
