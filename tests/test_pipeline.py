@@ -566,6 +566,65 @@ def test_the_check_pass_stops_on_a_read_that_never_returns_naming_the_files(tmp_
         stuck.write_bytes(content)
 
 
+def _wait_for_reader_threads() -> None:
+    """After `_release`: the thread that was blocked in `open` goes on, and ends."""
+    deadline = time.monotonic() + 10
+    reading = lambda: any(t.name == "cait-eqx-prefetch" for t in threading.enumerate())  # noqa: E731
+    while reading() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="named pipes")
+def test_a_held_out_image_that_never_reads_stops_fit_naming_the_eval_batch_and_keeps_the_steps(
+    tmp_path, mnist_folder
+):
+    """The evaluation of a lazy held-out folder during training is bounded by `data_timeout` too: a held-out
+    file that blocks when opened (a named pipe) stops `fit` with a `DataWorkerError` naming the evaluation
+    batch and its files, after about `data_timeout` seconds, with the epoch's steps checkpointed. Wrong would
+    be a trainer that waits for ever at the end of the epoch, an error without the file, or lost steps."""
+    import jax.random as jr
+
+    import cait_eqx
+    from cait_eqx.training import TrainConfig, fit, list_checkpoints
+
+    folder = tmp_path / "folder"
+    shutil.copytree(mnist_folder, folder)
+    source = data.scan_image_folder(folder, image_size=16)
+    train, test = source.subset(np.arange(0, 60, 2), "train"), source.subset(np.arange(1, 60, 2), "test")
+    config = TrainConfig(epochs=1, batch_size=8, eval_batch_size=8, data_workers=0, data_timeout=1.0,
+                         check_data=False, checkpoint_every=100, log_every=100)
+    stuck = Path(test.describe(13))  # in evaluation batch 1 (images 8 to 15)
+    content = _stuck_file(stuck)
+    model = cait_eqx.CaiT(image_size=16, patch_size=4, num_classes=3, dim=16, depth=1, cls_depth=1, heads=2,
+                          mlp_dim=32, channels=1, key=jr.key(0))
+    run = tmp_path / "run"
+    try:
+        with pytest.raises(data.DataWorkerError, match=r"Evaluation batch 1 of 4 \(images 8 to 15 of test\) "
+                           r"was not read in 1 s") as caught:
+            fit(model, train, test, config, key=jr.key(1), run_dir=run, progress=False, handle_signals=False)
+        error = caught.value
+        assert error.paths == tuple(test.describe(i) for i in range(8, 16))
+        assert str(stuck) in error.paths and "Its files: " in str(error) and "and 4 more." in str(error)
+        (kept,) = list_checkpoints(run / "checkpoints")
+        assert kept.step == 3  # the epoch's three steps (30 images, batches of 8) are kept
+    finally:
+        _release(stuck)
+        _wait_for_reader_threads()
+        stuck.unlink()
+        stuck.write_bytes(content)
+
+
+def test_eval_batches_with_a_timeout_give_what_they_give_without_one(mnist_folder):
+    """The bounded read (in a thread) must not change the batches: same images, labels and padding."""
+    source = data.scan_image_folder(mnist_folder, image_size=16).subset(np.arange(0, 60, 7), "some")
+    plain = list(data.eval_batches(source, 4))
+    bounded = list(data.eval_batches(source, 4, timeout=30))
+    assert len(plain) == len(bounded) == 3
+    for a, b in zip(plain, bounded, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="named pipes")
 def test_cli_run_whose_data_worker_hangs_stops_with_one_line_a_checkpoint_and_a_resume_hint(

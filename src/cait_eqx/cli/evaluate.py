@@ -96,8 +96,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         result = training.evaluate(
             model, dataset, batch_size=args.batch_size, normalize=config.train.normalize,
             transform=training.eval_transform(config.train, dataset),  # as the run evaluated
+            timeout=config.train.data_timeout or None,  # a file that blocks when read: one line, not a hang
         )
-    except ValueError as error:
+    except (ValueError, data.DataWorkerError) as error:
         print(f"cait-eqx evaluate: error: {error}", file=sys.stderr)
         return 1
     source = {

@@ -23,11 +23,16 @@ from ._workers import (
 
 __all__ = ["eval_batches", "find_bad_images", "prefetch"]
 
+# How many of a stalled batch's files an error message lists before it only counts the rest.
+_LISTED = 4
+
 
 def eval_batches(
     dataset: Any,
     batch_size: int,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    *,
+    timeout: float | int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The whole dataset (a `Dataset` or a lazy source) in order, in fixed-size batches: `(images, labels,
     valid)`.
@@ -36,7 +41,45 @@ def eval_batches(
     once; `valid` marks the real examples. With a `transform` (e.g. `EvalTransform`, timm's resize and
     centre crop) each image is read at its own size (`read_native`) and transformed; without one the
     source's `read` gives its `image_size` (a bilinear resize of the whole image).
+
+    **Arguments:**
+
+    - `dataset`, `batch_size`, `transform`: as above.
+    - `timeout`: the longest wait for one batch, in seconds (`None`: for ever). With a timeout the batches
+        are read ahead in a thread (`prefetch`), so a read that never returns (a file that blocks when
+        opened, a decoder that hangs) cannot hold the caller: after `timeout` seconds a `DataWorkerError`
+        names the evaluation batch and its files (`paths`). (Keyword only argument.)
     """
+    batches = _eval_batches(dataset, batch_size, transform)
+    if timeout is None:
+        yield from batches
+        return
+    n = len(dataset)
+    count = -(-n // batch_size)
+
+    def stalled(done: int) -> DataWorkerError:
+        first, last = done * batch_size, min((done + 1) * batch_size, n) - 1
+        paths = tuple(dataset.describe(i) for i in range(first, last + 1))
+        more = len(paths) - _LISTED
+        listed = ", ".join(paths[:_LISTED]) + (f" and {more} more" if more > 0 else "")
+        return DataWorkerError(
+            f"Evaluation batch {done} of {count} (images {first} to {last} of {dataset.name}) was not read "
+            f"in {timeout:g} s: one of its files blocks when read (a stalled network file system, a named "
+            f"pipe) or its decoding hangs. Its files: {listed}. Check that they read (e.g. `cat FILE > "
+            f"/dev/null`); if reading is only slow, raise --data-timeout (`TrainConfig.data_timeout`; 0 "
+            f"waits for ever).",
+            paths=paths,
+        )
+
+    # Read in a daemon thread: a read that never returns there cannot hold the caller (nor its exit).
+    found = prefetch(batches, size=2, timeout=timeout, on_timeout=stalled)
+    try:
+        yield from found
+    finally:
+        found.close()
+
+
+def _eval_batches(dataset: Any, batch_size: int, transform: Any) -> Iterator[tuple[np.ndarray, ...]]:
     n = len(dataset)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)

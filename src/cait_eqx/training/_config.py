@@ -312,8 +312,9 @@ class TrainConfig:
         metavar="N", group="loop",
     )
     data_timeout: float = hyper(
-        300.0, help="seconds to wait for one training batch before stopping with an error that names its "
-        "files (a file that blocks when read, as on a stalled network file system; a decoder that hangs); "
+        300.0, help="seconds to wait for one batch (of training or of the evaluation) before stopping "
+        "with an error that names its files (a file that blocks when read, as on a stalled network file "
+        "system; a decoder that hangs); "
         "0 waits for ever", check=_NON_NEGATIVE, metavar="SECONDS", group="loop",
     )
     bad_images: str = hyper("error", help="a training image that cannot be read: error (stop, naming it) or "

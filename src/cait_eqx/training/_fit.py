@@ -514,6 +514,7 @@ def evaluate_model(loop: Loop, model: PyTree) -> EvalResult | None:
         normalize=loop.config.normalize,
         eval_step=loop.steps.eval_step,
         transform=eval_transform(loop.config, loop.test_data),
+        timeout=loop.config.data_timeout or None,  # a read that hangs stops the run, as in training
     )
 
 
@@ -803,10 +804,10 @@ def fit(
 
     **Raises:** `NonFiniteLossError` (naming the step) when a loss or gradient is not finite and
     `config.on_nonfinite == "stop"`; the update of that step is not applied and no checkpoint is written.
-    `cait_eqx.data.DataWorkerError` when a data worker dies, or when no batch comes in
-    `config.data_timeout` seconds (naming the batch and its files), and `cait_eqx.data.BadImageError` for a
-    file that cannot be read (`bad_images="error"`): with one process and a `run_dir`, the steps done are
-    checkpointed first, as on a stop.
+    `cait_eqx.data.DataWorkerError` when a data worker dies, or when no batch (of training or of the
+    evaluation of `test_data`) comes in `config.data_timeout` seconds (naming the batch and its files),
+    and `cait_eqx.data.BadImageError` for a file that cannot be read (`bad_images="error"`): with one
+    process and a `run_dir`, the steps done are checkpointed first, as on a stop.
     `cait_eqx.NotWritableError`, before any work, when no file can be created in `run_dir`;
     `cait_eqx.DiskFullError` when a checkpoint or a metrics line does not fit on the disk (its message names
     the file, the bytes needed and free, and the last intact checkpoint to resume from).

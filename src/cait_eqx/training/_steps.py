@@ -312,6 +312,7 @@ def evaluate(
     normalize: str = "none",
     eval_step: Callable[..., dict[str, Array]] | None = None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    timeout: float | int | None = None,
 ) -> EvalResult:
     """Top-1 and top-5 accuracy, mean loss and the confusion matrix of `model` on every example of `dataset`.
 
@@ -325,6 +326,9 @@ def evaluate(
     - `transform`: how each image read at its own size becomes the model's input, e.g. timm's resize and
         centre crop (`eval_transform(config, dataset)`); `None`: the dataset's `read` (its `image_size`).
         (Keyword only argument.)
+    - `timeout`: the longest wait for one batch of images, in seconds (`None`: for ever); then
+        `cait_eqx.data.DataWorkerError` names the batch and its files (`fit` passes `config.data_timeout`).
+        (Keyword only argument.)
 
     **Returns:** an `EvalResult`. Top-5 is top-`min(5, num_classes)`.
     """
@@ -333,20 +337,24 @@ def evaluate(
     k = min(5, dataset.num_classes)
     confusion = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
     loss_sum, top1, topk = 0.0, 0, 0
-    for images, labels, valid in eval_batches(dataset, batch_size, transform):
-        out = step(model, (jnp.asarray(images), jnp.asarray(labels)))
-        logits = np.asarray(out["logits"])[valid]
-        if logits.shape[-1] != dataset.num_classes:
-            raise ValueError(
-                f"The model has {logits.shape[-1]} outputs but the dataset {dataset.name!r} has "
-                f"{dataset.num_classes} classes."
-            )
-        truth = labels[valid]
-        loss_sum += float(np.asarray(out["loss"])[valid].sum())
-        predicted = logits.argmax(axis=-1)
-        top1 += int((predicted == truth).sum())
-        ranked = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-        topk += int((ranked == truth[:, None]).any(axis=-1).sum())
-        np.add.at(confusion, (truth, predicted), 1)
+    batches = eval_batches(dataset, batch_size, transform, timeout=timeout)
+    try:
+        for images, labels, valid in batches:
+            out = step(model, (jnp.asarray(images), jnp.asarray(labels)))
+            logits = np.asarray(out["logits"])[valid]
+            if logits.shape[-1] != dataset.num_classes:
+                raise ValueError(
+                    f"The model has {logits.shape[-1]} outputs but the dataset {dataset.name!r} has "
+                    f"{dataset.num_classes} classes."
+                )
+            truth = labels[valid]
+            loss_sum += float(np.asarray(out["loss"])[valid].sum())
+            predicted = logits.argmax(axis=-1)
+            top1 += int((predicted == truth).sum())
+            ranked = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+            topk += int((ranked == truth[:, None]).any(axis=-1).sum())
+            np.add.at(confusion, (truth, predicted), 1)
+    finally:
+        batches.close()  # a thread reading ahead stops
     n = len(dataset)
     return EvalResult(loss_sum / n, top1 / n, topk / n, confusion, n)
