@@ -354,3 +354,61 @@ def test_cait_eqx_predict_refuses_an_unwritable_output_before_loading_the_model(
     assert caught.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"cait-eqx predict: error: {flag} {path}") and says in err, err
+
+
+def _output_cases(tmp_path: Path, name: str) -> dict[str, tuple[Path, str]]:
+    """Output files that cannot be written (even by root) and what the error says: in a folder that is a
+    file, under a file, on a read-only file system, and a folder where a file is needed."""
+    cases = {case: (path / name, says) for case, (path, says) in _unwritable(tmp_path).items()}
+    cases["a file's folder"] = cases.pop("a file")
+    cases["a folder"] = (tmp_path, "is a folder; give a file name")
+    return cases
+
+
+OUTPUT_CASES = ["a file's folder", "under a file", "read-only", "a folder"]
+
+
+def _one_usage_line(caught, capsys, starts: str, says: str) -> None:
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(starts) and says in err, err
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_cait_eqx_evaluate_refuses_an_unwritable_json_before_loading_the_run(tmp_path, case, capsys):
+    path, says = _output_cases(tmp_path, "results.json")[case]
+    empty_run = tmp_path / "run"  # no model, no config: anything read first would fail otherwise
+    empty_run.mkdir()
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["evaluate", str(empty_run), "--json", str(path)])
+    _one_usage_line(caught, capsys, f"cait-eqx evaluate: error: --json {path}", says)
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_cait_eqx_attention_refuses_an_unwritable_out_before_loading_the_model(tmp_path, case, capsys):
+    path, says = _output_cases(tmp_path, "attn.png")[case]
+    image, model = tmp_path / "image.png", tmp_path / "model.safetensors"
+    image.write_bytes(b"not an image")  # files that exist but cannot be read: loading them would fail
+    model.write_bytes(b"not a model")
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["attention", str(image), "--checkpoint", str(model), "--out", str(path)])
+    _one_usage_line(caught, capsys, f"cait-eqx attention: error: --out {path}", says)
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_cait_eqx_plot_refuses_an_unwritable_out_before_reading_the_metrics(tmp_path, case, capsys):
+    path, says = _output_cases(tmp_path, "curves.png")[case]
+    empty_run = tmp_path / "run"  # no metrics: reading them first would fail otherwise
+    empty_run.mkdir()
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["plot", str(empty_run), "--out", str(path)])
+    _one_usage_line(caught, capsys, f"cait-eqx plot: error: --out {path}", says)
+
+
+def test_cait_eqx_plot_into_a_run_directory_it_cannot_write_says_to_use_out(capsys):
+    """Without --out the curves go into the run directory: one that cannot be written (here `/proc`, a
+    folder not even root can create a file in) is a usage error that names --out."""
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["plot", "/proc"])
+    _one_usage_line(caught, capsys, "cait-eqx plot: error: Cannot write curves.png to /proc: no file can be "
+                    "created in /proc", "Or draw the curves elsewhere with --out FILE")

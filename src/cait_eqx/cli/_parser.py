@@ -20,6 +20,7 @@ __all__ = [
     "UsageParser",
     "add_config_flags",
     "add_field_flag",
+    "check_output_file",
     "config_fields",
     "dataset_spec",
     "existing_dir",
@@ -224,3 +225,23 @@ def mesh_spec(text: str) -> str:
     except parallel.MeshError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def check_output_file(parser: argparse.ArgumentParser, flag: str, path: Path, example: str) -> None:
+    """A usage error (one line) unless `path`, the file `flag` names, can be written: not a folder, in a
+    folder where a file can be created (`cait_eqx.check_writable_dir`). Commands check this first, before
+    they load or compile anything, so a bad output path never costs the work before it.
+
+    **Arguments:**
+
+    - `parser`: the command's parser (its `error` ends the program).
+    - `flag`: how the path was given, for the message (e.g. `"--json"`).
+    - `path`: the file to write.
+    - `example`: a file name to suggest when `path` is a folder (e.g. `"results.json"`).
+    """
+    if path.is_dir():
+        parser.error(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
+    try:
+        cait_eqx.check_writable_dir(path.parent, path.name)
+    except OSError as error:
+        parser.error(f"{flag} {path}: {error}")

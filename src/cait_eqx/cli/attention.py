@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._parser import check_output_file
+
 __all__ = ["NORMALIZATIONS", "add_parser", "run"]
 
 NORMALIZATIONS = ("auto", "imagenet", "none")
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not weights_file.is_file():
         flag = "--checkpoint" if args.checkpoint is not None else "--weights"
         parser.error(f"{flag} file not found: {weights_file}")
+    check_output_file(parser, "--out", args.out, "attn.png")  # before the model is loaded or compiled
 
     import cait_eqx
     from cait_eqx import viz

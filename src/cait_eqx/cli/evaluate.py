@@ -9,7 +9,7 @@ from typing import Any
 
 from cait_eqx import data, training
 
-from ._parser import dataset_spec, existing_dir, int_at_least
+from ._parser import check_output_file, dataset_spec, existing_dir, int_at_least
 
 __all__ = ["add_parser", "confusion_table", "run"]
 
@@ -68,6 +68,8 @@ def _dataset(args: argparse.Namespace, run_dir: training.Run, config: training.R
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run `cait-eqx evaluate` with the parsed `args`; returns the exit status (0, or 1 on an error)."""
+    if args.json is not None:  # before the model is loaded or anything compiled
+        check_output_file(parser, "--json", args.json, "results.json")
     run_dir = training.Run(args.run_dir)
     try:
         config = run_dir.config()

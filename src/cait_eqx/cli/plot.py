@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._parser import check_output_file
+
 __all__ = ["add_parser", "run"]
 
 
@@ -33,8 +35,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run `cait-eqx plot` with the parsed `args`; returns the exit status (0, or 1 on an error)."""
     if not args.run_dir.is_dir():
         parser.error(f"run directory not found: {args.run_dir}")
-    from cait_eqx import viz
+    from cait_eqx import training, viz
 
+    # Before the metrics are read or anything drawn: the PNG must be a file that can be written.
+    if args.out is not None:
+        check_output_file(parser, "--out", args.out, "curves.png")
+    else:  # the run's own curves file: a run directory that cannot be written needs --out elsewhere
+        import cait_eqx
+
+        try:
+            cait_eqx.check_writable_dir(args.run_dir, training.Run.CURVES_FILE)
+        except OSError as error:
+            parser.error(f"{error} Or draw the curves elsewhere with --out FILE")
     try:
         out = viz.plot_training_curves(args.run_dir, args.out)
     except (ValueError, OSError) as error:

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._parser import int_at_least
+from ._parser import check_output_file, int_at_least
 
 __all__ = ["PREPROCESSING", "add_parser", "find_images", "run"]
 
@@ -189,18 +189,9 @@ def _write(path: Path, text: str) -> None:
 
 def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """`--csv` and `--json` must be files we can write: checked before the model is loaded or compiled."""
-    import cait_eqx
-
     for flag, path in (("--csv", args.csv), ("--json", args.json)):
-        if path is None:
-            continue
-        if path.is_dir():
-            example = path / f"predictions.{flag[2:]}"
-            parser.error(f"{flag} {path} is a folder; give a file name, e.g. {example}")
-        try:
-            cait_eqx.check_writable_dir(path.parent, path.name)
-        except OSError as error:
-            parser.error(f"{flag} {path}: {error}")
+        if path is not None:
+            check_output_file(parser, flag, path, f"predictions.{flag[2:]}")
 
 
 def _table(rows: list[dict[str, Any]], k: int) -> str:
