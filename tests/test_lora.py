@@ -60,7 +60,7 @@ def _named(tree) -> dict[str, bytes]:
 
 def test_an_adapted_model_computes_the_base_model_exactly(getkey):
     model = _tiny(getkey(), layer_dropout=0.2, dropout=0.1)
-    adapted = cait_eqx.lora(model, rank=4, alpha=16.0, targets=cait_eqx.LORA_TARGETS, key=getkey())
+    adapted = cait_eqx.lora(model, rank=4, alpha=16, targets=cait_eqx.LORA_TARGETS, key=getkey())
     images, key = jr.uniform(getkey(), (4, 1, 8, 8)), getkey()
     keys = jr.split(key, 4)
     # In training mode (dropout, stochastic depth) and in inference mode: the same logits, bit for bit.

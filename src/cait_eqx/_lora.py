@@ -115,7 +115,7 @@ def lora(
     model: CaiT,
     *,
     rank: int,
-    alpha: float | None = None,
+    alpha: float | int | None = None,
     targets: str | Sequence[str] = DEFAULT_LORA_TARGETS,
     key: PRNGKeyArray,
 ) -> CaiT:
