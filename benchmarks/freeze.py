@@ -5,6 +5,8 @@ Variants, each `cait_eqx.training.make_train_step` with the DeiT recipe (`make_o
 - `none`: full fine-tuning, every parameter differentiated and optimised;
 - `blocks:N`: the stem and the first N self-attention blocks frozen (`TrainConfig.freeze="blocks:N"`);
 - `backbone`: a linear probe, only the head trains (`freeze="backbone"`);
+- `lora:R`: LoRA adapters of rank R on every attention and MLP Linear (`cait_eqx.lora`, the default
+    targets), the base weights frozen: the adapters and the head train;
 - `masked`: the probe as before this change: every gradient computed, then routed to zero updates with
     `optax.multi_transform` (`make_optimizer(freeze="backbone")`), Adam state for the head only.
 
@@ -17,7 +19,8 @@ each traced step (`bench.traced_matmul_flops`) say what the compiled program has
 
 Run it under the machine's CPU lock, e.g.
 `flock /tmp/cait_cpu.lock python benchmarks/freeze.py --json benchmarks/results/freeze.json`; the results
-are in `docs/guides/finetune.md` ("A frozen backbone costs nothing").
+are in `docs/guides/finetune.md` ("A frozen backbone costs nothing"; the `lora:8` row under "LoRA
+adapters", `benchmarks/results/freeze_lora.json`).
 """
 
 from __future__ import annotations
@@ -53,19 +56,21 @@ def measure(args) -> dict:
     labels = jnp.arange(args.batch, dtype=jnp.int32) % model.config.num_classes
     steps, out = {}, {}
     for variant in variants:
-        freeze = "none" if variant == "masked" else variant
+        lora_rank = int(variant.split(":")[1]) if variant.startswith("lora:") else 0
+        trained = cait_eqx.lora(model, rank=lora_rank, key=jr.key(2)) if lora_rank else model
+        freeze = "none" if variant == "masked" or lora_rank else variant
         optim = training.make_optimizer(1e-4, freeze="backbone" if variant == "masked" else "none")
         config = training.StepConfig(num_classes=model.config.num_classes, freeze=freeze)
         pure = training.make_train_step(optim, config, jit=False)
         masked = variant == "masked"
-        params = eqx.filter(model, eqx.is_array) if masked else training.trainable_params(model, freeze)
+        params = eqx.filter(trained, eqx.is_array) if masked else training.trainable_params(trained, freeze)
         opt_state = optim.init(params)
 
         def step(batch_and_key, model, opt_state, pure=pure):
             batch, key = batch_and_key
             return pure(model, opt_state, batch, key)
 
-        fresh = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
+        fresh = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, trained)
         flops = bench.traced_matmul_flops(
             eqx.filter_make_jaxpr(step)(((images, labels), jr.key(0)), fresh, opt_state)[0].jaxpr
         )
@@ -123,8 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="cait_xxs24_224", help="a cait_eqx variant name (random weights)")
     p.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
     p.add_argument("--variants", default="none,HALF,backbone,masked",
-                   help="comma list of freeze settings (none, backbone, blocks:N; HALF: blocks:depth/2) and "
-                   "masked (the probe with every gradient computed)")
+                   help="comma list of freeze settings (none, backbone, blocks:N; HALF: blocks:depth/2), "
+                   "lora:R (adapters of rank R) and masked (the probe with every gradient computed)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--target-s", type=float, default=4.0, help="seconds of timed calls per round and variant")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (affinity), as in bench.py")

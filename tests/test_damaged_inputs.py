@@ -395,6 +395,8 @@ def _bad_values(action: argparse.Action) -> list[str]:
         return ["mlflow", "jsonl,tb"]
     if kind == "freeze":  # none, backbone or blocks:N (N >= 1)
         return ["everything", "blocks:0", "blocks:x", "blocks:", "blocks:-1", ""]
+    if kind == "loratargets":  # --lora-targets: layer names
+        return ["attention", "qkv,proj_l", ""]
     if kind == "mesh_spec":
         return ["data=0", "tp=2", "data=2,data=2", ""]
     return []

@@ -79,6 +79,20 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, getkey, dtype):
     _assert_bit_exact(cait_eqx.load_timm(path), model)
 
 
+def test_a_header_length_ending_in_byte_0x80_is_still_safetensors(tmp_path, getkey):
+    """safetensors files start with their header's length, little-endian: one in 256 starts with byte 0x80,
+    the first byte of a pickle. Such a file is ours, not a torch pickle. (The header is padded with spaces up
+    to that length, which safetensors allows: tensor offsets count from the header's end.)"""
+    model = _random_model(getkey())
+    blob = cait_eqx.save(tmp_path / "model.safetensors", model).read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    padded = length + (0x80 - length) % 256
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(struct.pack("<Q", padded) + blob[8 : 8 + length].ljust(padded) + blob[8 + length :])
+    assert path.read_bytes()[:1] == b"\x80"
+    _assert_bit_exact(cait_eqx.load(path), model)
+
+
 @pytest.mark.torch
 def test_our_file_is_a_timm_checkpoint(tmp_path, getkey):
     import safetensors.torch

@@ -558,7 +558,8 @@ def test_train_config_is_declared_once_and_derives_the_rest():
     # changes what is recomputed, nor the bookkeeping).
     assert training.TrainConfig.trajectory_fields() == (
         "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_norm", "layer_decay",
-        "freeze", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "crop_padding",
+        "freeze", "lora_rank", "lora_alpha", "lora_targets", "label_smoothing", "mixup_alpha", "cutmix_alpha",
+        "mix_prob", "switch_prob", "crop_padding",
         "flip", "resized_crop", "crop_scale", "crop_ratio", "interpolation", "auto_augment", "aug_repeats",
         "reprob", "remode", "recount", "ema_decay", "normalize", "distillation", "distillation_alpha",
         "distillation_tau", "seed", "compute_dtype",

@@ -64,13 +64,27 @@ if TYPE_CHECKING:
         default_init_values as default_init_values,
     )
     from ._config_check import StaleConfigError as StaleConfigError
-    from ._constants import IMAGENET_MEAN as IMAGENET_MEAN, IMAGENET_STD as IMAGENET_STD
+    from ._constants import (
+        DEFAULT_LORA_TARGETS as DEFAULT_LORA_TARGETS,
+        IMAGENET_MEAN as IMAGENET_MEAN,
+        IMAGENET_STD as IMAGENET_STD,
+        LORA_TARGETS as LORA_TARGETS,
+    )
     from ._export import EXPORT_PLATFORMS as EXPORT_PLATFORMS, export as export
     from ._io import load as load, load_timm as load_timm, save as save
     from ._layers import (
         ClassAttention as ClassAttention,
         Mlp as Mlp,
         TalkingHeadAttention as TalkingHeadAttention,
+    )
+    from ._lora import (
+        has_lora as has_lora,
+        load_lora as load_lora,
+        lora as lora,
+        lora_settings as lora_settings,
+        lora_trainable as lora_trainable,
+        merge_lora as merge_lora,
+        save_lora as save_lora,
     )
     from ._model import CaiT as CaiT
     from ._preprocess import (
@@ -91,6 +105,8 @@ if TYPE_CHECKING:
         LayerNorm as LayerNorm,
         LayerScale as LayerScale,
         Linear as Linear,
+        LoRAError as LoRAError,
+        LoRALinear as LoRALinear,
         PatchEmbed as PatchEmbed,
         PatchProjection as PatchProjection,
     )

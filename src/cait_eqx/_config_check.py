@@ -11,9 +11,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import numpy as np
 
-__all__ = ["StaleConfigError", "arrays_config", "check_config", "stale_fields"]
+from ._primitives import LoRAError, LoRALinear
+
+__all__ = ["StaleConfigError", "arrays_config", "check_config", "check_no_adapters", "stale_fields"]
 
 
 class StaleConfigError(ValueError):
@@ -120,3 +123,14 @@ def check_config(model: Any, action: str) -> None:
         f"static field, which `eqx.tree_at` leaves as it was. To fix: " + "; ".join(fixes) + ".",
         {field: (said, got) for field, (said, got, _) in stale.items()},
     )
+
+
+def check_no_adapters(model: Any, action: str) -> None:
+    """Raise `LoRAError` if `model` carries LoRA adapters, which timm's layout has no place for."""
+    if any(isinstance(node, LoRALinear) for node in jax.tree.leaves(
+            model, is_leaf=lambda node: isinstance(node, LoRALinear))):
+        raise LoRAError(
+            f"Cannot {action}: the model carries LoRA adapters, which timm's `Cait` has no place for. Fold "
+            f"them in first (`model = cait_eqx.merge_lora(model)`: the same function), or save the adapters "
+            f"alone (`cait_eqx.save_lora(path, model)`)."
+        )

@@ -1,7 +1,8 @@
 """Constants shared by several rooms, defined once (pure Python: the command line's flags read them)."""
 
 __all__ = [
-    "BAD_IMAGE_POLICIES", "ERASE_MODES", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "NORMALIZATIONS"
+    "BAD_IMAGE_POLICIES", "DEFAULT_LORA_TARGETS", "ERASE_MODES", "IMAGENET_MEAN", "IMAGENET_STD",
+    "INTERPOLATIONS", "LORA_TARGETS", "NORMALIZATIONS",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -16,3 +17,9 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 """The resampling filters of the data pipeline's resized crops (PIL's)."""
 ERASE_MODES = ("pixel", "rand", "const")
 """Random erasing's fills (timm's): per-pixel normal values, one normal value per channel, or zeros."""
+LORA_TARGETS = ("qkv", "q", "k", "v", "proj", "fc1", "fc2", "head")
+"""The layers `cait_eqx.lora` can adapt, by their timm names: the self-attention blocks' fused `qkv`, the
+class-attention blocks' `q`, `k`, `v`, the attention output `proj` and the MLP's `fc1`, `fc2` (in both
+kinds of block), and the classifier `head`."""
+DEFAULT_LORA_TARGETS = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
+"""What `cait_eqx.lora` adapts unless told otherwise: every Linear of the attentions and MLPs, both stages."""

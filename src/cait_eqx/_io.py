@@ -62,10 +62,10 @@ def _kind(path: Path) -> str:
         head = handle.read(9)
     if not head:
         raise WeightsError(f"{path} is empty (0 bytes): an interrupted download or copy? Fetch it again.")
+    if len(head) == 9 and head[8:9] == b"{":  # first: a header length can start with byte 0x80 too
+        return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
     return "unknown"
 
 

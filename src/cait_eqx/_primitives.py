@@ -1,5 +1,5 @@
-"""The small layers CaiT is made of: Linear, LayerNorm, PatchEmbed (and its PatchProjection), LayerScale and
-DropPath.
+"""The small layers CaiT is made of: Linear (and LoRALinear, a Linear with a low-rank update), LayerNorm,
+PatchEmbed (and its PatchProjection), LayerScale and DropPath.
 
 Every layer here acts on the tokens of *one* image (Equinox's convention); batches go through `jax.vmap`.
 """
@@ -16,7 +16,10 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._misc import check_rate, expand_to, trunc_normal
 
-__all__ = ["DropPath", "LayerNorm", "LayerScale", "Linear", "PatchEmbed", "PatchProjection"]
+__all__ = [
+    "DropPath", "LayerNorm", "LayerScale", "Linear", "LoRAError", "LoRALinear", "PatchEmbed",
+    "PatchProjection", "linear_of",
+]
 
 
 class Linear(eqx.Module):
@@ -60,6 +63,99 @@ class Linear(eqx.Module):
         if self.bias is not None:
             y = y + expand_to(self.bias.astype(x.dtype), y.ndim)
         return y
+
+
+class LoRAError(ValueError):
+    """LoRA adapters asked for what cannot be: a target that names no layer, a rank that does not fit,
+    adapters with a frozen backbone, a merge of a model without adapters, adapters for another
+    architecture."""
+
+
+class LoRALinear(Linear):
+    """A `Linear` with a low-rank update (LoRA, Hu et al. 2021): `x @ (weight + (alpha / rank) B A).T + bias`.
+
+    `weight` and `bias` are the base layer's, under the same names (so a model's key paths, its weight
+    conversion and its sharding rule see the base layer where it was); `lora_a` `(rank, in_features)` and
+    `lora_b` `(out_features, rank)` are the adapter. `B` starts at zero, so at first the layer computes
+    exactly what the base layer computes. Training differentiates `lora_a` and `lora_b` only
+    (`cait_eqx.training.trainable_params`). `merged()` folds the update into a plain `Linear`.
+
+    ??? cite
+
+        ```bibtex
+        @inproceedings{hu2022lora,
+          title     = {LoRA: Low-Rank Adaptation of Large Language Models},
+          author    = {Hu, Edward J. and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li,
+                       Yuanzhi and Wang, Shean and Wang, Lu and Chen, Weizhu},
+          booktitle = {International Conference on Learning Representations},
+          year      = {2022}
+        }
+        ```
+    """
+
+    lora_a: Float[Array, "rank in_features"]
+    lora_b: Float[Array, "out_features rank"]
+    rank: int = eqx.field(static=True)
+    alpha: float = eqx.field(static=True)
+
+    def __init__(self, base: Linear, rank: int, alpha: float, *, key: PRNGKeyArray):
+        """**Arguments:**
+
+        - `base`: the `Linear` to adapt (kept as it is).
+        - `rank`: the rank of the update, `1 <= rank <= min(in_features, out_features)`.
+        - `alpha`: the update is scaled by `alpha / rank`.
+        - `key`: a `jax.random.key` for `A` (uniform in ±1/sqrt(in_features), as PEFT's Kaiming-uniform
+            default; `B` is zero). (Keyword only argument.)
+        """
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(
+            base.in_features, base.out_features
+        ):
+            raise LoRAError(
+                f"A LoRA rank must be an int in 1..{min(base.in_features, base.out_features)} for a "
+                f"{base.in_features} -> {base.out_features} Linear (at most its narrower width), got "
+                f"{rank!r}."
+            )
+        self.weight = base.weight
+        self.bias = base.bias
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        limit = 1 / math.sqrt(base.in_features)
+        dtype = base.weight.dtype
+        self.lora_a = jr.uniform(key, (rank, base.in_features), jnp.float32, -limit, limit).astype(dtype)
+        self.lora_b = jnp.zeros((base.out_features, rank), dtype)
+        self.rank = rank
+        self.alpha = float(alpha)
+
+    @property
+    def scale(self) -> float:
+        """`alpha / rank`, the factor of the low-rank update."""
+        return self.alpha / self.rank
+
+    def __call__(self, x: Float[Array, "*tokens in_features"]) -> Float[Array, "*tokens out_features"]:
+        # The base product as `Linear` computes it, plus the update through the rank-r bottleneck: with B = 0
+        # the sum adds exact zeros, so the adapted layer starts as the base layer, bit for bit.
+        low = jnp.matmul(jnp.matmul(x, self.lora_a.astype(x.dtype).T), self.lora_b.astype(x.dtype).T)
+        return super().__call__(x) + low * jnp.asarray(self.scale, x.dtype)
+
+    def merged(self) -> Linear:
+        """The plain `Linear` of the same map: `weight + (alpha / rank) B A` (computed in float32, stored in
+        the weight's dtype). Works on a layer stacked along leading axes too (the self-attention blocks)."""
+        f32 = jnp.float32
+        delta = jnp.einsum("...or,...ri->...oi", self.lora_b.astype(f32), self.lora_a.astype(f32))
+        weight = (self.weight.astype(f32) + delta * f32(self.scale)).astype(self.weight.dtype)
+        return linear_of(weight, self.bias, self.in_features, self.out_features)
+
+
+def linear_of(weight: Array, bias: Array | None, in_features: int, out_features: int) -> Linear:
+    """A `Linear` holding these arrays (stacked along leading axes or not), without drawing an initialisation:
+    the structure comes from `eqx.filter_eval_shape`, the arrays are put in its places."""
+    abstract_key = jax.eval_shape(jr.key, 0)  # a key's shape and dtype: nothing is drawn
+    skeleton = eqx.filter_eval_shape(
+        Linear, in_features, out_features, use_bias=bias is not None, dtype=weight.dtype, key=abstract_key
+    )
+    if bias is None:
+        return eqx.tree_at(lambda m: m.weight, skeleton, weight)
+    return eqx.tree_at(lambda m: (m.weight, m.bias), skeleton, (weight, bias))
 
 
 class LayerNorm(eqx.Module):

@@ -23,7 +23,7 @@ import jax.random as jr
 import numpy as np
 
 from ._config import CaiTConfig
-from ._config_check import check_config
+from ._config_check import check_config, check_no_adapters
 from ._inputs import adapt_input_conv, resample_pos_embed
 from ._model import CaiT
 from ._variants import variant_config
@@ -372,6 +372,7 @@ def to_timm_state_dict(model: CaiT, *, dtype: str | None = "float32") -> dict[st
     **Returns:** a dict from timm's key names to arrays of timm's shapes. **Raises:** `StaleConfigError` when
     `model.config` no longer describes the arrays (a part replaced with `eqx.tree_at`), naming the fix.
     """
+    check_no_adapters(model, "write the model out under timm's names")
     check_config(model, "write the model out")
     out: dict[str, np.ndarray] = {}
     for slot in _slots(model.config):

@@ -52,7 +52,8 @@ def report(summary: training.RunSummary, run_dir: Path, *, primary: bool, second
         f"time: {_duration(seconds)} ({result.step} steps, {result.images_per_s:.0f} images/s while training)"
     )
     written = [run.CONFIG_FILE, run.METRICS_FILE, run.CHECKPOINT_DIR + "/"]
-    written += [path.name for path in (summary.model_path, summary.curves_path) if path is not None]
+    written += [path.name for path in (summary.model_path, summary.adapters_path, summary.curves_path)
+                if path is not None]
     written.append(run.SUMMARY_FILE)
     lines.append("wrote: " + ", ".join(written))
     print("\n".join(lines))

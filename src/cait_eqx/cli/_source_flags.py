@@ -79,6 +79,7 @@ def read_sources(config: training.RunConfig, train_data: Any, *, key: Any) -> So
         init = training.load_source(config.init)
         model, _, notes = training.initial_model(config, train_data, key=key, source=init)
         training.check_freeze(model, config.train.freeze)  # `--freeze blocks:N` against the source's depth
+        training.with_adapters(model, config.train, key)  # `--lora-rank`, `--lora-targets` against its layers
     if config.teacher is not None:
         teacher = training.load_source(config.teacher)
         training.check_teacher(teacher.model, train_data)

@@ -291,6 +291,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: dict[s
         if config.init is None or args.resume is not None:
             model = training.build_model(config, data[0], key=jr.key(0))
             training.check_freeze(model, config.train.freeze)  # `--freeze blocks:N` against the depth
+            training.with_adapters(model, config.train, jr.key(0))  # `--lora-rank` against the widths
     except cait_eqx.PretrainedWeightsUnavailable as error:  # no network and no cached copy: says what to do
         print(f"cait-eqx train: error: {error}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ One private module per concern; their public names:
 - Training (`_fit.py`): `fit(model, train, test, TrainConfig(...), key=..., run_dir=..., resume=...)`,
   stopped cooperatively by SIGINT/SIGTERM (`StopSignals`); `TrainSteps`, a recipe's steps compiled for a
   mesh, to share between `fit` calls; what it asks of the data: `train_transform`, `eval_transform`,
-  `check_images`.
+  `check_images`; `with_adapters` (the LoRA adapters `TrainConfig.lora_rank` puts on the model).
 - Runs as directories (`_run.py`): `Run(run_dir)` (its files, config, metrics, models, data),
   `train_run(RunConfig(...), run_dir)` and `resume_run(run_dir)` (what `cait-eqx train` does).
 - Starting weights (`_weight_sources.py`): `load_source` (a variant name, a checkpoint file or a run
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
         eval_transform as eval_transform,
         fit as fit,
         train_transform as train_transform,
+        with_adapters as with_adapters,
     )
     from ._freeze import (
         check_freeze as check_freeze,

@@ -18,7 +18,14 @@ import typing
 from typing import Any
 
 from .._config import REMAT_POLICIES, CaiTConfig
-from .._constants import BAD_IMAGE_POLICIES, ERASE_MODES, INTERPOLATIONS, NORMALIZATIONS
+from .._constants import (
+    BAD_IMAGE_POLICIES,
+    DEFAULT_LORA_TARGETS,
+    ERASE_MODES,
+    INTERPOLATIONS,
+    LORA_TARGETS,
+    NORMALIZATIONS,
+)
 from .._spec import Check, OneOf, Real, Whole, boolean, hyper, specs, validate
 
 __all__ = [
@@ -123,6 +130,24 @@ class _Trackers(Check):
         return tuple(n for n in TRACKERS if n == "jsonl" or n in names)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LoraTargets(Check):
+    """The layers LoRA adapts: a comma-separated list (or a sequence) of `cait_eqx.LORA_TARGETS`, kept in that
+    order (whether each names a layer of the model is checked against it: `cait_eqx.lora`)."""
+
+    def check(self, value: Any) -> tuple[str, ...]:
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"must be a comma-separated list of {', '.join(LORA_TARGETS)}, got {value!r}")
+        names = [n.strip() for n in names if n.strip()]
+        unknown = [n for n in names if n not in LORA_TARGETS]
+        if unknown or not names:
+            mixes = " (the talking-heads mixes are too small to adapt)" if {"proj_l", "proj_w"} & set(
+                unknown) else ""
+            raise ValueError(f"must name layers among {', '.join(LORA_TARGETS)}, got {value!r}{mixes}")
+        return tuple(n for n in LORA_TARGETS if n in names)
+
+
 # The experiment trackers `TrainConfig.log` may name (`cait_eqx.training._tracking` opens them).
 TRACKERS = ("jsonl", "tensorboard", "wandb")
 _AUTO_AUGMENT = re.compile(r"rand(-(m|n|mmax|inc)[0-9]+|-(mstd|p)[0-9.]+)*")
@@ -154,7 +179,9 @@ class TrainConfig:
     backward pass). Stochastic depth and dropout are the model's own (`layer_dropout`, `dropout`).
     Fine-tuning: `layer_decay` (layer-wise learning-rate decay, timm's grouping; `None` = off) and `freeze`
     (`"backbone"`: a linear probe, only the head trains; `"blocks:N"`: the stem and the first N SA blocks stay
-    fixed; frozen parameters get neither gradients nor optimiser state). `grad_accum_steps` (K): each step
+    fixed; frozen parameters get neither gradients nor optimiser state); LoRA (`lora_rank` R > 0: `fit` puts
+    adapters of rank R and scale `lora_alpha` / R on the `lora_targets` layers, `cait_eqx.lora`, and trains
+    them and the head alone; `freeze` must then be `"none"`). `grad_accum_steps` (K): each step
     runs its batch as K micro-batches in turn and takes the whole batch's mean gradient. Distillation as
     DeiT's (`distillation` = `"hard"` or `"soft"`, weight `distillation_alpha`, temperature
     `distillation_tau`), from the teacher `fit(..., teacher=...)` takes.
@@ -214,6 +241,21 @@ class TrainConfig:
         "batch_size / K images, one after the other (the memory of one micro-batch), and takes the mean "
         "gradient over the whole batch, the same as one big batch", check=_POSITIVE, metavar="K",
         group="step",
+    )
+    lora_rank: int = hyper(
+        0, help="LoRA: train low-rank adapters of rank R on the lora_targets layers (and the classifier "
+        "head) instead of the weights, which stay frozen: no gradients, no optimiser state. The run saves "
+        "the merged model and the adapters alone (adapters.safetensors). 0: off", check=_COUNT, metavar="R",
+        trajectory=True,
+    )
+    lora_alpha: float | None = hyper(
+        None, help="LoRA scale: the update is (alpha / rank) B A (default: the rank, a scale of 1)",
+        check=Real(0.0, low_open=True, optional=True), metavar="A", trajectory=True,
+    )
+    lora_targets: tuple[str, ...] = hyper(
+        DEFAULT_LORA_TARGETS, help="the layers LoRA adapts, comma-separated: qkv (self-attention), q, k, v "
+        "(class attention), proj, fc1, fc2 (both kinds of block), head", check=_LoraTargets(),
+        metavar="LIST", trajectory=True,
     )
     label_smoothing: float = hyper(0.1, help="label-smoothing epsilon", check=_RATE, metavar="E",
                                    trajectory=True, group="step")
@@ -343,6 +385,17 @@ class TrainConfig:
                 f"TrainConfig `grad_accum_steps` ({self.grad_accum_steps}) must divide `batch_size` "
                 f"({self.batch_size}): each step splits its batch into that many equal micro-batches. Use "
                 f"grad_accum_steps {' or '.join(map(str, sorted(nearby)))}, or batch_size {multiple}."
+            )
+        if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets != DEFAULT_LORA_TARGETS):
+            raise ValueError(
+                "TrainConfig `lora_alpha` and `lora_targets` set LoRA adapters up, but `lora_rank` is 0 "
+                "(off): give a rank (e.g. lora_rank=8), or leave them out."
+            )
+        if self.lora_rank > 0 and self.freeze != "none":
+            raise ValueError(
+                f"TrainConfig `freeze` ({self.freeze!r}) and `lora_rank` ({self.lora_rank}) conflict: LoRA "
+                f"already freezes every base weight (only the adapters and the head train). Use "
+                f"freeze='none' with LoRA, or freeze without LoRA (lora_rank=0)."
             )
         if self.min_lr > self.lr:
             raise ValueError(

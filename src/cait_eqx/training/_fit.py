@@ -35,7 +35,9 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
 from .._atomic import DiskFullError, check_writable_dir
+from .._lora import has_lora, lora
 from .._model import CaiT
+from .._primitives import LoRAError
 from .._surgery import with_compute_dtype, with_remat
 from .._variants import EVAL_CROP_PCT, EVAL_INTERPOLATION
 from ..data import (
@@ -82,6 +84,7 @@ __all__ = [
     "run_steps",
     "start_state",
     "train_transform",
+    "with_adapters",
 ]
 
 logger = logging.getLogger("cait_eqx")
@@ -364,7 +367,8 @@ class Loop:
 
 def _check_resume(info: CheckpointInfo, config: TrainConfig) -> None:
     saved = info.extra.get("train_config", {})
-    now = config.to_dict()
+    # As the checkpoint's JSON holds them (a tuple, e.g. `lora_targets`, reads back as a list).
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
     changed = [
         f"{k}: {saved.get(k)!r} → {now[k]!r}"
         for k in TrainConfig.trajectory_fields()
@@ -652,6 +656,26 @@ def _prepare_model(model: PyTree, config: TrainConfig) -> PyTree:
     return jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
 
 
+# The fold of `fit`'s key that draws the LoRA `A` matrices (the steps fold in their step numbers, far below).
+LORA_KEY_FOLD = 2**32 - 1
+
+
+def with_adapters(model: PyTree, config: TrainConfig, key: PRNGKeyArray) -> PyTree:
+    """The model `config` trains: `model` itself, or with `config.lora_rank` > 0 `model` with LoRA adapters
+    (`cait_eqx.lora` with `lora_alpha`, `lora_targets`; the `A` matrices drawn from
+    `jr.fold_in(key, LORA_KEY_FOLD)`, so a resumed run rebuilds the same structure). Raises `LoRAError` for
+    targets or a rank that do not fit the model, before anything is trained."""
+    if config.lora_rank == 0:
+        return model
+    if has_lora(model):
+        raise LoRAError(
+            f"TrainConfig `lora_rank={config.lora_rank}` asks `fit` to put LoRA adapters on the model, but "
+            f"it carries adapters already: pass the plain model, or `lora_rank=0` to train the ones it has."
+        )
+    return lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
+                key=jr.fold_in(key, LORA_KEY_FOLD))
+
+
 def check_teacher(teacher: PyTree, data: DataSource) -> None:
     """Check that a distillation `teacher` takes `data`'s images as they are and answers with its classes.
 
@@ -764,7 +788,10 @@ def fit(
     - `model`: the model to train (e.g. a `CaiT`), switched to training mode; its `layer_dropout` gives
         stochastic depth. Its arrays are copied, so the caller's model stays usable. With
         `config.compute_dtype` or `config.remat` set it must be a `CaiT`, which then computes in that dtype
-        (`cait_eqx.with_compute_dtype`) with that rematerialisation (`cait_eqx.with_remat`).
+        (`cait_eqx.with_compute_dtype`) with that rematerialisation (`cait_eqx.with_remat`). With
+        `config.lora_rank` > 0 it gets LoRA adapters first (`with_adapters`), and `FitResult.model` is the
+        adapted model (`cait_eqx.merge_lora` folds them in); a model that carries adapters already (from
+        `cait_eqx.lora`) trains them and its head with `lora_rank=0`.
     - `train_data`, `test_data`: `Dataset`s; `test_data` may be `None`.
     - `config`: a `TrainConfig`.
     - `key`: the run's `jax.random.key`. (Keyword only argument, like all that follow.)
@@ -821,6 +848,7 @@ def fit(
             config.batch_size // config.grad_accum_steps, mesh,
             what=f"micro-batch (batch_size / grad_accum_steps {config.grad_accum_steps})",
         )
+    model = with_adapters(model, config, key)  # before anything is read or compiled: bad targets fail here
     check_freeze(model, config.freeze)
     if resume and run_dir is None:
         raise ValueError("`resume=True` needs the `run_dir` that holds the checkpoints.")

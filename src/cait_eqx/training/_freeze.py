@@ -6,6 +6,10 @@ gradients with respect to it alone and the optimiser is initialised on it, so a 
 backward pass and no optimiser state. `trainable_model(model, params)` is the model the step runs (the
 frozen first blocks as a stack of their own, `run_stacked`'s segments, so that the backward pass never
 enters them); `merge_trainable(model, params)` puts updated parameters back into the whole model.
+
+A model with LoRA adapters (`cait_eqx.lora`) says what trains by its structure: the adapters and the head
+(`cait_eqx.lora_trainable`), by the same mechanism, so its base weights cost no weight gradient and no
+optimiser state either; `freeze` must then be `"none"`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from .._lora import has_lora, lora_trainable
 from .._model import CaiT
+from .._primitives import LoRAError
 from ._config import FREEZE_MODES, frozen_blocks
 
 __all__ = ["check_freeze", "merge_trainable", "trainable_model", "trainable_params"]
@@ -37,6 +43,12 @@ def check_freeze(model: PyTree, freeze: str) -> None:
     """
     if freeze == "none":
         return
+    if has_lora(model):
+        raise LoRAError(
+            f"`freeze={freeze!r}` and LoRA adapters conflict: a model with adapters already trains only its "
+            f"adapters and head, every base weight frozen. Use freeze='none' with the adapters, or freeze "
+            f"the plain model (`cait_eqx.merge_lora(model)`) without them."
+        )
     count = frozen_blocks(freeze)
     if freeze not in FREEZE_MODES and count is None:
         raise ValueError(
@@ -86,11 +98,14 @@ def trainable_params(model: PyTree, freeze: str = "none") -> PyTree:
         (every array but the patch embedding, `pos_embed`, `cls_token` and the first `N` rows of the stacked
         self-attention leaves).
 
+    A model with LoRA adapters trains its adapters and head (`cait_eqx.lora_trainable`), with
+    `freeze="none"` (any other is refused).
+
     **Returns:** a PyTree shaped as `eqx.filter(model, eqx.is_array)`, `None` at the frozen leaves; with
     `"blocks:N"` (N below the depth) the stacked leaves hold their last `depth - N` rows.
     """
     if freeze == "none":
-        return eqx.filter(model, eqx.is_array)
+        return eqx.filter(model, lora_trainable(model) if has_lora(model) else eqx.is_array)
     check_freeze(model, freeze)
     params = eqx.filter(model, _spec(model, freeze))
     count = frozen_blocks(freeze)

@@ -65,9 +65,12 @@ def weight_decay_mask(model: PyTree) -> PyTree:
     def mark(node):
         if isinstance(node, _DECAYED_MODULES):
             flags = jax.tree.map(lambda _: False, node)
-            if node.weight is None:  # a frozen layer (`trainable_params`)
-                return flags
-            return eqx.tree_at(lambda m: m.weight, flags, True)
+            # The matrices of the map: its weight (`None` in a frozen layer, `trainable_params`) and the two
+            # of a LoRA update, which decay as other weights do.
+            for name in ("weight", "lora_a", "lora_b"):
+                if getattr(node, name, None) is not None:
+                    flags = eqx.tree_at(lambda m, name=name: getattr(m, name), flags, True)
+            return flags
         return False
 
     return jax.tree.map(mark, params, is_leaf=lambda node: isinstance(node, _DECAYED_MODULES))

@@ -2,7 +2,8 @@
 
 `RUN_DIR/config.json` (the `RunConfig`, the resolved model, library versions), `metrics.jsonl` (one JSON
 record per line), `checkpoints/`, and once the run is complete `model.safetensors` (plus
-`model_ema.safetensors` with an EMA), `curves.png` and `summary.json`. `train_run(RunConfig(...), run_dir)` is
+`model_ema.safetensors` with an EMA; a LoRA run's merged, and `adapters.safetensors`), `curves.png` and
+`summary.json`. `train_run(RunConfig(...), run_dir)` is
 what `cait-eqx train` does (the data, the starting model, `fit`, the final files); `resume_run(run_dir)` goes
 on from the newest checkpoint with the run's own `config.json`.
 
@@ -32,6 +33,7 @@ from jaxtyping import PRNGKeyArray
 from .._atomic import DiskFullError, atomic_write_bytes, check_writable_dir
 from .._config import image_size_pair
 from .._io import load, save
+from .._lora import has_lora, lora, merge_lora, save_lora
 from .._model import CaiT
 from .._xla_flags import cpu_isa, xla_flags_in_force
 from ..data import DataSource, load_dataset, train_test_split
@@ -71,6 +73,7 @@ class Run:
     METRICS_FILE = METRICS_FILE
     SUMMARY_FILE = "summary.json"
     MODEL_FILE = "model.safetensors"
+    ADAPTERS_FILE = "adapters.safetensors"
     EMA_MODEL_FILE = "model_ema.safetensors"
     CHECKPOINT_DIR = CHECKPOINT_DIR
     CURVES_FILE = "curves.png"
@@ -100,6 +103,11 @@ class Run:
     def model_path(self) -> Path:
         """`model.safetensors`: the final model (`cait_eqx.load`)."""
         return self.path / self.MODEL_FILE
+
+    @property
+    def adapters_path(self) -> Path:
+        """`adapters.safetensors`: a LoRA run's adapters and head alone (`cait_eqx.load_lora`)."""
+        return self.path / self.ADAPTERS_FILE
 
     @property
     def ema_model_path(self) -> Path:
@@ -196,10 +204,14 @@ class Run:
         # A checkpoint holds the leaves of (model, optimiser state, key): rebuild both templates as the run
         # built them (the optimiser state's structure depends on the recipe, e.g. an EMA adds leaves).
         template = build_model(config, train_data, key=jr.key(0))
-        optim, _ = build_optimizer(config.train, len(train_data) // config.train.batch_size)
-        opt_state = optim.init(trainable_params(template, config.train.freeze))
+        train = config.train
+        if train.lora_rank:  # the adapters `fit` put on (their values come from the checkpoint)
+            template = lora(template, rank=train.lora_rank, alpha=train.lora_alpha,
+                            targets=train.lora_targets, key=jr.key(0))
+        optim, _ = build_optimizer(train, len(train_data) // train.batch_size)
+        opt_state = optim.init(trainable_params(template, train.freeze))
         model, _, _, _ = load_checkpoint(directory, model=template, opt_state=opt_state)
-        return eqx.nn.inference_mode(model)
+        return eqx.nn.inference_mode(merge_lora(model) if has_lora(model) else model)
 
 
 def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
@@ -252,6 +264,7 @@ class RunSummary:
     - `model_path`: the final model, when the run completed.
     - `curves_path`: `None` from `train_run`, which draws no pictures (`cait_eqx.viz.plot_training_curves`
         does; `cait-eqx train` calls it and sets this field).
+    - `adapters_path`: a completed LoRA run's adapters file (`Run.adapters_path`).
     """
 
     run_dir: Path
@@ -259,6 +272,7 @@ class RunSummary:
     seconds: float
     model_path: Path | None
     curves_path: Path | None = None
+    adapters_path: Path | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The figures written to `summary.json`."""
@@ -355,8 +369,9 @@ def train_run(
 
     Writes `config.json` (resolved model configuration, data, recipe, library versions), `metrics.jsonl`,
     `checkpoints/`, and once the run is complete the final model (`model.safetensors`, plus
-    `model_ema.safetensors` with an EMA) and `summary.json`. The training curves are a picture of
-    `metrics.jsonl`: `cait_eqx.viz.plot_training_curves(run_dir)` draws them.
+    `model_ema.safetensors` with an EMA; with LoRA, `config.train.lora_rank`, both merged, and the adapters
+    and head alone in `adapters.safetensors`, `cait_eqx.save_lora`) and `summary.json`. The training curves
+    are a picture of `metrics.jsonl`: `cait_eqx.viz.plot_training_curves(run_dir)` draws them.
 
     **Arguments:**
 
@@ -432,7 +447,7 @@ def train_run(
         stop=stop,
         teacher=teacher,
     )
-    model_path = None
+    model_path = adapters_path = None
     try:
         if result.status == "completed":
             # Whole arrays on the host (with several processes, a collective every process joins).
@@ -440,10 +455,14 @@ def train_run(
             if jax.process_count() > 1:
                 final, ema = to_host((final, ema))
             if primary:
-                model_path = save(run.model_path, final)
+                # A LoRA run's models are saved merged (plain `CaiT`s), its adapters and head alone beside.
+                model_path = save(run.model_path, merge_lora(final) if has_lora(final) else final)
+                if has_lora(final):
+                    adapters_path = save_lora(run.adapters_path, final, base=config.init or config.model_name)
                 if ema is not None:
-                    save(run.ema_model_path, ema)
-        summary = RunSummary(run.path, result, time.perf_counter() - started, model_path)
+                    save(run.ema_model_path, merge_lora(ema) if has_lora(ema) else ema)
+        summary = RunSummary(run.path, result, time.perf_counter() - started, model_path,
+                             adapters_path=adapters_path)
         if result.status == "completed" and primary:
             _write_json(run.summary_path, summary.as_dict())
     except DiskFullError as error:  # the training is done and checkpointed: resuming writes the files
