@@ -333,6 +333,36 @@ def test_talking_heads_mix_equals_a_product_over_the_head_axis(heads, getkey):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("talking_heads", [True, False])
+def test_heads_major_inference_attention_equals_the_token_major_form(talking_heads, getkey):
+    """From `HEADS_MAJOR_MIN_TOKENS` tokens on, an inference forward runs the self-attention heads first
+    (`TalkingHeadAttention._heads_major`); it must compute what the token-major form computes (the form every
+    training step and timm's parity tests use), with and without the talking-heads mixes and biases. A wrong
+    weight view (heads and dim_head swapped, q/k/v out of order), a missing bias or scale would be off by
+    O(1). The layout must be taken at and above the threshold only, and never in training mode."""
+    from cait_eqx import _layers
+
+    tokens = _layers.HEADS_MAJOR_MIN_TOKENS
+    attention = _layers.TalkingHeadAttention(48, 4, 12, talking_heads=talking_heads, key=getkey())
+    biased = eqx.tree_at(
+        lambda a: (a.qkv.bias, a.proj.bias), attention,
+        (jax.random.normal(getkey(), (144,)), jax.random.normal(getkey(), (48,))),
+    )
+    x = jax.random.normal(getkey(), (tokens, 48))
+    for module in (attention, biased):
+        heads_major = module(x, inference=True)
+        token_major = module(x, inference=False)  # no dropout here: the same maths, token-major
+        np.testing.assert_allclose(heads_major, token_major, rtol=1e-5, atol=1e-6)
+
+    def program(n, inference):
+        return str(jax.make_jaxpr(lambda v: attention(v, inference=inference))(x[:n]))
+
+    assert program(tokens, True) != program(tokens, False)  # the heads-major form was taken
+    assert program(tokens - 1, True) == program(tokens - 1, False)  # below the threshold: the one form
+    trained_in_inference_mode = eqx.nn.inference_mode(attention)
+    assert str(jax.make_jaxpr(lambda v: trained_in_inference_mode(v))(x)) == program(tokens, True)
+
+
 def test_forward_and_reverse_mode_autodiff_agree(getkey):
     """Forward mode works through the whole model (no custom VJP rule blocks `jax.jvp`, which Hessian-vector
     products need) and gives the same input Jacobian as reverse mode, entry by entry."""

@@ -145,6 +145,16 @@ def _mix_heads(mix: Linear, attn: Float[Array, "heads q k"]) -> Float[Array, "he
     return out
 
 
+# From this many tokens on, the self-attention of an inference forward (dropout off) runs in a heads-major
+# layout (`TalkingHeadAttention._heads_major`). On the Zen 4 machine the inference forward of
+# `cait_xxs24_224` and `cait_s24_224` (197 tokens) was 1.02-1.19× faster with it, at batch 1 to 32, while
+# the small 32×32 model (65 tokens) was 0.92× and every training step 0.93-1.02× (benchmarks/README.md,
+# the "heads-major attention" rows of `train_step_variants.py`). Both layouts compute the same numbers.
+# Layers with LoRA adapters (a subclass of `Linear`) keep the token-major form: their update is a product
+# of its own.
+HEADS_MAJOR_MIN_TOKENS = 128
+
+
 class TalkingHeadAttention(eqx.Module):
     """Multi-head self-attention with talking heads (Shazeer et al. 2020), as in CaiT's SA blocks.
 
@@ -190,22 +200,51 @@ class TalkingHeadAttention(eqx.Module):
         self.dim_head = dim_head
         self.scale = dim_head**-0.5
 
-    def attention_weights(self, x: Float[Array, "tokens dim"]) -> tuple[Array, Array]:
-        """The attention maps `(heads, tokens, tokens)` after `proj_w` (before dropout), and the values."""
-        q, k, v = _split_qkv(checkpoint_name(self.qkv(x), "qkv"), self.heads, self.dim_head)
-        q = q * jnp.asarray(self.scale, x.dtype)
-        logits = jnp.einsum("qhd,khd->hqk", q, k)
+    def _maps(self, logits: Float[Array, "heads q k"]) -> Float[Array, "heads q k"]:
+        """`proj_l`, the softmax (in float32) and `proj_w` on the scaled `q·kᵀ` logits."""
         if self.proj_l is not None:
             logits = _mix_heads(self.proj_l, logits)
         attn = _softmax32(logits)
         if self.proj_w is not None:
             attn = _mix_heads(self.proj_w, attn)
-        return attn, v
+        return attn
+
+    def attention_weights(self, x: Float[Array, "tokens dim"]) -> tuple[Array, Array]:
+        """The attention maps `(heads, tokens, tokens)` after `proj_w` (before dropout), and the values
+        `(tokens, heads, dim_head)`."""
+        q, k, v = _split_qkv(checkpoint_name(self.qkv(x), "qkv"), self.heads, self.dim_head)
+        q = q * jnp.asarray(self.scale, x.dtype)
+        return self._maps(jnp.einsum("qhd,khd->hqk", q, k)), v
+
+    def _heads_major(self, x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:
+        """The attention without dropout, every intermediate laid out heads first (`HEADS_MAJOR_MIN_TOKENS`).
+
+        The qkv product writes `(3, heads, tokens, dim_head)` directly (its weight viewed as `(3, heads,
+        dim_head, dim)`), so the batched `q·kᵀ` and `attn·v` products have their batch axes leading and need
+        no transposes, and the output projection contracts `(heads, dim_head)` in one product. The same
+        products as `__call__`'s token-major form, summed in the same order: the results are equal.
+        """
+        heads, dim_head = self.heads, self.dim_head
+        weight = self.qkv.weight.astype(x.dtype).reshape(3, heads, dim_head, x.shape[-1])
+        qkv = jnp.einsum("nc,thdc->thnd", x, weight)
+        if self.qkv.bias is not None:
+            qkv = qkv + self.qkv.bias.astype(x.dtype).reshape(3, heads, 1, dim_head)
+        attn = self._maps(jnp.einsum("hqd,hkd->hqk", qkv[0] * jnp.asarray(self.scale, x.dtype), qkv[1]))
+        out = jnp.einsum("hqk,hkd->hqd", attn, qkv[2])
+        proj = self.proj.weight.astype(x.dtype).reshape(-1, heads, dim_head)
+        y = jnp.einsum("hqd,chd->qc", out, proj)
+        if self.proj.bias is not None:
+            y = y + self.proj.bias.astype(x.dtype)[None, :]
+        return y
 
     def __call__(
         self, x: Float[Array, "tokens dim"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
     ) -> Float[Array, "tokens dim"]:
         attn_key, proj_key = split_optional(key, 2)
+        dropout_off = self.attn_drop.inference if inference is None else inference
+        plain = type(self.qkv) is Linear and type(self.proj) is Linear
+        if dropout_off and plain and x.shape[0] >= HEADS_MAJOR_MIN_TOKENS:
+            return self.proj_drop(self._heads_major(x), key=proj_key, inference=inference)
         attn, v = self.attention_weights(x)
         attn = self.attn_drop(attn, key=attn_key, inference=inference)
         out = jnp.einsum("hqk,khd->qhd", attn, v).reshape(x.shape[0], self.heads * self.dim_head)
