@@ -11,11 +11,13 @@ The figures in `benchmarks/README.md` ("Where the time goes") come from this scr
   `_layers.gelu`'s `erf` (`_layers.gelu` swapped while tracing);
 - `indexed qkv`: `q, k, v` taken by indexing a `(tokens, 3, heads, dim_head)` view of the qkv product instead
   of `_layers._split_qkv`'s `split` (swapped while tracing);
-- `heads-major attention`: the self-attention's `q, k, v` made `(heads, tokens, dim_head)` by the qkv product
-  itself (its weight viewed as `(3, heads, dim_head, dim)`), so that the attention's batched products have
-  their batch axes leading, and the output projection contracting `(heads, dim_head)` directly
-  (`TalkingHeadAttention.attention_weights` and `__call__` swapped while tracing). Alone, those batched
-  products run 1.3-2× faster in this layout on the Zen 4 machine.
+- `heads-major attention`: the self-attention in its heads-major form (`TalkingHeadAttention._heads_major`:
+  `q, k, v` made `(heads, tokens, dim_head)` by the qkv product itself, the attention's batched products with
+  their batch axes leading, the output projection contracting `(heads, dim_head)`) in every forward, the
+  training step's included (`__call__` swapped while tracing); the package takes it only in inference
+  forwards of at least `_layers.HEADS_MAJOR_MIN_TOKENS` tokens;
+- `token-major attention`: the token-major form everywhere (`HEADS_MAJOR_MIN_TOKENS` raised while tracing), as
+  the package computed every forward before the heads-major form; the same as `current` for training steps.
 
 `--workload forward` times the batched inference forward (`--batch`, default the config's training batch)
 instead of the training step, for the same variants.
@@ -38,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 
 VARIANTS = ("current", "head-mix product", "no talking heads", "two half-batches", "erfc GELU", "indexed qkv",
-            "heads-major attention")
+            "heads-major attention", "token-major attention")
 
 
 def _step_fn(variant: str, optim):
@@ -113,7 +115,7 @@ def traced_as(variant: str):
 
     attention = _layers.TalkingHeadAttention
     saved = _layers.UNROLL_HEAD_MIX, _layers.gelu, _layers._split_qkv
-    saved_methods = attention.attention_weights, attention.__call__
+    saved_methods = attention.__call__, _layers.HEADS_MAJOR_MIN_TOKENS
     if variant == "head-mix product":
         _layers.UNROLL_HEAD_MIX = 0
     if variant == "erfc GELU":
@@ -121,53 +123,25 @@ def traced_as(variant: str):
     if variant == "indexed qkv":
         _layers._split_qkv = _indexed_qkv
     if variant == "heads-major attention":
-        attention.attention_weights, attention.__call__ = _heads_major_weights, _heads_major_call
+        attention.__call__ = _heads_major_call
+    if variant == "token-major attention":
+        _layers.HEADS_MAJOR_MIN_TOKENS = sys.maxsize
     try:
         yield
     finally:
         _layers.UNROLL_HEAD_MIX, _layers.gelu, _layers._split_qkv = saved
-        attention.attention_weights, attention.__call__ = saved_methods
-
-
-def _heads_major_weights(self, x):
-    """`TalkingHeadAttention.attention_weights` with `q, k, v` made `(heads, tokens, dim_head)` by the qkv
-    product."""
-    import jax.numpy as jnp
-    from jax.ad_checkpoint import checkpoint_name
-
-    from cait_eqx import _layers
-
-    heads, dim_head = self.heads, self.dim_head
-    weight = self.qkv.weight.astype(x.dtype).reshape(3, heads, dim_head, x.shape[-1])
-    qkv = jnp.einsum("nc,thdc->thnd", x, weight)
-    if self.qkv.bias is not None:
-        qkv = qkv + self.qkv.bias.astype(x.dtype).reshape(3, heads, 1, dim_head)
-    qkv = checkpoint_name(qkv, "qkv")
-    logits = jnp.einsum("hqd,hkd->hqk", qkv[0] * jnp.asarray(self.scale, x.dtype), qkv[1])
-    if self.proj_l is not None:
-        logits = _layers._mix_heads(self.proj_l, logits)
-    attn = _layers._softmax32(logits)
-    if self.proj_w is not None:
-        attn = _layers._mix_heads(self.proj_w, attn)
-    return attn, qkv[2]
+        attention.__call__, _layers.HEADS_MAJOR_MIN_TOKENS = saved_methods
 
 
 def _heads_major_call(self, x, *, key=None, inference=None):
-    """`TalkingHeadAttention.__call__` on heads-major values, the projection contracting (heads, dim_head)."""
-    import jax.numpy as jnp
-    from jax.ad_checkpoint import checkpoint_name
-
+    """`TalkingHeadAttention.__call__` taking its heads-major form in every forward without attention dropout,
+    training steps included (the package takes it for inference forwards of enough tokens only)."""
     from cait_eqx._misc import split_optional
 
-    attn_key, proj_key = split_optional(key, 2)
-    attn, v = _heads_major_weights(self, x)
-    attn = self.attn_drop(attn, key=attn_key, inference=inference)
-    out = checkpoint_name(jnp.einsum("hqk,hkd->hqd", attn, v), "attn_out")
-    weight = self.proj.weight.astype(x.dtype).reshape(-1, self.heads, self.dim_head)
-    y = jnp.einsum("hqd,chd->qc", out, weight)
-    if self.proj.bias is not None:
-        y = y + self.proj.bias.astype(x.dtype)[None, :]
-    return self.proj_drop(checkpoint_name(y, "attn_proj"), key=proj_key, inference=inference)
+    if self.attn_drop.p > 0 and not (self.attn_drop.inference if inference is None else inference):
+        raise NotImplementedError("the heads-major variant has no attention dropout")
+    _, proj_key = split_optional(key, 2)
+    return self.proj_drop(self._heads_major(x), key=proj_key, inference=inference)
 
 
 def _indexed_qkv(qkv, heads, dim_head):

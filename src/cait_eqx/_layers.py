@@ -229,13 +229,14 @@ class TalkingHeadAttention(eqx.Module):
         qkv = jnp.einsum("nc,thdc->thnd", x, weight)
         if self.qkv.bias is not None:
             qkv = qkv + self.qkv.bias.astype(x.dtype).reshape(3, heads, 1, dim_head)
+        qkv = checkpoint_name(qkv, "qkv")  # the names of `__call__`, for a remat policy under `jax.grad`
         attn = self._maps(jnp.einsum("hqd,hkd->hqk", qkv[0] * jnp.asarray(self.scale, x.dtype), qkv[1]))
-        out = jnp.einsum("hqk,hkd->hqd", attn, qkv[2])
+        out = checkpoint_name(jnp.einsum("hqk,hkd->hqd", attn, qkv[2]), "attn_out")
         proj = self.proj.weight.astype(x.dtype).reshape(-1, heads, dim_head)
         y = jnp.einsum("hqd,chd->qc", out, proj)
         if self.proj.bias is not None:
             y = y + self.proj.bias.astype(x.dtype)[None, :]
-        return y
+        return checkpoint_name(y, "attn_proj")
 
     def __call__(
         self, x: Float[Array, "tokens dim"], *, key: PRNGKeyArray | None = None, inference: bool | None = None
