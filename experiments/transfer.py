@@ -9,13 +9,15 @@
    - `finetune`: from the pretrained weights, as `cait-eqx train --init FILE` does (`load_source` +
      `adapt_to_data`: here the head is kept, its ten classes fit);
    - `finetune+ld`: the same with layer-wise learning-rate decay 0.75 (`--layer-decay 0.75`);
-   - `probe`: the pretrained backbone frozen, only the head trained (`--freeze backbone`).
+   - `probe`: the pretrained backbone frozen, only the head trained (`--freeze backbone`);
+   - `lora4`, `lora8`: LoRA adapters of rank 4 or 8 on the default targets and the head trained, the
+     pretrained weights frozen (`--lora-rank 4` / `8`).
 3. Test every model on the same held-out fifth of the digits (360 images, never drawn for training).
 
 Each run appends one JSON line to `experiments/transfer.jsonl`; `--table` prints the Markdown table of
 docs/guides/finetune.md ("Measured").
 
-    python experiments/transfer.py --seeds 0 1 2                 # pretrain once, then 3 x 3 x 4 runs
+    python experiments/transfer.py --seeds 0 1 2                 # pretrain once, then 3 x 3 x 6 runs
     python experiments/transfer.py --table
 """
 
@@ -46,7 +48,7 @@ from cait_eqx.training import (
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "transfer.jsonl"
-CONDITIONS = ("scratch", "finetune", "finetune+ld", "probe")
+CONDITIONS = ("scratch", "finetune", "finetune+ld", "probe", "lora4", "lora8")
 STEPS = 300  # optimiser steps per downstream run, whatever k is
 BATCH = 32
 # The downstream recipe: the digits defaults with a lower peak rate for the pretrained starts.
@@ -86,6 +88,8 @@ def downstream(condition: str, pretrained: Path, train: Dataset, test: Dataset, 
         "finetune": dict(lr=5e-4),
         "finetune+ld": dict(lr=5e-4, layer_decay=0.75),
         "probe": dict(lr=5e-3, freeze="backbone"),
+        "lora4": dict(lr=2e-3, lora_rank=4),
+        "lora8": dict(lr=2e-3, lora_rank=8),
     }[condition]
     config = TrainConfig(epochs=epochs, seed=seed, **RECIPE, **extra)
     key = jr.key(seed)
@@ -114,7 +118,11 @@ def downstream(condition: str, pretrained: Path, train: Dataset, test: Dataset, 
         test_accuracy=result.test.top1,
         seconds=time.perf_counter() - started,
         notes=notes,
-        recipe={k: v for k, v in dataclasses.asdict(config).items() if k in ("lr", "layer_decay", "freeze")},
+        recipe={
+            k: v
+            for k, v in dataclasses.asdict(config).items()
+            if k in ("lr", "layer_decay", "freeze", "lora_rank")
+        },
     )
 
 
