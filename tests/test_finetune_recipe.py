@@ -229,6 +229,7 @@ def test_freezing_a_headless_model_is_refused(getkey):
         optim.init(eqx.filter(model, eqx.is_array))
 
 
+@pytest.mark.slow
 def test_resume_with_layer_decay_is_bit_exact(tmp_path):
     ds = data.load_digits()
     train, test = data.train_test_split(ds, test_fraction=0.2, seed=0)
@@ -443,6 +444,7 @@ def test_split_blocks_compute_the_same_function(getkey):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
+@pytest.mark.slow
 def test_frozen_first_blocks_stay_bitwise_and_resume_exactly(tmp_path):
     ds = data.load_digits()
     train, test = data.train_test_split(ds, test_fraction=0.2, seed=0)

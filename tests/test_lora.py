@@ -199,6 +199,7 @@ def _digits(n_train=96, n_test=32):
     return train.subset(np.arange(n_train)), test.subset(np.arange(n_test))
 
 
+@pytest.mark.slow
 def test_a_lora_run_moves_only_adapters_and_head_and_resumes_exactly(tmp_path):
     train, test = _digits()
     model = _tiny(jr.key(0), layer_dropout=0.1)
@@ -239,6 +240,7 @@ def test_a_lora_run_moves_only_adapters_and_head_and_resumes_exactly(tmp_path):
                      key=jr.key(1), progress=False, run_dir=tmp_path / "cut", resume=True)
 
 
+@pytest.mark.slow
 def test_a_lora_run_saves_the_merged_model_and_the_adapters_alone(tmp_path):
     train, test = _digits(64, 32)
     config = training.RunConfig(

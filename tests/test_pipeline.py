@@ -574,6 +574,7 @@ def _wait_for_reader_threads() -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="named pipes")
 def test_a_held_out_image_that_never_reads_stops_fit_naming_the_eval_batch_and_keeps_the_steps(
     tmp_path, mnist_folder

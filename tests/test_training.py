@@ -634,6 +634,7 @@ def _signals_only_set_flags():
         assert stop.requested and not stop.urgent
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_without_the_checkpoint_and_the_run_still_resumes_exactly(tmp_path, digits):
     train, test = digits
     model = _tiny(jr.key(0), layer_dropout=0.2)
