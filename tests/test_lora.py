@@ -263,6 +263,7 @@ def test_a_lora_run_saves_the_merged_model_and_the_adapters_alone(tmp_path):
     np.testing.assert_allclose(jax.vmap(again)(images), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_sharded_lora_step_equals_the_single_device_one(getkey):
     """fsdp splits the base weights; the adapters follow the same rule (split when large enough), and the
     step computes the same update."""
