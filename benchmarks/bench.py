@@ -290,6 +290,24 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def answered_without_measuring(args, markdown: Callable[[dict], str], worker: Callable | None = None) -> bool:
+    """The modes of a benchmark script that run no series of measurements: `--table JSON` prints an earlier
+    run's table; `--worker SPEC` (with `worker`) runs one measurement in this process, on `--threads` pinned
+    threads, and prints its JSON (what `run_worker` reads back). Pins this process's threads when there is a
+    `--threads` flag and no table to print. True when the script has nothing left to do.
+    """
+    if getattr(args, "table", None):
+        with open(args.table) as f:
+            print(markdown(json.load(f)), end="")
+        return True
+    if getattr(args, "threads", None) is not None:
+        pin_threads(args.threads)
+    if worker is not None and getattr(args, "worker", None):
+        print(json.dumps(worker(json.loads(args.worker))))
+        return True
+    return False
+
+
 def write_json_atomic(path: str, data: Any) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -137,11 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     p.add_argument("--table", metavar="JSON", help="only print the table of an earlier --json file")
     args = p.parse_args(argv)
-    if args.table:
-        with open(args.table) as f:
-            print(markdown(json.load(f)), end="")
+    if bench.answered_without_measuring(args, markdown):
         return 0
-    bench.pin_threads(args.threads)
     if args.quick:
         args.rounds, args.target_s, args.batch = 1, 0.1, 4
     measured = measure(args)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -165,13 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--table", metavar="JSON", help="only print the table of an earlier --json file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.table:
-        with open(args.table) as f:
-            print(markdown(json.load(f)), end="")
-        return 0
-    bench.pin_threads(args.threads)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if bench.answered_without_measuring(args, markdown, worker):
         return 0
     names = train_step_variants.config_names(args.only, args.quick)
     policies = list(dict.fromkeys(v.strip() for v in args.policies.split(",") if v.strip()))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -173,12 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--table", metavar="JSON", help="only print the table of an earlier --json file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
-    if args.table:
-        with open(args.table) as f:
-            print(markdown(json.load(f)), end="")
+    if bench.answered_without_measuring(args, markdown, worker):
         return 0
     if args.quick:
         args.only, args.rounds, args.steps, args.warmup, args.batch = "tiny", 1, 1, 1, 4
