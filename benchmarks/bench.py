@@ -463,12 +463,15 @@ def build_timm(bench: Bench, torch_seed: int = 0):
 
 
 def eqx_inference_fn():
+    """The package's batched inference: `cait_eqx.batched(model)`, a large batch in chunks of
+    `cait_eqx.auto_chunk(model.config)` images (a batch no larger than that is `jax.vmap(model)` itself)."""
     import equinox as eqx
-    import jax
+
+    import cait_eqx
 
     @eqx.filter_jit
     def infer(model, x):
-        return jax.vmap(model)(x)
+        return cait_eqx.batched(model)(x)
 
     return infer
 
@@ -500,7 +503,7 @@ def make_optax():
 
 
 class EqxRunner:
-    """cait_eqx: jitted vmapped inference, and a donated train step holding its state between calls."""
+    """cait_eqx: jitted `cait_eqx.batched` inference, and a donated train step holding its state."""
 
     def __init__(self, model):
         import equinox as eqx

@@ -17,7 +17,12 @@ The figures in `benchmarks/README.md` ("Where the time goes") come from this scr
   training step's included (`__call__` swapped while tracing); the package takes it only in inference
   forwards of at least `_layers.HEADS_MAJOR_MIN_TOKENS` tokens;
 - `token-major attention`: the token-major form everywhere (`HEADS_MAJOR_MIN_TOKENS` raised while tracing), as
-  the package computed every forward before the heads-major form; the same as `current` for training steps.
+  the package computed every forward before the heads-major form; the same as `current` for training steps;
+- `whole batch`: the forward as `jax.vmap(model)` over the whole batch, where `current` is the package's
+  batched inference, `cait_eqx.batched(model)` (chunks of `cait_eqx.auto_chunk(config)` images); the same as
+  `current` for training steps;
+- `chunked train`: the training step's forward as `cait_eqx.batched(model)` instead of `jax.vmap(model)`, so
+  the forward and the backward run a chunk of images at a time; the same as `current` for forwards.
 
 `--workload forward` times the batched inference forward (`--batch`, default the config's training batch)
 instead of the training step, for the same variants.
@@ -40,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 
 VARIANTS = ("current", "head-mix product", "no talking heads", "two half-batches", "erfc GELU", "indexed qkv",
-            "heads-major attention", "token-major attention")
+            "heads-major attention", "token-major attention", "whole batch", "chunked train")
 
 
 def _step_fn(variant: str, optim):
@@ -49,6 +54,21 @@ def _step_fn(variant: str, optim):
     import jax
     import optax
 
+    if variant == "chunked train":
+        import cait_eqx
+
+        def chunked_step(batch, model, opt_state):
+            x, y = batch
+
+            def loss_fn(m):
+                logits = cait_eqx.batched(m)(x)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+            loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+            updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+            return eqx.apply_updates(model, updates), opt_state, loss
+
+        return chunked_step
     if variant != "two half-batches":
         return bench.eqx_train_step(optim)
 
@@ -83,7 +103,11 @@ def make_call(spec: bench.Bench, variant: str, batch: int, workload: str = "trai
     kwargs = spec.eqx_kwargs() | ({"talking_heads": False} if variant == "no talking heads" else {})
     model = cait_eqx.CaiT(**kwargs, key=jr.key(0))
     if workload == "forward":
-        forward = eqx.filter_jit(lambda m, x: jax.vmap(lambda image: m(image, inference=True))(x))
+        model = eqx.nn.inference_mode(model)
+        if variant == "whole batch":
+            forward = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
+        else:
+            forward = bench.eqx_inference_fn()  # the package's: cait_eqx.batched
         images = jr.normal(jr.key(1), (batch, 3, spec.image_size, spec.image_size))
 
         def infer():

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
         StorageError as StorageError,
         check_writable_dir as check_writable_dir,
     )
+    from ._batch import CHUNK_BUDGET_BYTES as CHUNK_BUDGET_BYTES, auto_chunk as auto_chunk, batched as batched
     from ._blocks import ClassAttentionBlock as ClassAttentionBlock, LayerScaleBlock as LayerScaleBlock
     from ._config import (
         REMAT_POLICIES as REMAT_POLICIES,

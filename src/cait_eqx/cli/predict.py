@@ -150,14 +150,14 @@ def _batches(paths: list[Path], args: argparse.Namespace, cfg: Any, how: str):
 def _predict_logits(model: Any, batches: Any, normalize: str) -> Any:
     """The logits of every real image, each batch through one compiled function."""
     import equinox as eqx
-    import jax
     import numpy as np
 
+    import cait_eqx
     from cait_eqx import data
 
     @eqx.filter_jit
     def logits(model, images):
-        return jax.vmap(model)(data.normalize_images(data.to_unit_float(images), normalize))
+        return cait_eqx.batched(model)(data.normalize_images(data.to_unit_float(images), normalize))
 
     out = [np.asarray(logits(model, batch))[:count] for batch, count in batches]
     return np.concatenate(out)

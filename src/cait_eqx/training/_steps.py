@@ -19,6 +19,7 @@ import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Shaped
 
 from .._atomic import atomic_write_bytes
+from .._batch import batched
 from ..data import DataSource, eval_batches, normalize_images, to_unit_float
 from ._config import StepConfig
 from ._freeze import merge_trainable, trainable_model, trainable_params
@@ -233,7 +234,7 @@ def _teacher_logits(teacher: PyTree, x: Array, distillation: str) -> Array | Non
             f"one as `fit(..., teacher=model)`)."
         )
     frozen = eqx.nn.inference_mode(teacher)
-    return jax.lax.stop_gradient(jax.vmap(frozen)(x))
+    return jax.lax.stop_gradient(batched(frozen)(x))
 
 
 def _eval_step(
@@ -245,7 +246,7 @@ def _eval_step(
     images, labels = batch
     model = eqx.nn.inference_mode(model)
     x = normalize_images(to_unit_float(images), normalize)
-    logits = jax.vmap(model)(x)
+    logits = batched(model)(x)
     num_classes = logits.shape[-1]
     loss = cross_entropy(logits, jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
     return {"logits": logits.astype(jnp.float32), "loss": loss}
