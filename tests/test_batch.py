@@ -104,6 +104,7 @@ def test_auto_chunk_of_the_small_benchmark_model_and_of_half_precision(tiny_conf
     assert cait_eqx.auto_chunk(dataclasses.replace(small, dtype="bfloat16")) == 64
 
 
+@pytest.mark.slow  # a 4-device program: the slow tier keeps the default run under its time
 def test_a_chunked_batch_split_over_devices_equals_one_device(tiny_model, getkey):
     devices = jax.devices()[:4]
     if len(devices) < 4:
