@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jaxtyping import PyTree
 
 from ..training._config import StepConfig
-from ..training._steps import jit_train_step, make_eval_step, make_train_step
+from ..training._steps import jit_train_step, make_eval_step, make_train_step, owned_filter_jit
 from ._hosts import shard_batch
 from ._mesh import (
     DEFAULT_MIN_SHARD_SIZE,
@@ -158,7 +158,7 @@ def shard_eval_step(
         batch = eqx.filter_shard(batch, batch_spec)
         return eqx.filter_shard(step(model, batch), everywhere)
 
-    compiled = eqx.filter_jit(constrained)
+    compiled = owned_filter_jit(constrained)  # its programs go with `sharded_eval`
 
     def sharded_eval(model, batch):
         if not on_mesh(model, mesh):
