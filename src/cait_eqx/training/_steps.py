@@ -87,8 +87,9 @@ def make_train_step(
 
     - `optim`: the optimiser, e.g. `make_optimizer(...)`.
     - `config`: a `StepConfig`.
-    - `jit`: wrap in `eqx.filter_jit` with the model, optimiser state and batch buffers donated (use only
-        the returned ones; the teacher's are kept). `False` gives the plain function, to wrap yourself.
+    - `jit`: compile it (`jit_train_step`: `eqx.filter_jit`'s rules, its programs freed with the step) with
+        the model, optimiser state and batch buffers donated (use only the returned ones; the teacher's are
+        kept). `False` gives the plain function, to wrap yourself.
         (Keyword only argument.)
 
     **Returns:** the step. `metrics` holds scalars `loss`, `accuracy` (against the unmixed labels),
