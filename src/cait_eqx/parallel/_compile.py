@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jaxtyping import PyTree
 
 from ..training._config import StepConfig
-from ..training._steps import jit_train_step, make_eval_step, make_train_step
+from ..training._steps import jit_train_step, make_eval_step, make_train_step, owned_filter_jit
 from ._hosts import shard_batch
 from ._mesh import (
     DEFAULT_MIN_SHARD_SIZE,
@@ -49,11 +49,12 @@ def shard_train_step(
     """Compile a pure training step `step(model, opt_state, batch, key[, teacher])` to run on `mesh`.
 
     The model and optimiser state are constrained to `state_shardings` on the way in and out, the batch to
-    `batch_sharding`, the key, a distillation teacher and the metrics replicated; the whole is one
-    `eqx.filter_jit` with every input buffer but the teacher's donated (use only the returned model and
-    state). The returned function accepts a host batch (the whole global batch; `shard_batch` cuts it) or an
-    already sharded one, and places a model or state that is not yet on `mesh` (`shard_state`), or a teacher
-    (`replicate`), before the first call: place the teacher once yourself to avoid a copy per step.
+    `batch_sharding`, the key, a distillation teacher and the metrics replicated; the whole is one compiled
+    function (`jit_train_step`: freed with the returned step) with every input buffer but the teacher's
+    donated (use only the returned model and state). The returned function accepts a host batch (the whole
+    global batch; `shard_batch` cuts it) or an already sharded one, and places a model or state that is not
+    yet on `mesh` (`shard_state`), or a teacher (`replicate`), before the first call: place the teacher once
+    yourself to avoid a copy per step.
 
     **Arguments:**
 
@@ -158,7 +159,7 @@ def shard_eval_step(
         batch = eqx.filter_shard(batch, batch_spec)
         return eqx.filter_shard(step(model, batch), everywhere)
 
-    compiled = eqx.filter_jit(constrained)
+    compiled = owned_filter_jit(constrained)  # its programs go with `sharded_eval`
 
     def sharded_eval(model, batch):
         if not on_mesh(model, mesh):

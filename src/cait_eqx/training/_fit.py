@@ -803,7 +803,7 @@ def fit(
     - `progress`: show a tqdm progress bar on stderr.
     - `on_step`: called as `on_step(step, metrics)` with each step's host-side metrics.
     - `compile_step`: turns the pure training step into the one to run; default
-        `cait_eqx.parallel.shard_train_step(step, mesh)` (one `eqx.filter_jit`, buffers donated).
+        `cait_eqx.parallel.shard_train_step(step, mesh)` (compiled once, buffers donated).
     - `put`: places each `(images, labels)` batch on the device(s), in the prefetch thread; default
         `cait_eqx.parallel.shard_batch` (split over the mesh's `data × fsdp` devices).
     - `handle_signals`: while the loop runs, SIGINT/SIGTERM only ask it to stop (`StopSignals`): the first

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "jit_train_step",
     "make_eval_step",
     "make_train_step",
+    "owned_filter_jit",
 ]
 
 
@@ -86,8 +88,9 @@ def make_train_step(
 
     - `optim`: the optimiser, e.g. `make_optimizer(...)`.
     - `config`: a `StepConfig`.
-    - `jit`: wrap in `eqx.filter_jit` with the model, optimiser state and batch buffers donated (use only
-        the returned ones; the teacher's are kept). `False` gives the plain function, to wrap yourself.
+    - `jit`: compile it (`jit_train_step`: `eqx.filter_jit`'s rules, its programs freed with the step) with
+        the model, optimiser state and batch buffers donated (use only the returned ones; the teacher's are
+        kept). `False` gives the plain function, to wrap yourself.
         (Keyword only argument.)
 
     **Returns:** the step. `metrics` holds scalars `loss`, `accuracy` (against the unmixed labels),
@@ -197,9 +200,77 @@ def _accumulate(
     return loss_sum / jnp.float32(count), grads, correct
 
 
+class _Static(eqx.Module):
+    """The non-array part of a compiled function's output, carried through `jax.jit` as its structure
+    (flattened, so that comparing two never calls a leaf's own `__eq__`)."""
+
+    leaves: tuple[Any, ...] = eqx.field(static=True)
+    treedef: Any = eqx.field(static=True)
+
+    @property
+    def value(self) -> Any:
+        return jax.tree.unflatten(self.treedef, self.leaves)
+
+
+def owned_filter_jit(fun: Callable[..., Any], *, donate: str = "none") -> Callable[..., Any]:
+    """`eqx.filter_jit(fun, donate=donate)` for a function built per call (a closure), whose compiled programs
+    live only as long as the returned function.
+
+    `eqx.filter_jit` keeps a closure it compiled, and so its programs, for the rest of the process: it hands
+    the function to `jax.jit` as a static argument, so JAX's caches hold it strongly, under a key that lives
+    as long as the function does. Every `fit` builds new steps, and each compiled XLA:CPU program holds
+    memory mappings of its own: a sweep of fits in one process ran into the kernel's limit on mappings
+    (`vm.max_map_count`) and died in a compilation ("Cannot allocate memory"). Here `jax.jit` compiles a
+    wrapper that closes over `fun`; the only static argument is the arguments' non-array part, so once the
+    returned function is gone, its programs are freed. Arrays (JAX and NumPy) are traced, everything else is
+    static and must be hashable, as with `eqx.filter_jit`; positional arguments only.
+
+    **Arguments:**
+
+    - `fun`: the function to compile.
+    - `donate`: `"none"` or `"all-except-first"` (every array buffer but the first argument's is donated).
+        (Keyword only argument.)
+
+    **Returns:** `compiled(*args)`, which calls `fun(*args)` compiled once per structure of its arguments.
+    """
+    if donate not in ("none", "all-except-first"):
+        raise ValueError(f"`donate` must be 'none' or 'all-except-first', got {donate!r}.")
+
+    def flat(donated, kept, static):
+        static_leaves, treedef = static
+        # Each position holds its leaf in exactly one of the three (`None` is never a leaf).
+        leaves = [
+            next(x for x in choices if x is not None)
+            for choices in zip(static_leaves, donated, kept, strict=True)
+        ]
+        dynamic_out, static_out = eqx.partition(fun(*jax.tree.unflatten(treedef, leaves)), eqx.is_array)
+        static_leaves_out, static_treedef_out = jax.tree.flatten(static_out)
+        return dynamic_out, _Static(tuple(static_leaves_out), static_treedef_out)
+
+    jitted = jax.jit(flat, donate_argnums=0, static_argnums=2)
+
+    def compiled(*args):
+        leaves, treedef = jax.tree.flatten(args)
+        # The first argument's leaves come first in the flattened tuple.
+        first = len(jax.tree.leaves(args[:1])) if donate == "all-except-first" else len(leaves)
+        arrays = [leaf if eqx.is_array(leaf) else None for leaf in leaves]
+        donated = tuple(a if i >= first else None for i, a in enumerate(arrays))
+        kept = tuple(a if i < first else None for i, a in enumerate(arrays))
+        static_leaves = tuple(None if eqx.is_array(leaf) else leaf for leaf in leaves)
+        with warnings.catch_warnings():
+            # As `eqx.filter_jit` with `donate="all..."`: buffers that no output can reuse (the key, a uint8
+            # batch) are donated all the same; XLA's note about them is noise.
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            dynamic_out, static_out = jitted(donated, kept, (static_leaves, treedef))
+        return eqx.combine(dynamic_out, static_out.value)
+
+    return compiled
+
+
 def jit_train_step(step: Callable[..., tuple[Any, Any, Any]]) -> Callable[..., tuple[Any, Any, Any]]:
-    """`step(model, opt_state, batch, key, teacher=None)` in one `eqx.filter_jit` that donates the buffers of
-    every argument but the teacher (use only the returned model and state; a teacher stays usable).
+    """`step(model, opt_state, batch, key, teacher=None)` compiled once, donating the buffers of every
+    argument but the teacher (use only the returned model and state; a teacher stays usable). Compiled by
+    `owned_filter_jit` (`eqx.filter_jit`'s rules), so its programs are freed with the returned function.
 
     **Arguments:**
 
@@ -216,7 +287,7 @@ def jit_train_step(step: Callable[..., tuple[Any, Any, Any]]) -> Callable[..., t
         return step(model, opt_state, batch, key, teacher)
 
     # The teacher first, so that "all-except-first" donates everything else.
-    compiled = eqx.filter_jit(teacher_first, donate="all-except-first")
+    compiled = owned_filter_jit(teacher_first, donate="all-except-first")
 
     def jitted(model, opt_state, batch, key, teacher=None):
         return compiled(teacher, model, opt_state, batch, key)
