@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import io
 import json
@@ -147,19 +148,28 @@ def _batches(paths: list[Path], args: argparse.Namespace, cfg: Any, how: str):
         yield batch, len(chunk)
 
 
-def _predict_logits(model: Any, batches: Any, normalize: str) -> Any:
-    """The logits of every real image, each batch through one compiled function."""
+@functools.cache
+def _compiled_logits() -> Any:
+    """One compiled `logits(model, images, normalize)` per process (built on first use, so `--help` stays
+    fast): a function built per call would keep every call's compiled programs alive in JAX's caches."""
     import equinox as eqx
-    import numpy as np
 
     import cait_eqx
     from cait_eqx import data
 
     @eqx.filter_jit
-    def logits(model, images):
+    def logits(model, images, normalize):
         return cait_eqx.batched(model)(data.normalize_images(data.to_unit_float(images), normalize))
 
-    out = [np.asarray(logits(model, batch))[:count] for batch, count in batches]
+    return logits
+
+
+def _predict_logits(model: Any, batches: Any, normalize: str) -> Any:
+    """The logits of every real image, each batch through one compiled function."""
+    import numpy as np
+
+    logits = _compiled_logits()
+    out = [np.asarray(logits(model, batch, normalize))[:count] for batch, count in batches]
     return np.concatenate(out)
 
 
