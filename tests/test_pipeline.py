@@ -440,7 +440,8 @@ def test_cli_run_whose_data_worker_dies_stops_with_one_line_and_a_resume_hint(tm
     env = {**os.environ, "CAIT_EQX_TEST_TAG": tag}
     program = Path(sys.executable).with_name("cait-eqx")  # the tests' own environment's console script
     program = str(program) if program.is_file() else shutil.which("cait-eqx")
-    cmd = [program, "train", "--dataset", f"folder:{mnist_folder}", "--image-size",
+    # 64-pixel images in patches of 16 (a 16-token model): 32 KB batches, which travel in shared memory.
+    cmd = [program, "train", "--dataset", f"folder:{mnist_folder}", "--image-size", "64", "--patch-size",
            "16", "--batch-size", "8", "--epochs", "100000", "--data-workers", "1", "--no-check-data",
            "--log-every", "1", "--checkpoint-every", "5", "--no-progress", "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -464,6 +465,7 @@ def test_cli_run_whose_data_worker_dies_stops_with_one_line_and_a_resume_hint(tm
             proc.communicate()
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    assert "resource_tracker" not in err and "leaked" not in err, err[-3000:]  # no shared memory left
     (line,) = [line for line in err.splitlines() if line.startswith("cait-eqx train: stopped:")]
     assert "A data worker process died while preparing training batches: it was killed by SIGKILL" in line
     assert line.endswith(f"continue with cait-eqx train --resume {out}")
@@ -654,9 +656,11 @@ def test_cli_run_whose_data_worker_hangs_stops_with_one_line_a_checkpoint_and_a_
     out = tmp_path / "run"
     program = Path(sys.executable).with_name("cait-eqx")
     program = str(program) if program.is_file() else shutil.which("cait-eqx")
-    cmd = [program, "train", "--dataset", f"folder:{folder}", "--image-size", "16", "--batch-size", "8",
-           "--epochs", "100000", "--data-workers", "1", "--no-check-data", "--data-timeout", "2",
-           "--log-every", "1", "--checkpoint-every", "1000", "--no-progress", "--out", str(out)]
+    # 64-pixel images in patches of 16 (a 16-token model): 32 KB batches, which travel in shared memory.
+    cmd = [program, "train", "--dataset", f"folder:{folder}", "--image-size", "64", "--patch-size", "16",
+           "--batch-size", "8", "--epochs", "100000", "--data-workers", "1", "--no-check-data",
+           "--data-timeout", "2", "--log-every", "1", "--checkpoint-every", "1000", "--no-progress",
+           "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # A file of the run's training split (the held-out fifth is read by the evaluation, in the trainer).
     train, _ = data.train_test_split(data.scan_image_folder(folder, image_size=16), test_fraction=0.2, seed=0)
@@ -676,6 +680,7 @@ def test_cli_run_whose_data_worker_hangs_stops_with_one_line_a_checkpoint_and_a_
         _release(stuck)
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    assert "resource_tracker" not in err and "leaked" not in err, err[-3000:]  # no shared memory left
     (line,) = [line for line in err.splitlines() if line.startswith("cait-eqx train: stopped:")]
     assert re.search(r"stopped: Training batch (\d+) \(epoch \d+, batch \d+ of 6\) did not come from its 1 "
                      r"data worker\(s\) in 2 s", line), line
@@ -734,3 +739,110 @@ def test_the_trainer_evaluates_a_folder_as_timms_validate_does(mnist_folder):
                  steps=watched_steps)
     assert result.test is not None and len(seen) == 1  # one evaluation (the end of the epoch), one batch
     np.testing.assert_array_equal(seen[0], images)
+
+
+# ---------------------------------------------------------------------------- batches in shared memory
+
+_SHARED_MEMORY_RUN = '''
+import os, signal, sys, time
+from pathlib import Path
+from cait_eqx import data
+from cait_eqx.data import TrainPipeline
+from cait_eqx.data._loader import prefetch
+from cait_eqx.data._shared import BLOCK_PREFIX
+
+
+def blocks():
+    return {n for n in os.listdir("/dev/shm") if n.startswith(BLOCK_PREFIX)}
+
+
+def pipeline(source, workers=2):
+    # 8 images of 48 x 48: 18 KB a batch, enough to travel in shared memory.
+    return TrainPipeline(source, 8, seed=0, workers=workers, transform=data.TrainTransform((48, 48)))
+
+
+def say(case, seen):
+    print(case, len(seen), len(blocks()), flush=True)
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1]
+    source = data.scan_image_folder(folder, image_size=16)
+    plain = [b.images for b in pipeline(source, workers=0).batches(stop_epoch=2)]
+
+    seen = set()  # blocks seen in /dev/shm while a stream runs
+    for got, want in zip(pipeline(source).batches(stop_epoch=2), plain, strict=True):
+        seen |= blocks()
+        assert (got.images == want).all()
+    say("end", seen)
+
+    stream = pipeline(source).batches()
+    next(stream)
+    time.sleep(1.0)  # the workers fill their buffers
+    seen = blocks()
+    stream.close()
+    say("stopped", seen)
+
+    stream = pipeline(source).batches()
+    next(stream)
+    time.sleep(1.0)
+    seen = blocks()
+    worker = next(p for p in __import__("multiprocessing").active_children() if "data-worker" in p.name)
+    os.kill(worker.pid, signal.SIGKILL)
+    try:
+        for _ in range(10_000):
+            next(stream)
+    except data.DataWorkerError:
+        pass
+    stream.close()
+    say("died", seen)
+
+    # A file that blocks when opened (a named pipe), read in batch 3 (worker 1's second): `fit`'s timeout
+    # path, when worker 0 has made batches 4 and 5 ahead, which nobody takes.
+    pipe = pipeline(source)
+    path = Path(source.describe(int(pipe.batch_examples(3)[0])))
+    content = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        batches = prefetch(pipe.batches(), size=2, timeout=2.0, startup=60.0,
+                           on_timeout=lambda given: pipe.stalled(given, 2.0))
+        seen = set()
+        try:
+            for _ in batches:
+                seen |= blocks()
+        except data.DataWorkerError:
+            seen |= blocks()
+        batches.close()
+    finally:
+        path.unlink()
+        path.write_bytes(content)
+    say("timeout", seen)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists /dev/shm; named pipes, SIGKILL")
+def test_batches_travel_in_shared_memory_and_no_block_is_left_however_the_stream_ends(tmp_path, mnist_folder):
+    """The workers hand their batches over in shared memory blocks, which the trainer removes: none is left
+    in /dev/shm after a stream that ends, one its consumer stops, one whose worker dies, one stopped by the
+    timeout (a worker stuck in a read), and multiprocessing's resource tracker finds none to warn about when
+    the process exits. Wrong would be blocks that pile up in /dev/shm (memory the system gets back only at a
+    reboot), or the same bytes through another route (no block seen while the stream runs)."""
+    from cait_eqx.data._shared import BLOCK_PREFIX
+
+    folder = tmp_path / "folder"
+    shutil.copytree(mnist_folder, folder)
+    script = tmp_path / "run.py"
+    script.write_text(_SHARED_MEMORY_RUN)
+    before = {n for n in os.listdir("/dev/shm") if n.startswith(BLOCK_PREFIX)}
+    done = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict((line.split()[0], line.split()[1:]) for line in done.stdout.splitlines())
+    assert set(lines) == {"end", "stopped", "died", "timeout"}, done.stdout
+    for case, (seen, left) in lines.items():
+        assert int(seen) > 0, f"{case}: no batch went through shared memory"
+        assert int(left) == 0, f"{case}: {left} blocks left in /dev/shm"
+    assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr[-3000:]
+    after = {n for n in os.listdir("/dev/shm") if n.startswith(BLOCK_PREFIX)}
+    assert after <= before  # nothing of this run's, even after its exit

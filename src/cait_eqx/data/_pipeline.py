@@ -95,7 +95,8 @@ class _BatchReader:
             self._order = (epoch, self.sampler.order(epoch))
         return self._order[1]
 
-    def __call__(self, b: int) -> dict[str, np.ndarray]:
+    def __call__(self, b: int, empty=np.empty) -> dict[str, np.ndarray]:
+        """Batch `b`; its images built in `empty(shape, dtype)` (a worker's: in shared memory)."""
         sampler, source = self.sampler, self.source
         epoch, index = divmod(int(b), sampler.steps_per_epoch)
         order = self.order(epoch)
@@ -114,7 +115,8 @@ class _BatchReader:
                     rng = np.random.default_rng([sampler.seed, 1, epoch, position])
                     pixels = self.transform(pixels, rng)
                 examples.append(pixels)
-            images = np.stack(examples)
+            first = examples[0] if examples else np.empty(0)
+            images = np.stack(examples, out=empty((len(examples), *first.shape), first.dtype))
         labels = source.labels[order[positions]].astype(np.int32)
         return {"images": images, "labels": labels, "batch": np.int64(b), "skipped": np.int64(skipped)}
 

@@ -1,8 +1,9 @@
 """The data worker processes: how many, how each starts, and what the trainer says when one dies.
 
 `WorkerPool` computes `task(i)` for `i` in a range of numbers in worker processes (spawned) and gives the
-results in order: worker `k` of `n` computes `start + k`, `start + k + n`, ..., one ahead of what the trainer
-took, and sends each through its own pipe. A worker is kept light: it starts from a few lines that switch
+results in order: worker `k` of `n` computes `start + k`, `start + k + n`, ..., a few ahead of what the
+trainer took, and hands each over through shared memory (its large arrays: `_shared`) and its own pipe (the
+rest). A worker is kept light: it starts from a few lines that switch
 the package's jaxtyping hook off in its own process, so reading, decoding and augmenting images imports
 NumPy and PIL but never JAX (about 45 MB resident, against about 180 MB for a process that imports JAX;
 `benchmarks/worker_memory.py`). Because every result is a pure function of its number, any number of
@@ -24,11 +25,14 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import threading
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._datasets import Dataset
+from ._shared import MAX_BLOCKS, Blocks, block_name, new_prefix, receive, sweep
 
 __all__ = ["WORKER_STARTUP_S", "DataWorkerError", "WorkerPool", "default_data_workers"]
 
@@ -148,20 +152,23 @@ def worker_died(exit_code: int, workers: int, doing: str) -> DataWorkerError:
     )
 
 
-def serve(payload: bytes, first: int, stop: int, step: int, ahead: int, conn: Any) -> None:
-    """A worker process's loop: `task(i)` for `i` in `range(first, stop, step)`, each sent through `conn` as
-    `("ok", result)`, at most `ahead` results ahead of what the trainer took (it answers each with an empty
+def serve(payload: bytes, first: int, stop: int, step: int, ahead: int, conn: Any, prefix: str) -> None:
+    """A worker process's loop: `task(i, empty)` for `i` in `range(first, stop, step)`, each sent through
+    `conn` as `("ok", result, blocks)` (its large arrays in shared memory blocks named from `prefix`:
+    `_shared.Blocks`), at most `ahead` results ahead of what the trainer took (it answers each with an empty
     message); an error is sent as `("error", error, traceback)` and ends the loop."""
     worker_init()
     task = pickle.loads(payload)
+    blocks = Blocks(prefix)
     for sent, i in enumerate(range(first, stop, step)):
         try:
             if sent >= ahead:
                 conn.recv_bytes()  # wait until the trainer took one
         except (EOFError, OSError):  # the trainer stopped reading: nothing more to do
             return
+        blocks.begin(i)
         try:
-            message = ("ok", task(i))
+            message = ("ok", *blocks.pack(task(i, blocks.empty)))
         except Exception as error:  # noqa: BLE001 — handed to the trainer, which raises it
             message = ("error", error, traceback.format_exc())
         try:
@@ -172,16 +179,67 @@ def serve(payload: bytes, first: int, stop: int, step: int, ahead: int, conn: An
             said = message[2] if message[0] == "error" else traceback.format_exc()
             conn.send(("error", RuntimeError(said.strip().splitlines()[-1]), said))
             return
+        finally:
+            blocks.release()  # the trainer removes them (or, if the stream ends first, `_shutdown` does)
         if message[0] == "error":
             return
 
 
+class _Stream:
+    """A pool's processes, pipes and shared memory blocks: what `_shutdown` releases (the pool's finalizer,
+    which must not hold the pool itself)."""
+
+    def __init__(self, start: int, stop: int, workers: int, ahead: int):
+        self.start, self.stop, self.workers, self.ahead = start, stop, workers, ahead
+        self.prefix = new_prefix()
+        self.processes: list[Any] = []
+        self.pipes: list[Any] = []
+        self.received = [0] * workers  # results taken from each worker
+        self.lock = threading.Lock()  # a result read while another thread shuts the stream down
+        self.closed = False
+
+    def unclaimed(self) -> Iterator[str]:
+        """The names of every block a worker may have made and not yet handed over: worker `k`, having
+        handed over `received[k]` results, computes at most `ahead` more before it waits."""
+        for k, taken in enumerate(self.received):
+            for j in range(taken, taken + self.ahead + 1):
+                number = self.start + k + j * self.workers
+                if number < self.stop:
+                    yield from (block_name(self.prefix, number, place) for place in range(MAX_BLOCKS))
+
+
+def _kill(processes: list[Any]) -> None:
+    for process in processes:
+        if process.exitcode is None:
+            try:
+                process.kill()
+            except (OSError, ValueError):  # already gone, or closed
+                pass
+
+
+def _shutdown(stream: _Stream) -> None:
+    """Stop the workers, release their pipes, and remove the blocks nobody took (once; also at exit)."""
+    with stream.lock:
+        stream.closed = True
+        _kill(stream.processes)
+        for process in stream.processes:
+            process.join(timeout=5.0)
+        for pipe in stream.pipes:
+            pipe.close()
+        # After the joins: no worker makes a block any more.
+        sweep(stream.unclaimed())
+
+
 class WorkerPool:
-    """`task(i)` for `i` in `range(start, stop)`, computed in `workers` spawned processes, given in order.
+    """`task(i, empty)` for `i` in `range(start, stop)`, computed in `workers` spawned processes, given in
+    order.
 
     **Arguments:**
 
-    - `task`: a picklable callable (cloudpickle: a lambda or a local function too), `task(i) -> result`.
+    - `task`: a picklable callable (cloudpickle: a lambda or a local function too), `task(i, empty) ->
+        result`; `empty(shape, dtype)` gives an uninitialised array to build the result's large arrays in:
+        such an array (a value of a dict result, or the result itself) travels to this process through
+        shared memory, not the pipe, and is copied once here.
     - `start`, `stop`: the numbers to compute.
     - `workers`: how many processes (>= 1); worker `k` computes `start + k`, `start + k + workers`, ...
     - `doing`: what they do, for the error when one dies (e.g. "preparing training batches").
@@ -189,11 +247,12 @@ class WorkerPool:
 
     Iterating gives the results in order; an error raised by `task` is raised here (with the worker's
     traceback as a note), and a worker that dies raises `DataWorkerError` with its exit status. `kill` (also
-    from another thread) stops every worker at once; `close` stops them and releases the pipes.
+    from another thread) stops every worker at once; `close` stops them, releases the pipes and removes the
+    shared memory blocks not taken (also done when the pool is garbage-collected, or at exit).
     """
 
     def __init__(
-        self, task: Callable[[int], Any], start: int, stop: int, workers: int, doing: str, *, ahead: int = 1
+        self, task: Callable[..., Any], start: int, stop: int, workers: int, doing: str, *, ahead: int = 1
     ):
         import cloudpickle
 
@@ -204,21 +263,22 @@ class WorkerPool:
         context = multiprocessing.get_context("spawn")
         payload = cloudpickle.dumps(task)
         self.start, self.stop, self.workers, self.doing = start, stop, workers, doing
-        self._processes: list[Any] = []
-        self._pipes: list[Any] = []
+        self._stream = stream = _Stream(start, stop, workers, ahead)
+        self._finalizer = weakref.finalize(self, _shutdown, stream)
         try:
             for k in range(workers):
                 mine, theirs = context.Pipe()
+                arguments = (payload, start + k, stop, workers, ahead, theirs, stream.prefix)
                 process = context.Process(
                     target=exec,
-                    args=(_BOOT, {"arguments": (payload, start + k, stop, workers, ahead, theirs)}),
+                    args=(_BOOT, {"arguments": arguments}),
                     name=f"{WORKER_NAME}-{k}",
                     daemon=True,  # stopped by multiprocessing when the trainer exits
                 )
                 process.start()
                 theirs.close()  # the worker holds its end: its exit ends the pipe
-                self._processes.append(process)
-                self._pipes.append(mine)
+                stream.processes.append(process)
+                stream.pipes.append(mine)
         except BaseException:
             self.close()
             raise
@@ -228,38 +288,34 @@ class WorkerPool:
             yield self._receive((i - self.start) % self.workers)
 
     def _receive(self, k: int) -> Any:
-        pipe, process = self._pipes[k], self._processes[k]
-        multiprocessing.connection.wait([pipe, process.sentinel])
+        stream = self._stream
+        pipe, process = stream.pipes[k], stream.processes[k]
         try:
+            multiprocessing.connection.wait([pipe, process.sentinel])
             message = pipe.recv()  # what was sent before an exit is still read
-        except (EOFError, OSError):  # the worker ended without sending it
+        except (EOFError, OSError):  # the worker ended without sending it (or the pool was closed)
             process.join(timeout=5.0)
             code = process.exitcode
             raise worker_died(-signal.SIGKILL if code is None else code, self.workers, self.doing) from None
         if message[0] == "ok":
+            with stream.lock:
+                if stream.closed:  # shut down from another thread: its blocks are gone
+                    raise DataWorkerError(f"The data workers were stopped while {self.doing}.")
+                result = receive(message[1], message[2])
+                stream.received[k] += 1
             try:
                 pipe.send_bytes(b"")  # taken: the worker may prepare one more
             except OSError:  # it has sent its last one and gone
                 pass
-            return message[1]
+            return result
         _, error, where = message
         error.add_note(f"In data worker {k}:\n{where}")
         raise error
 
     def kill(self) -> None:
         """SIGKILL every worker (a worker blocked in a read cannot be asked to stop)."""
-        for process in self._processes:
-            if process.exitcode is None:
-                try:
-                    process.kill()
-                except (OSError, ValueError):  # already gone, or closed
-                    pass
+        _kill(self._stream.processes)
 
     def close(self) -> None:
-        """Stop the workers and release their pipes and processes."""
-        self.kill()
-        for process in self._processes:
-            process.join(timeout=5.0)
-        for pipe in self._pipes:
-            pipe.close()
-        self._processes, self._pipes = [], []
+        """Stop the workers, release their pipes and processes, and remove the blocks not taken."""
+        self._finalizer()
