@@ -15,6 +15,7 @@ Nothing is left in `/dev/shm`, and multiprocessing's resource tracker has nothin
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterable
 from multiprocessing import shared_memory
@@ -30,6 +31,17 @@ BLOCK_PREFIX = "cait-eqx-"
 MIN_SHARED_BYTES = 1 << 14
 # Blocks one result may use (more arrays go through the pipe): bounds the names `sweep` has to try.
 MAX_BLOCKS = 4
+
+
+def _room_for(nbytes: int) -> bool:
+    """Whether the shared memory file system has room for a block of `nbytes` (twice over). A full one
+    (a container's 64 MB `/dev/shm`) would not refuse the block but kill the worker writing into it (SIGBUS):
+    the array then goes through the pipe instead."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):  # no such file system here (macOS, Windows): nothing to check
+        return True
+    return stats.f_bavail * stats.f_frsize >= 2 * nbytes
 
 
 def new_prefix() -> str:
@@ -68,6 +80,8 @@ class Blocks:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if nbytes < MIN_SHARED_BYTES or len(self._blocks) >= MAX_BLOCKS or dtype.hasobject:
             return np.empty(shape, dtype)
+        if not _room_for(nbytes):
+            return np.empty(shape, dtype)
         name = block_name(self.prefix, self.number, len(self._blocks))
         block = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
         array = np.ndarray(shape, dtype, buffer=block.buf)
@@ -79,12 +93,16 @@ class Blocks:
             return value
         for block, array in self._blocks:
             if value is array:
-                specs.append((block.name, array.shape, array.dtype.str))
-                return _InBlock(len(specs) - 1)
+                spec = (block.name, array.shape, array.dtype.str)
+                if spec not in specs:  # the same array twice in a result: one block, read once
+                    specs.append(spec)
+                return _InBlock(specs.index(spec))
         if value.nbytes < MIN_SHARED_BYTES or value.dtype.hasobject or len(self._blocks) >= MAX_BLOCKS:
             return value
         # A large array made elsewhere (e.g. read whole from a memory-mapped file): one copy into a block.
         target = self.empty(value.shape, value.dtype)
+        if not (self._blocks and target is self._blocks[-1][1]):  # no block after all: the pipe
+            return value
         target[...] = value
         return self._share(target, specs)
 
