@@ -818,6 +818,12 @@ if __name__ == "__main__":
         path.unlink()
         path.write_bytes(content)
     say("timeout", seen)
+
+    # Left open: the interpreter's exit stops its workers and removes its blocks (checked by the test).
+    stream = pipeline(source).batches()
+    next(stream)
+    time.sleep(1.0)
+    say("exit", blocks())
 '''
 
 
@@ -825,9 +831,10 @@ if __name__ == "__main__":
 def test_batches_travel_in_shared_memory_and_no_block_is_left_however_the_stream_ends(tmp_path, mnist_folder):
     """The workers hand their batches over in shared memory blocks, which the trainer removes: none is left
     in /dev/shm after a stream that ends, one its consumer stops, one whose worker dies, one stopped by the
-    timeout (a worker stuck in a read), and multiprocessing's resource tracker finds none to warn about when
-    the process exits. Wrong would be blocks that pile up in /dev/shm (memory the system gets back only at a
-    reboot), or the same bytes through another route (no block seen while the stream runs)."""
+    timeout (a worker stuck in a read), or one still open when the interpreter exits, and multiprocessing's
+    resource tracker finds none to warn about when the process exits. Wrong would be blocks that pile up in
+    /dev/shm (memory the system gets back only at a reboot), or the same bytes through another route (no
+    block seen while the stream runs)."""
     from cait_eqx.data._shared import BLOCK_PREFIX
 
     folder = tmp_path / "folder"
@@ -839,10 +846,10 @@ def test_batches_travel_in_shared_memory_and_no_block_is_left_however_the_stream
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict((line.split()[0], line.split()[1:]) for line in done.stdout.splitlines())
-    assert set(lines) == {"end", "stopped", "died", "timeout"}, done.stdout
+    assert set(lines) == {"end", "stopped", "died", "timeout", "exit"}, done.stdout
     for case, (seen, left) in lines.items():
         assert int(seen) > 0, f"{case}: no batch went through shared memory"
-        assert int(left) == 0, f"{case}: {left} blocks left in /dev/shm"
+        assert int(left) == 0 or case == "exit", f"{case}: {left} blocks left in /dev/shm"
     assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr[-3000:]
     after = {n for n in os.listdir("/dev/shm") if n.startswith(BLOCK_PREFIX)}
     assert after <= before  # nothing of this run's, even after its exit
