@@ -11,7 +11,7 @@ another's figures:
   evaluation, then (`--epoch-runs`) for one whole epoch, which ends with the evaluation of the held-out
   fifth, read in the trainer's own process. While it runs, this script samples `/proc` every
   `--interval` seconds: each process's own peak resident set (`VmHWM`, the kernel's high-water mark) for
-  the trainer and every process below it (the Grain data workers and multiprocessing's resource tracker),
+  the trainer and every process below it (the data workers and multiprocessing's resource tracker),
   and the sum of their resident sets and of their proportional sets (`Pss`, shared pages split between
   the processes sharing them). The trainer's peak is also read exactly when it exits, from `os.wait4`
   (where it exceeds this script's own: Linux carries the launcher's high-water mark into the child).

@@ -1,9 +1,11 @@
 """What one data worker process costs in memory, and why: its resident set against what it imports.
 
-Each row is a fresh `python` process (spawned, as multiprocessing's `spawn` starts Grain's workers) that
+Each row is a fresh `python` process (spawned, as multiprocessing's `spawn` starts the data workers) that
 imports a set of modules and reports its resident set (`VmRSS` of `/proc/self/status`) and whether JAX got
-imported. The last row is a real data worker: a `TrainPipeline` over a small folder of PNGs with
-`--workers` Grain workers, read for a few batches, each worker's `VmRSS` read from `/proc/<pid>/status`.
+imported. The last rows are real data workers: a `TrainPipeline` over a small folder of PNGs with
+`--workers` workers (`cait_eqx.data._workers.WorkerPool`), read for a few batches with DeiT's
+`TrainTransform`, each worker's `VmRSS` read from `/proc/<pid>/status` and whether JAX's shared library is
+mapped into it (`/proc/<pid>/maps`).
 
 Run `python benchmarks/worker_memory.py`; the results are in `benchmarks/README.md` ("Data pipeline").
 """
@@ -31,7 +33,6 @@ IMPORTS = {
         "numpy,PIL.Image,jaxtyping,cait_eqx.data._pipeline,cait_eqx.data._transforms",
         {},
     ),
-    "grain (what a Grain worker imports first)": ("grain", {}),
     "jax": ("jax", {}),
 }
 
@@ -58,11 +59,12 @@ def main():
         for j in range(64):
             Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(root / c / f"{j:03d}.png")
     source = data.scan_image_folder(root, image_size=16)
-    stream = data.TrainPipeline(source, 16, seed=0, workers=int(sys.argv[2])).batches()
+    transform = data.TrainTransform((16, 16))
+    stream = data.TrainPipeline(source, 16, seed=0, workers=int(sys.argv[2]), transform=transform).batches()
     for _ in range(6):
         next(stream)
     for child in multiprocessing.active_children():
-        if child.name.startswith("grain-process-prefetch"):
+        if child.name.startswith("cait-eqx-data-worker"):
             status = Path(f"/proc/{child.pid}/status").read_text().splitlines()
             rss = [line for line in status if line.startswith("VmRSS")][0].split()[1]
             maps = Path(f"/proc/{child.pid}/maps").read_text()
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workers", type=int, default=2, help="Grain workers of the real pipeline")
+    parser.add_argument("--workers", type=int, default=2, help="data workers of the real pipeline")
     args = parser.parse_args(argv)
     print("| process | resident set MB | JAX imported |")
     print("|---|---|---|")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for line in _run(_WORKERS, folder, str(args.workers), env={}):
             rss, jax = line.split()
-            print(f"| a Grain data worker of `TrainPipeline` (after 6 batches) | {rss} | "
+            print(f"| a data worker of `TrainPipeline` (after 6 batches) | {rss} | "
                   f"{'yes' if jax == 'True' else 'no'} |")
     return 0
 

@@ -163,7 +163,7 @@ def id_dataset():
 
 
 def _record_reads(path: Path, mesh) -> None:
-    """Run the training data pipeline as `fit` does on this process (its rows, one Grain worker) for
+    """Run the training data pipeline as `fit` does on this process (its rows, one data worker) for
     `READ_EPOCHS` epochs and write `path/reads-<process>.npz`: the epoch, batch and example of every read."""
     import jax
     import numpy as np

@@ -1,4 +1,4 @@
-"""The streaming data pipeline: lazy sources (image folders, memory-mapped arrays), the Grain-driven
+"""The streaming data pipeline: lazy sources (image folders, memory-mapped arrays), the
 `TrainPipeline` (order, workers, exact resume), bad files, and worker processes that never outlive a trainer.
 
 Real files throughout: MNIST-5k digits written as PNGs, `.npy` arrays opened memory-mapped.
@@ -281,7 +281,7 @@ def _start_trainer(tmp_path, folder):
     else:
         pytest.fail(f"the trainer ended early:\n{proc.stderr.read()[-3000:]}")
     workers = [pid for pid in _tagged_processes(tag) if pid != proc.pid]
-    assert len(workers) >= 2, workers  # the two Grain workers (and multiprocessing's resource tracker)
+    assert len(workers) >= 2, workers  # the two data workers
     return proc, tag
 
 
@@ -349,10 +349,31 @@ def test_deits_augmentations_run_in_the_workers_reproducibly_and_train(mnist_fol
     assert result.status == "completed" and result.step == 5
 
 
-def _grain_workers() -> list:
+def _data_workers() -> list:
     import multiprocessing
 
-    return [p for p in multiprocessing.active_children() if p.name.startswith("grain-process-prefetch")]
+    return [p for p in multiprocessing.active_children() if p.name.startswith("cait-eqx-data-worker")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_data_worker_reads_and_augments_without_importing_jax(mnist_folder):
+    """A data worker decodes and augments with NumPy and PIL only: JAX (about 130 MB resident) is not
+    mapped into it, and it stays far below a process that imports JAX (about 180 MB;
+    benchmarks/worker_memory.py). Wrong would be a worker that imports JAX through the package's jaxtyping
+    hook or through what unpickles its work."""
+    source = data.scan_image_folder(mnist_folder, image_size=16)
+    stream = TrainPipeline(source, 8, seed=0, workers=1, transform=data.TrainTransform((16, 16))).batches()
+    try:
+        next(stream)
+        next(stream)
+        (worker,) = _data_workers()
+        maps = Path(f"/proc/{worker.pid}/maps").read_text()
+        status = Path(f"/proc/{worker.pid}/status").read_text().splitlines()
+        rss_mb = int([line for line in status if line.startswith("VmRSS")][0].split()[1]) / 1024
+    finally:
+        stream.close()
+    assert "jaxlib" not in maps and "libjax" not in maps, "JAX is loaded in the data worker"
+    assert rss_mb < 100, f"a data worker holds {rss_mb:.0f} MB"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and PR_SET_PDEATHSIG")
@@ -366,35 +387,30 @@ def _grain_workers() -> list:
     ids=["SIGKILL", "SIGSEGV"],
 )
 def test_a_data_worker_that_dies_stops_the_stream_with_what_happened(mnist_folder, sig, said):
-    """Grain's own error is a bare "Worker process was terminated unexpectedly"; ours says how the worker
-    died and what to change, and keeps the exit status. Wrong would be a hang or Grain's bare message."""
+    """A worker that dies is seen at once: the error says how it died and what to change, and keeps the exit
+    status. Wrong would be a hang, or a bare "terminated unexpectedly"."""
     source = data.scan_image_folder(mnist_folder, image_size=16)
     stream = TrainPipeline(source, 8, seed=0, workers=2).batches()
     try:
         next(stream)
-        (victim, _) = _grain_workers()
+        (victim, _) = _data_workers()
         os.kill(victim.pid, sig)
         started = time.monotonic()
         with pytest.raises(data.DataWorkerError, match=said) as caught:
             for _ in range(10_000):  # the workers' buffers drain, then the dead one's turn comes
                 next(stream)
         assert caught.value.exit_code == -sig and time.monotonic() - started < 60
-        assert "Worker process was terminated unexpectedly" in str(caught.value.__cause__)  # Grain's, kept
     finally:
         stream.close()
-    assert _grain_workers() == []  # the live worker is stopped too
+    assert _data_workers() == []  # the live worker is stopped too
 
 
-def test_a_dead_worker_of_the_check_pass_and_other_errors_are_told_apart():
+def test_a_dead_worker_of_the_check_pass_is_told_with_its_cause():
     from cait_eqx.data._workers import worker_died
 
-    grain_said = RuntimeError("Worker process was terminated unexpectedly with exit code 3. Search the logs")
-    died = worker_died(grain_said, 1, "reading every image once (the --check-data pass)")
+    died = worker_died(3, 1, "reading every image once (the --check-data pass)")
     assert died.exit_code == 3 and "the --check-data pass): it exited with status 3" in str(died)
     assert 'without `if __name__ == "__main__":`' in str(died)  # the usual cause of a status
-    assert worker_died(RuntimeError("The data pipeline gave batch 4 where batch 3 was due"), 1, "x") is None
-    not_grains = ValueError("Worker process was terminated unexpectedly with exit code 3")
-    assert worker_died(not_grains, 1, "x") is None
     assert pickle.loads(pickle.dumps(died)).exit_code == 3  # crosses processes as BadImageError does
 
 
@@ -424,7 +440,8 @@ def test_cli_run_whose_data_worker_dies_stops_with_one_line_and_a_resume_hint(tm
     env = {**os.environ, "CAIT_EQX_TEST_TAG": tag}
     program = Path(sys.executable).with_name("cait-eqx")  # the tests' own environment's console script
     program = str(program) if program.is_file() else shutil.which("cait-eqx")
-    cmd = [program, "train", "--dataset", f"folder:{mnist_folder}", "--image-size",
+    # 64-pixel images in patches of 16 (a 16-token model): 32 KB batches, which travel in shared memory.
+    cmd = [program, "train", "--dataset", f"folder:{mnist_folder}", "--image-size", "64", "--patch-size",
            "16", "--batch-size", "8", "--epochs", "100000", "--data-workers", "1", "--no-check-data",
            "--log-every", "1", "--checkpoint-every", "5", "--no-progress", "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -448,6 +465,7 @@ def test_cli_run_whose_data_worker_dies_stops_with_one_line_and_a_resume_hint(tm
             proc.communicate()
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    assert "resource_tracker" not in err and "leaked" not in err, err[-3000:]  # no shared memory left
     (line,) = [line for line in err.splitlines() if line.startswith("cait-eqx train: stopped:")]
     assert "A data worker process died while preparing training batches: it was killed by SIGKILL" in line
     assert line.endswith(f"continue with cait-eqx train --resume {out}")
@@ -510,9 +528,9 @@ def test_a_worker_stuck_in_a_read_stops_fit_naming_the_batch_keeping_a_checkpoin
         assert (error.batch, error.epoch, error.index, error.exit_code) == (3, 0, 3, None)
         assert error.paths == tuple(batch) and f"Its files: {', '.join(batch[:4])} and 4 more." in str(error)
         deadline = time.monotonic() + 10
-        while _grain_workers() and time.monotonic() < deadline:
+        while _data_workers() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _grain_workers() == []  # killed: none is left blocked on the pipe
+        assert _data_workers() == []  # killed: none is left blocked on the pipe
         (kept,) = list_checkpoints(run / "checkpoints")
         assert (kept.step, kept.epoch, kept.batch_index) == (3, 0, 3)  # the three steps done
     finally:
@@ -553,9 +571,9 @@ def test_the_check_pass_stops_on_a_read_that_never_returns_naming_the_files(tmp_
         assert caught.value.paths == tuple(source.describe(i) for i in range(20, 40))
         if workers:
             deadline = time.monotonic() + 10
-            while _grain_workers() and time.monotonic() < deadline:
+            while _data_workers() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert _grain_workers() == []
+            assert _data_workers() == []
     finally:
         _release(stuck)  # without workers, the thread blocked in `open` goes on, and ends
         deadline = time.monotonic() + 10
@@ -638,9 +656,11 @@ def test_cli_run_whose_data_worker_hangs_stops_with_one_line_a_checkpoint_and_a_
     out = tmp_path / "run"
     program = Path(sys.executable).with_name("cait-eqx")
     program = str(program) if program.is_file() else shutil.which("cait-eqx")
-    cmd = [program, "train", "--dataset", f"folder:{folder}", "--image-size", "16", "--batch-size", "8",
-           "--epochs", "100000", "--data-workers", "1", "--no-check-data", "--data-timeout", "2",
-           "--log-every", "1", "--checkpoint-every", "1000", "--no-progress", "--out", str(out)]
+    # 64-pixel images in patches of 16 (a 16-token model): 32 KB batches, which travel in shared memory.
+    cmd = [program, "train", "--dataset", f"folder:{folder}", "--image-size", "64", "--patch-size", "16",
+           "--batch-size", "8", "--epochs", "100000", "--data-workers", "1", "--no-check-data",
+           "--data-timeout", "2", "--log-every", "1", "--checkpoint-every", "1000", "--no-progress",
+           "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # A file of the run's training split (the held-out fifth is read by the evaluation, in the trainer).
     train, _ = data.train_test_split(data.scan_image_folder(folder, image_size=16), test_fraction=0.2, seed=0)
@@ -660,6 +680,7 @@ def test_cli_run_whose_data_worker_hangs_stops_with_one_line_a_checkpoint_and_a_
         _release(stuck)
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    assert "resource_tracker" not in err and "leaked" not in err, err[-3000:]  # no shared memory left
     (line,) = [line for line in err.splitlines() if line.startswith("cait-eqx train: stopped:")]
     assert re.search(r"stopped: Training batch (\d+) \(epoch \d+, batch \d+ of 6\) did not come from its 1 "
                      r"data worker\(s\) in 2 s", line), line
@@ -718,3 +739,117 @@ def test_the_trainer_evaluates_a_folder_as_timms_validate_does(mnist_folder):
                  steps=watched_steps)
     assert result.test is not None and len(seen) == 1  # one evaluation (the end of the epoch), one batch
     np.testing.assert_array_equal(seen[0], images)
+
+
+# ---------------------------------------------------------------------------- batches in shared memory
+
+_SHARED_MEMORY_RUN = '''
+import os, signal, sys, time
+from pathlib import Path
+from cait_eqx import data
+from cait_eqx.data import TrainPipeline
+from cait_eqx.data._loader import prefetch
+from cait_eqx.data._shared import BLOCK_PREFIX
+
+
+def blocks():
+    return {n for n in os.listdir("/dev/shm") if n.startswith(BLOCK_PREFIX)}
+
+
+def pipeline(source, workers=2):
+    # 8 images of 48 x 48: 18 KB a batch, enough to travel in shared memory.
+    return TrainPipeline(source, 8, seed=0, workers=workers, transform=data.TrainTransform((48, 48)))
+
+
+def say(case, seen):
+    print(case, len(seen), len(blocks()), flush=True)
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1]
+    source = data.scan_image_folder(folder, image_size=16)
+    plain = [b.images for b in pipeline(source, workers=0).batches(stop_epoch=2)]
+
+    seen = set()  # blocks seen in /dev/shm while a stream runs
+    for got, want in zip(pipeline(source).batches(stop_epoch=2), plain, strict=True):
+        seen |= blocks()
+        assert (got.images == want).all()
+    say("end", seen)
+
+    stream = pipeline(source).batches()
+    next(stream)
+    time.sleep(1.0)  # the workers fill their buffers
+    seen = blocks()
+    stream.close()
+    say("stopped", seen)
+
+    stream = pipeline(source).batches()
+    next(stream)
+    time.sleep(1.0)
+    seen = blocks()
+    worker = next(p for p in __import__("multiprocessing").active_children() if "data-worker" in p.name)
+    os.kill(worker.pid, signal.SIGKILL)
+    try:
+        for _ in range(10_000):
+            next(stream)
+    except data.DataWorkerError:
+        pass
+    stream.close()
+    say("died", seen)
+
+    # A file that blocks when opened (a named pipe), read in batch 3 (worker 1's second): `fit`'s timeout
+    # path, when worker 0 has made batches 4 and 5 ahead, which nobody takes.
+    pipe = pipeline(source)
+    path = Path(source.describe(int(pipe.batch_examples(3)[0])))
+    content = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        batches = prefetch(pipe.batches(), size=2, timeout=2.0, startup=60.0,
+                           on_timeout=lambda given: pipe.stalled(given, 2.0))
+        seen = set()
+        try:
+            for _ in batches:
+                seen |= blocks()
+        except data.DataWorkerError:
+            seen |= blocks()
+        batches.close()
+    finally:
+        path.unlink()
+        path.write_bytes(content)
+    say("timeout", seen)
+
+    # Left open: the interpreter's exit stops its workers and removes its blocks (checked by the test).
+    stream = pipeline(source).batches()
+    next(stream)
+    time.sleep(1.0)
+    say("exit", blocks())
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists /dev/shm; named pipes, SIGKILL")
+def test_batches_travel_in_shared_memory_and_no_block_is_left_however_the_stream_ends(tmp_path, mnist_folder):
+    """The workers hand their batches over in shared memory blocks, which the trainer removes: none is left
+    in /dev/shm after a stream that ends, one its consumer stops, one whose worker dies, one stopped by the
+    timeout (a worker stuck in a read), or one still open when the interpreter exits, and multiprocessing's
+    resource tracker finds none to warn about when the process exits. Wrong would be blocks that pile up in
+    /dev/shm (memory the system gets back only at a reboot), or the same bytes through another route (no
+    block seen while the stream runs)."""
+    from cait_eqx.data._shared import BLOCK_PREFIX
+
+    folder = tmp_path / "folder"
+    shutil.copytree(mnist_folder, folder)
+    script = tmp_path / "run.py"
+    script.write_text(_SHARED_MEMORY_RUN)
+    before = {n for n in os.listdir("/dev/shm") if n.startswith(BLOCK_PREFIX)}
+    done = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict((line.split()[0], line.split()[1:]) for line in done.stdout.splitlines())
+    assert set(lines) == {"end", "stopped", "died", "timeout", "exit"}, done.stdout
+    for case, (seen, left) in lines.items():
+        assert int(seen) > 0, f"{case}: no batch went through shared memory"
+        assert int(left) == 0 or case == "exit", f"{case}: {left} blocks left in /dev/shm"
+    assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr[-3000:]
+    after = {n for n in os.listdir("/dev/shm") if n.startswith(BLOCK_PREFIX)}
+    assert after <= before  # nothing of this run's, even after its exit

@@ -358,7 +358,7 @@ def test_train_transform_is_reproducible_picklable_and_composed_in_order(photo, 
         assert [a.tobytes() for a in first] == [a.tobytes() for a in again]
         assert all(a.tobytes() != b.tobytes() for a, b in zip(first, other, strict=True))
         assert len({a.tobytes() for a in first}) == 6
-    # What a Grain worker gets: a pickled copy that transforms alike.
+    # What a data worker gets: a pickled copy that transforms alike.
     copy = pickle.loads(pickle.dumps(transform))
     assert copy == transform
     np.testing.assert_array_equal(copy(photo, np.random.default_rng(3)),

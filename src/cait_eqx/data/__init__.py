@@ -6,7 +6,7 @@
   `load_npz(path)`; `load_images(paths)`: image files read as a folder's are (for prediction).
 - `train_test_split(dataset, test_fraction=, seed=)`: a fixed, seeded, stratified split.
 - `scan_image_folder(root)`, `open_arrays(path)`: the same data read lazily (file list / memory map).
-- `TrainPipeline`: shuffled, seeded, resumable training batches read by Grain in worker processes
+- `TrainPipeline`: shuffled, seeded, resumable training batches read in light worker processes
   (`Sampler`: the order, with DeiT's repeated augmentation; `DataWorkerError`: a worker died);
   `find_bad_images`: the `--check-data` pass.
 - `eval_batches`: a dataset in order, in fixed-size batches; `prefetch` runs an iterator ahead in a thread.

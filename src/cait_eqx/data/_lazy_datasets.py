@@ -3,7 +3,7 @@
 An in-memory `Dataset` and these sources answer the same questions (`len`, `labels`, `class_names`,
 `channels`, `image_size`, `read(indices)`, `read_native(index)`, `subset(indices)`), so the training
 pipeline, the evaluation and the held-out split take either. What a lazy source holds in memory is its
-file list or its array's header: pixels are decoded where a batch is built, in the Grain data workers.
+file list or its array's header: pixels are decoded where a batch is built, in the data workers.
 """
 
 from __future__ import annotations

@@ -11,15 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._datasets import Dataset
-from ._workers import (
-    WORKER_STARTUP_S,
-    DataWorkerError,
-    children,
-    default_data_workers,
-    kill_workers,
-    worker_died,
-    worker_init,
-)
+from ._workers import WORKER_STARTUP_S, DataWorkerError, WorkerPool, default_data_workers
 
 __all__ = ["eval_batches", "find_bad_images", "prefetch"]
 
@@ -198,7 +190,8 @@ class _CheckChunk:
     def __init__(self, source, size: int):
         self.source, self.size = source, size
 
-    def __call__(self, chunk: int) -> list[tuple[int, str]]:
+    def __call__(self, chunk: int, empty=np.empty) -> list[tuple[int, str]]:
+        del empty  # a short list: through the pipe
         bad = []
         for index in range(chunk * self.size, min((chunk + 1) * self.size, len(self.source))):
             try:
@@ -211,7 +204,7 @@ class _CheckChunk:
 def find_bad_images(
     source: Any, *, workers: int | None = None, chunk: int = 256, timeout: float | int | None = None
 ) -> list[tuple[int, str]]:
-    """Read every example of `source` once (in Grain workers) and list those that cannot be read.
+    """Read every example of `source` once (in worker processes) and list those that cannot be read.
 
     What `--check-data` runs before training: a corrupt or unreadable file, an image of another size than
     the folder's (without `image_size`), a colour image in a folder read as greyscale.
@@ -229,23 +222,19 @@ def find_bad_images(
     **Returns:** `(index, reason)` for every example that fails, in index order (`source.describe(index)`
     names its file).
     """
-    import grain
-
     if isinstance(source, Dataset) or len(source) == 0 or getattr(source, "checked", False):
         return []
     workers = default_data_workers(source, True) if workers is None else workers
     chunks = -(-len(source) // chunk)
-    data = grain.MapDataset.range(chunks).map(_CheckChunk(source, chunk))
-    # Without workers, read in the `prefetch` thread itself (a daemon, unlike a pool's thread).
-    read = grain.ReadOptions(num_threads=1 if workers > 0 else 0, prefetch_buffer_size=2)
-    stream = data.to_iter_dataset(read)
+    reader = _CheckChunk(source, chunk)
+    pool = None
     if workers > 0:
-        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
-        stream = stream.mp_prefetch(options, worker_init_fn=worker_init)
-    others = children()
+        doing = "reading every image once (the --check-data pass)"
+        pool = WorkerPool(reader, 0, chunks, workers, doing, ahead=2)
 
     def stalled(done: int) -> DataWorkerError:
-        kill_workers(others)
+        if pool is not None:
+            pool.kill()
         first, last = done * chunk, min((done + 1) * chunk, len(source)) - 1
         paths = tuple(source.describe(i) for i in range(first, last + 1))
         return DataWorkerError(
@@ -257,25 +246,15 @@ def find_bad_images(
             paths=paths,
         )
 
-    def chunks_read():
-        iterator = iter(stream)
-        try:
-            yield from iterator
-        except RuntimeError as error:
-            died = worker_died(error, workers, "reading every image once (the --check-data pass)")
-            if died is None:
-                raise
-            raise died from error
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-            del iterator
+    # Without workers, read in the `prefetch` thread itself (a daemon, unlike a pool's thread).
+    chunks_read = map(reader, range(chunks)) if pool is None else iter(pool)
 
     # Read in a thread, so that a read that never returns cannot hold this one beyond `timeout`.
     startup = WORKER_STARTUP_S if workers else 0.0
-    found = prefetch(chunks_read(), size=2, timeout=timeout, startup=startup, on_timeout=stalled)
+    found = prefetch(chunks_read, size=2, timeout=timeout, startup=startup, on_timeout=stalled)
     try:
         return [item for bad in found for item in bad]
     finally:
         found.close()
+        if pool is not None:
+            pool.close()

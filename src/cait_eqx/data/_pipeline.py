@@ -1,11 +1,11 @@
-"""Training batches through Grain: a random-access source, read and transformed in worker processes.
+"""Training batches: a random-access source, read and transformed in worker processes.
 
-The stream is a `grain.MapDataset` whose element `b` is global batch number `b` (epoch `b // steps_per_epoch`)
-as this process loads it: the examples come from the `Sampler`'s order of that epoch (DeiT's repeated
-augmentation included), this process's rows of it only, each read (and, with a `transform`, augmented from
-a generator seeded by its position) by `_BatchReader`. Everything an element holds is a pure function of
-`b`, so any number of workers gives the same bytes, and a run resumes exactly from its batch number (a
-checkpoint holds no iterator state: the position says it all).
+The stream's element `b` is global batch number `b` (epoch `b // steps_per_epoch`) as this process loads
+it: the examples come from the `Sampler`'s order of that epoch (DeiT's repeated augmentation included), this
+process's rows of it only, each read (and, with a `transform`, augmented from a generator seeded by its
+position) by `_BatchReader`. Everything an element holds is a pure function of `b`, so any number of
+workers (`WorkerPool`: light processes that never import JAX) gives the same bytes, and a run resumes
+exactly from its batch number (a checkpoint holds no iterator state: the position says it all).
 
 A worker that never answers (a read that blocks for ever) cannot be interrupted from outside its process:
 the trainer waits for a batch at most `data_timeout` seconds, then `TrainPipeline.stalled` kills this
@@ -29,7 +29,7 @@ __all__ = [
 
 from .._constants import BAD_IMAGE_POLICIES
 from ._decode import BadImageError
-from ._workers import DataWorkerError, children, default_data_workers, kill_workers, worker_died, worker_init
+from ._workers import DataWorkerError, WorkerPool, default_data_workers
 
 # How many other examples a skipped one may try before the batch gives up (a folder of mostly bad files).
 _MAX_REPLACEMENTS = 64
@@ -79,7 +79,7 @@ class Sampler:
 
 
 class _BatchReader:
-    """Builds batch number `b` for one process: runs in the Grain workers (pickled there)."""
+    """Builds batch number `b` for one process: runs in the data workers (pickled there)."""
 
     def __init__(self, source, sampler: Sampler, rows: slice, transform, bad_images: str):
         self.source, self.sampler, self.transform, self.bad_images = source, sampler, transform, bad_images
@@ -95,7 +95,8 @@ class _BatchReader:
             self._order = (epoch, self.sampler.order(epoch))
         return self._order[1]
 
-    def __call__(self, b: int) -> dict[str, np.ndarray]:
+    def __call__(self, b: int, empty=np.empty) -> dict[str, np.ndarray]:
+        """Batch `b`; its images built in `empty(shape, dtype)` (a worker's: in shared memory)."""
         sampler, source = self.sampler, self.source
         epoch, index = divmod(int(b), sampler.steps_per_epoch)
         order = self.order(epoch)
@@ -114,7 +115,8 @@ class _BatchReader:
                     rng = np.random.default_rng([sampler.seed, 1, epoch, position])
                     pixels = self.transform(pixels, rng)
                 examples.append(pixels)
-            images = np.stack(examples)
+            first = examples[0] if examples else np.empty(0)
+            images = np.stack(examples, out=empty((len(examples), *first.shape), first.dtype))
         labels = source.labels[order[positions]].astype(np.int32)
         return {"images": images, "labels": labels, "batch": np.int64(b), "skipped": np.int64(skipped)}
 
@@ -168,7 +170,7 @@ class PipelineBatch:
 
 
 class TrainPipeline:
-    """Shuffled, seeded, resumable training batches of a source, read by Grain (in worker processes).
+    """Shuffled, seeded, resumable training batches of a source, read in worker processes.
 
     **Arguments:**
 
@@ -180,12 +182,12 @@ class TrainPipeline:
     - `transform`: a per-image transform run in the workers, `transform(pixels, rng) -> pixels` on
         `uint8` `(channels, height, width)` images at their native size (e.g. `TrainTransform`), giving
         every image the same size; `None`: images at the source's `image_size`.
-    - `workers`: Grain worker processes (0: read in this process, in a thread); `None`:
+    - `workers`: worker processes (`WorkerPool`; 0: read in this process, in a thread); `None`:
         `default_data_workers`.
     - `shuffle`, `repeats`: as in `Sampler`.
     - `bad_images`: `"error"` (a file that cannot be read stops the run, naming it) or `"skip"` (it is
         replaced by the next readable example of the epoch and counted in `PipelineBatch.skipped`).
-    - `buffer`: batches each worker (or the reading thread) prepares ahead.
+    - `buffer`: batches each worker prepares ahead of the ones taken.
     """
 
     def __init__(
@@ -210,30 +212,23 @@ class TrainPipeline:
         self.source, self.transform, self.bad_images, self.buffer = source, transform, bad_images, buffer
         self.rows = rows
         self.workers = default_data_workers(source, transform) if workers is None else workers
-        # The multiprocessing children alive before this pipeline's stream started: not its workers.
-        self._others: set[int] | None = None
+        # The worker processes of the stream running now (none without workers, or before it starts).
+        self._pool: WorkerPool | None = None
 
     @property
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
 
-    def _iterator(self, start: int, stop: int):
-        import grain
-
+    def _iterator(self, start: int, stop: int) -> Iterator[dict[str, Any]]:
         reader = _BatchReader(self.source, self.sampler, self.rows, self.transform, self.bad_images)
-        data = grain.MapDataset.range(start, stop).map(reader)
-        # Without workers the batches are read in the calling thread (a daemon `prefetch` thread in `fit`):
-        # a read that never returns then cannot keep the process from exiting, as a pool thread would.
-        threads = 1 if self.workers > 0 else 0
-        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self.buffer)
-        stream = data.to_iter_dataset(read)
-        self._others = children()
-        if self.workers > 0:
-            options = grain.MultiprocessingOptions(
-                num_workers=self.workers, per_worker_buffer_size=self.buffer
-            )
-            stream = stream.mp_prefetch(options, worker_init_fn=worker_init)
-        return iter(stream)
+        if self.workers == 0:
+            # Read in the calling thread (a daemon `prefetch` thread in `fit`): a read that never returns
+            # then cannot keep the process from exiting.
+            return map(reader, range(start, stop))
+        self._pool = WorkerPool(
+            reader, start, stop, self.workers, "preparing training batches", ahead=self.buffer
+        )
+        return iter(self._pool)
 
     def batches(
         self,
@@ -262,24 +257,13 @@ class TrainPipeline:
         try:
             for element in iterator:
                 epoch, index = divmod(int(element["batch"]), spe)
-                # Copies: Grain's arrays may live in shared memory that the next batches reuse.
                 yield PipelineBatch(
-                    epoch,
-                    index,
-                    np.array(element["images"]),
-                    np.array(element["labels"]),
-                    int(element["skipped"]),
+                    epoch, index, element["images"], element["labels"], int(element["skipped"])
                 )
-        except RuntimeError as error:
-            died = worker_died(error, self.workers, "preparing training batches")
-            if died is None:
-                raise
-            raise died from error
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-            del iterator
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
 
     def batch_examples(self, b: int) -> np.ndarray:
         """The example indices this process reads for global batch number `b` (before any skipped one is
@@ -301,7 +285,8 @@ class TrainPipeline:
 
         **Returns:** a `DataWorkerError` naming the batch (`batch`, `epoch`, `index`) and its files (`paths`).
         """
-        kill_workers(self._others or set())
+        if self._pool is not None:
+            self._pool.kill()
         epoch, index = divmod(int(b), self.steps_per_epoch)
         paths = tuple(self.source.describe(int(i)) for i in self.batch_examples(b))
         more = len(paths) - _LISTED

@@ -37,7 +37,7 @@ class TrainTransform:
     """DeiT's per-image training transform (timm's `transforms_imagenet_train` up to the tensor):
     random-resized crop, flips, then RandAugment.
 
-    Picklable, so Grain's worker processes can run it; `transform(image, rng)` draws everything from `rng`.
+    Picklable, so the data worker processes can run it; `transform(image, rng)` draws everything from `rng`.
     Normalisation and random erasing come later, on the device (`cait_eqx.data.random_erasing`).
 
     **Arguments:**
