@@ -827,6 +827,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow  # five streams in a fresh interpreter, 20-40 s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists /dev/shm; named pipes, SIGKILL")
 def test_batches_travel_in_shared_memory_and_no_block_is_left_however_the_stream_ends(tmp_path, mnist_folder):
     """The workers hand their batches over in shared memory blocks, which the trainer removes: none is left

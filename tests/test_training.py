@@ -606,6 +606,7 @@ def _memory_mappings():
         return None
 
 
+@pytest.mark.slow  # two fits with evaluation, 10-15 s
 def test_fits_in_one_process_free_their_compiled_programs(digits):
     # A sweep in one process: every `fit` compiles its own steps. Each XLA:CPU program holds memory mappings
     # of its own; kept alive after their fit (as `eqx.filter_jit` kept the steps' closures), they piled up
