@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 from jaxtyping import PyTree
 
 from ..training._config import StepConfig
-from ..training._steps import jit_train_step, make_eval_step, make_train_step, owned_filter_jit
+from ..training._jit import owned_filter_jit
+from ..training._steps import jit_train_step, make_eval_step, make_train_step
 from ._hosts import shard_batch
 from ._mesh import (
     DEFAULT_MIN_SHARD_SIZE,
