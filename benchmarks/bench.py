@@ -476,8 +476,9 @@ def eqx_inference_fn():
     return infer
 
 
-def eqx_train_step(optim):
-    """The canonical Equinox step: value_and_grad over the model, optax on its array leaves."""
+def eqx_train_step(optim, forward: Callable[[Any, Any], Any] | None = None):
+    """The canonical Equinox step: value_and_grad over the model, optax on its array leaves. `forward(model,
+    images)` gives the batch's logits (default `jax.vmap(model)(images)`)."""
     import equinox as eqx
     import jax
     import optax
@@ -486,7 +487,7 @@ def eqx_train_step(optim):
         x, y = batch
 
         def loss_fn(m):
-            logits = jax.vmap(m)(x)
+            logits = jax.vmap(m)(x) if forward is None else forward(m, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         loss, grads = eqx.filter_value_and_grad(loss_fn)(model)

@@ -57,18 +57,7 @@ def _step_fn(variant: str, optim):
     if variant == "chunked train":
         import cait_eqx
 
-        def chunked_step(batch, model, opt_state):
-            x, y = batch
-
-            def loss_fn(m):
-                logits = cait_eqx.batched(m)(x)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-            loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
-            updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-            return eqx.apply_updates(model, updates), opt_state, loss
-
-        return chunked_step
+        return bench.eqx_train_step(optim, forward=lambda m, x: cait_eqx.batched(m)(x))
     if variant != "two half-batches":
         return bench.eqx_train_step(optim)
 
