@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 import uuid
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -744,7 +745,7 @@ def test_the_trainer_evaluates_a_folder_as_timms_validate_does(mnist_folder):
 # ---------------------------------------------------------------------------- batches in shared memory
 
 _SHARED_MEMORY_RUN = '''
-import os, signal, sys, time
+import os, signal, sys, threading, time
 from pathlib import Path
 from cait_eqx import data
 from cait_eqx.data import TrainPipeline
@@ -759,6 +760,25 @@ def blocks():
 def pipeline(source, workers=2):
     # 8 images of 48 x 48: 18 KB a batch, enough to travel in shared memory.
     return TrainPipeline(source, 8, seed=0, workers=workers, transform=data.TrainTransform((48, 48)))
+
+
+class Watch:
+    """The blocks that appear in /dev/shm while it is open, looked at every 5 ms from a thread (a block
+    lives from its worker's write to the trainer's read: a look between two batches can miss them all)."""
+
+    def __enter__(self):
+        self.seen, self.done = set(), threading.Event()
+        self.thread = threading.Thread(target=self._look, daemon=True)
+        self.thread.start()
+        return self
+
+    def _look(self):
+        while not self.done.wait(0.005):
+            self.seen |= blocks()
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
 
 
 def say(case, seen):
@@ -807,17 +827,17 @@ if __name__ == "__main__":
     try:
         batches = prefetch(pipe.batches(), size=2, timeout=2.0, startup=60.0,
                            on_timeout=lambda given: pipe.stalled(given, 2.0))
-        seen = set()
-        try:
-            for _ in batches:
-                seen |= blocks()
-        except data.DataWorkerError:
-            seen |= blocks()
+        with Watch() as watch:
+            try:
+                for _ in batches:
+                    pass
+            except data.DataWorkerError:
+                pass
         batches.close()
     finally:
         path.unlink()
         path.write_bytes(content)
-    say("timeout", seen)
+    say("timeout", watch.seen)
 
     # Left open: the interpreter's exit stops its workers and removes its blocks (checked by the test).
     stream = pipeline(source).batches()
@@ -854,3 +874,27 @@ def test_batches_travel_in_shared_memory_and_no_block_is_left_however_the_stream
     assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr[-3000:]
     after = {n for n in os.listdir("/dev/shm") if n.startswith(BLOCK_PREFIX)}
     assert after <= before  # nothing of this run's, even after its exit
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists /dev/shm")
+def test_sweep_removes_a_block_whose_worker_died_before_giving_it_a_size():
+    """A worker killed between creating a block and sizing it leaves an empty file in /dev/shm, which
+    `SharedMemory` cannot map ("cannot mmap an empty file"). The sweep after a dead worker must remove it
+    like any other block. Wrong would be the sweep raising ValueError over the worker's DataWorkerError (as a
+    CI run once did) or leaving the empty block behind."""
+    import _posixshmem
+
+    from cait_eqx.data._shared import block_name, new_prefix, sweep
+
+    prefix = new_prefix()
+    unsized, sized, absent = (block_name(prefix, 1, place) for place in range(3))
+    os.close(_posixshmem.shm_open("/" + unsized, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600))
+    block = shared_memory.SharedMemory(name=sized, create=True, size=1 << 14)
+    block.close()
+    try:
+        assert sweep([unsized, sized, absent]) == 2
+    finally:
+        for name in (unsized, sized):
+            if os.path.exists(f"/dev/shm/{name}"):
+                os.unlink(f"/dev/shm/{name}")
+    assert not {unsized, sized} & set(os.listdir("/dev/shm"))

@@ -162,6 +162,21 @@ def receive(packed: Any, specs: list[tuple[str, tuple[int, ...], str]]) -> Any:
     return restore(packed)
 
 
+def _unlink_unsized(name: str) -> int:
+    """Remove the block `name` that has no size yet (its worker was killed between `shm_open` and
+    `ftruncate`): `SharedMemory` cannot map it, and its maker had not told a resource tracker about it.
+    1 if it was removed."""
+    try:
+        import _posixshmem  # the module `shared_memory` itself calls on POSIX systems
+    except ImportError:  # Windows: a named block without a mapping does not outlive its handles
+        return 0
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        return 0
+    return 1
+
+
 def sweep(names: Iterable[str]) -> int:
     """Remove those of the blocks `names` that exist (a stream that ended early); how many there were."""
     removed = 0
@@ -169,6 +184,9 @@ def sweep(names: Iterable[str]) -> int:
         try:
             block = shared_memory.SharedMemory(name=name)
         except FileNotFoundError:
+            continue
+        except ValueError:  # "cannot mmap an empty file": its worker was killed between making and sizing it
+            removed += _unlink_unsized(name)
             continue
         block.close()
         try:
