@@ -8,6 +8,9 @@ on an equal footing (own process, own compilation, own allocator history). A set
 - `flags:...`: XLA flags for the process (appended to the `XLA_FLAGS` the script was started with);
 - `unroll:K`: the SA blocks' `lax.scan` unrolled by K (`cait_eqx._blocks.SCAN_UNROLL`; `unroll:full` for all);
 - `remat:POLICY`: the model's remat policy (`cait_eqx.REMAT_POLICIES`);
+- `devices:N`: N XLA host devices (`--xla_force_host_platform_device_count=N`) sharing the same CPUs, the
+  batch split over them by `cait_eqx.parallel` (`make_mesh(data=N)`, `shard_state`, `shard_batch`) as
+  `cait-eqx train --mesh data=N` does: N data-parallel copies of the step that run side by side;
 - `timm`: timm's `Cait` (eager PyTorch), the same configuration, as the reference row.
 
 Every round starts one process per setting, in an order reversed every round; each process compiles the step,
@@ -46,11 +49,12 @@ DEFAULT_SETTINGS = (
     ("unroll full", "unroll:full"),
     ("remat none", "remat:none"),
     ("remat dots", "remat:dots"),
+    ("two devices", "devices:2"),
 )
 
 
 def parse_spec(spec: str) -> dict[str, Any]:
-    out: dict[str, Any] = dict(flags="", unroll=None, remat=None, timm=False)
+    out: dict[str, Any] = dict(flags="", unroll=None, remat=None, timm=False, devices=1)
     for part in [p.strip() for p in spec.split(";") if p.strip()]:
         key, _, value = part.partition(":")
         if key == "flags":
@@ -61,8 +65,16 @@ def parse_spec(spec: str) -> dict[str, Any]:
             out["remat"] = value
         elif key == "timm":
             out["timm"] = True
+        elif key == "devices":
+            out["devices"] = int(value)
+            if out["devices"] < 1:
+                raise SystemExit(f"setting part {part!r}: devices:N needs N >= 1")
+            count = f"--xla_force_host_platform_device_count={out['devices']}"
+            out["flags"] = (out["flags"] + " " + count).strip()
         else:
-            raise SystemExit(f"unknown setting part {part!r}: use flags:..., unroll:K, remat:POLICY or timm")
+            raise SystemExit(
+                f"unknown setting part {part!r}: use flags:..., unroll:K, remat:POLICY, devices:N or timm"
+            )
     return out
 
 
@@ -77,6 +89,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((batch, 3, b.image_size, b.image_size), dtype=np.float32)
     y_np = rng.integers(0, b.num_classes, batch)
+    devices = 1
     if setting["timm"]:
         import torch
 
@@ -106,6 +119,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         jitted = eqx.filter_jit(bench.eqx_train_step(optim), donate="all-except-first")
         x, y = jnp.asarray(x_np), jnp.asarray(y_np, dtype=jnp.int32)
         state = [model, optim.init(eqx.filter(model, eqx.is_array))]
+        if setting["devices"] > 1:
+            from cait_eqx import parallel
+
+            if batch % setting["devices"]:
+                raise SystemExit(f"devices:{setting['devices']} does not divide the batch of {batch}")
+            mesh = parallel.make_mesh(data=setting["devices"])
+            state = list(parallel.shard_state(tuple(state), mesh))
+            x, y = parallel.shard_batch((x, y), mesh)
+        devices = len(x.sharding.device_set)
         t0 = time.perf_counter()
         compiled = jitted.lower((x, y), *state).compile()
         compile_s = time.perf_counter() - t0
@@ -128,7 +150,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         step()
         times.append(time.perf_counter() - t0)
     return dict(step_s=statistics.median(times), times=times, compile_s=compile_s, loss=final(),
-                peak_rss_mb=bench._proc_status_mb("VmHWM"))
+                devices=devices, peak_rss_mb=bench._proc_status_mb("VmHWM"))
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -176,7 +198,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.only, args.rounds, args.steps, args.warmup, args.batch = "tiny", 1, 1, 1, 4
-        settings = [("default", ""), ("unroll 2", "unroll:2")]
+        settings = [("default", ""), ("unroll 2", "unroll:2"), ("two devices", "devices:2")]
     elif args.setting:
         settings = [tuple(s.split("=", 1)) if "=" in s else (s, s) for s in args.setting]
     else:
@@ -219,7 +241,7 @@ def main(argv=None) -> int:
                 step_s=statistics.median(x["step_s"] for x in rs),
                 compile_s=statistics.median(x["compile_s"] for x in rs),
                 peak_rss_mb=max(x["peak_rss_mb"] for x in rs),
-                loss=rs[-1]["loss"], runs=rs,
+                loss=rs[-1]["loss"], devices=rs[-1]["devices"], runs=rs,
             ))
         timm = next((r for r in rows if r["name"] == "timm"), None)
         for row in rows:

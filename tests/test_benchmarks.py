@@ -714,18 +714,20 @@ def test_profile_step_quick_mode_accounts_for_the_step(tmp_path):
 @pytest.mark.slow
 def test_step_settings_quick_mode_runs_each_setting_in_its_own_process(tmp_path):
     """`step_settings.py --quick`: one row per setting, the first its own 1.00× reference; settings that do
-    not change the maths (unrolling the scan) give the same loss to float32 rounding."""
+    not change the maths (unrolling the scan, the batch split over two host devices) give the same loss to
+    float32 rounding."""
     path = tmp_path / "settings.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_settings.py"), "--quick", "--json",
                            str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(path.read_text())
     rows = results["rows"]
-    assert [r["name"] for r in rows] == ["default", "unroll 2"]
+    assert [r["name"] for r in rows] == ["default", "unroll 2", "two devices"]
     assert rows[0]["x_first"] == 1.0 and all(r["step_s"] > 0 and r["compile_s"] > 0 for r in rows)
-    assert math.isclose(rows[0]["loss"], rows[1]["loss"], rel_tol=1e-5)
+    assert all(math.isclose(rows[0]["loss"], r["loss"], rel_tol=1e-5) for r in rows[1:])
+    assert [r["devices"] for r in rows] == [1, 1, 2]  # the batch really was split over two devices
     assert results["meta"]["isa"] == bench.cpu_kind()[1]
-    assert "| default |" in proc.stdout and "| unroll 2 |" in proc.stdout
+    assert all(f"| {name} |" in proc.stdout for name in ("default", "unroll 2", "two devices"))
 
 @pytest.mark.slow
 def test_grad_accum_script_quick_mode(tmp_path, jax_cache):
