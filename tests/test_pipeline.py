@@ -377,6 +377,45 @@ def test_a_data_worker_reads_and_augments_without_importing_jax(mnist_folder):
     assert rss_mb < 100, f"a data worker holds {rss_mb:.0f} MB"
 
 
+_MAIN_THAT_IMPORTS_THE_PACKAGE = '''
+import multiprocessing, sys
+from pathlib import Path
+
+from cait_eqx.cli import main  # what the `cait-eqx` command's script does at its top
+from cait_eqx import data
+
+if __name__ == "__main__":
+    source = data.scan_image_folder(sys.argv[1], image_size=16)
+    pipe = data.TrainPipeline(source, 8, seed=0, workers=1, transform=data.TrainTransform((16, 16)))
+    stream = pipe.batches()
+    next(stream)
+    next(stream)
+    (worker,) = [p for p in multiprocessing.active_children() if p.name.startswith("cait-eqx-data-worker")]
+    maps = Path(f"/proc/{worker.pid}/maps").read_text()
+    status = Path(f"/proc/{worker.pid}/status").read_text().splitlines()
+    rss = [line for line in status if line.startswith("VmRSS")]
+    stream.close()
+    print("jax" if ("jaxlib" in maps or "libjax" in maps) else "no-jax", int(rss[0].split()[1]) // 1024)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_data_worker_stays_light_under_a_main_script_that_imports_the_package(tmp_path, mnist_folder):
+    """multiprocessing's spawn runs the parent's main script again in each worker (as `__mp_main__`) before
+    any code of ours; the `cait-eqx` command's script imports `cait_eqx`, whose checking hook, once on, makes
+    the worker's first checked function import JAX (about 185 MB instead of 45; as `cait-eqx train` did until
+    this test). The package keeps its hook off in a process named as its data workers. Wrong would be JAX
+    mapped into the worker of such a script."""
+    script = tmp_path / "main.py"
+    script.write_text(_MAIN_THAT_IMPORTS_THE_PACKAGE)
+    done = subprocess.run([sys.executable, str(script), str(mnist_folder)], capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "CAIT_EQX_TYPECHECK"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded, rss_mb = done.stdout.split()
+    assert loaded == "no-jax", f"JAX is loaded in the data worker ({rss_mb} MB)"
+    assert int(rss_mb) < 100, f"a data worker holds {rss_mb} MB"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and PR_SET_PDEATHSIG")
 @pytest.mark.parametrize(
     ("sig", "said"),

@@ -2,21 +2,37 @@
 
 Runtime shape checking (jaxtyping + beartype) is on for every module call and public function of this
 package, including its subpackages. Set the environment variable `CAIT_EQX_TYPECHECK=0` before the first
-`import cait_eqx` to switch it off.
+`import cait_eqx` to switch it off. It is always off in the package's own data worker processes, which run no
+array code and must not import JAX.
 
 The public names below are imported on first use (`cait_eqx._lazy`), so `import cait_eqx` is cheap and the
 `cait-eqx` command answers `--help` at once; `from cait_eqx import CaiT` works as usual.
 """
 
 import os as _os
+import sys as _sys
 from typing import TYPE_CHECKING
+
+from ._constants import DATA_WORKER_NAME as _DATA_WORKER_NAME
+
+
+def _in_data_worker() -> bool:
+    """Whether this process is one of the package's data workers (`cait_eqx.data.WorkerPool`). A spawned
+    worker imports its parent's main script (as `__mp_main__`) before it runs any code of ours, after
+    multiprocessing has given it its name: a main script that imports `cait_eqx` (the `cait-eqx` command
+    does) must not switch on, in the worker, the hook whose first checked function imports JAX."""
+    multiprocessing = _sys.modules.get("multiprocessing")
+    if multiprocessing is None:
+        return False
+    return multiprocessing.current_process().name.startswith(_DATA_WORKER_NAME)
+
 
 TYPECHECKING_ENABLED: bool = _os.environ.get("CAIT_EQX_TYPECHECK", "1").strip().lower() not in (
     "0",
     "false",
     "no",
     "off",
-)
+) and not _in_data_worker()
 
 # Pure-Python modules that `cait-eqx --help` imports and that hold no array code: left unchecked, because the
 # first function jaxtyping's hook decorates imports JAX (seconds), and the help must answer at once.

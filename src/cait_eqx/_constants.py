@@ -2,7 +2,7 @@
 
 __all__ = [
     "BAD_IMAGE_POLICIES", "DEFAULT_LORA_TARGETS", "ERASE_MODES", "IMAGENET_MEAN", "IMAGENET_STD",
-    "INTERPOLATIONS", "LORA_TARGETS", "NORMALIZATIONS",
+    "INTERPOLATIONS", "LORA_TARGETS", "NORMALIZATIONS", "DATA_WORKER_NAME",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,3 +23,6 @@ class-attention blocks' `q`, `k`, `v`, the attention output `proj` and the MLP's
 kinds of block), and the classifier `head`."""
 DEFAULT_LORA_TARGETS = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 """What `cait_eqx.lora` adapts unless told otherwise: every Linear of the attentions and MLPs, both stages."""
+DATA_WORKER_NAME = "cait-eqx-data-worker"
+"""The process name of the data workers (`cait_eqx.data.WorkerPool`), followed by their number. The package
+switches its checking hook off in a process of that name (see `cait_eqx.TYPECHECKING_ENABLED`)."""

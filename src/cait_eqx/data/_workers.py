@@ -31,6 +31,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .._constants import DATA_WORKER_NAME
 from ._datasets import Dataset
 from ._shared import MAX_BLOCKS, Blocks, block_name, new_prefix, receive, sweep
 
@@ -41,7 +42,7 @@ __all__ = ["WORKER_STARTUP_S", "DataWorkerError", "WorkerPool", "default_data_wo
 WORKER_STARTUP_S = 60.0
 
 # The names of the worker processes (`WorkerPool`), followed by their number.
-WORKER_NAME = "cait-eqx-data-worker"
+WORKER_NAME = DATA_WORKER_NAME
 
 # What a worker process runs first (the target of a spawned `multiprocessing.Process` is `exec`, so nothing
 # of this package is imported before it): the package's jaxtyping hook goes off in this process only, which
