@@ -353,7 +353,9 @@ def test_deits_augmentations_run_in_the_workers_reproducibly_and_train(mnist_fol
 def _data_workers() -> list:
     import multiprocessing
 
-    return [p for p in multiprocessing.active_children() if p.name.startswith("cait-eqx-data-worker")]
+    from cait_eqx._constants import DATA_WORKER_NAME
+
+    return [p for p in multiprocessing.active_children() if p.name.startswith(DATA_WORKER_NAME)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -383,6 +385,7 @@ from pathlib import Path
 
 from cait_eqx.cli import main  # what the `cait-eqx` command's script does at its top
 from cait_eqx import data
+from cait_eqx._constants import DATA_WORKER_NAME
 
 if __name__ == "__main__":
     source = data.scan_image_folder(sys.argv[1], image_size=16)
@@ -390,7 +393,7 @@ if __name__ == "__main__":
     stream = pipe.batches()
     next(stream)
     next(stream)
-    (worker,) = [p for p in multiprocessing.active_children() if p.name.startswith("cait-eqx-data-worker")]
+    (worker,) = [p for p in multiprocessing.active_children() if p.name.startswith(DATA_WORKER_NAME)]
     maps = Path(f"/proc/{worker.pid}/maps").read_text()
     status = Path(f"/proc/{worker.pid}/status").read_text().splitlines()
     rss = [line for line in status if line.startswith("VmRSS")]

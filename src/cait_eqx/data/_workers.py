@@ -41,15 +41,11 @@ __all__ = ["WORKER_STARTUP_S", "DataWorkerError", "WorkerPool", "default_data_wo
 # interpreter, its imports) before they read anything.
 WORKER_STARTUP_S = 60.0
 
-# The names of the worker processes (`WorkerPool`), followed by their number.
-WORKER_NAME = DATA_WORKER_NAME
-
 # What a worker process runs first (the target of a spawned `multiprocessing.Process` is `exec`, so nothing
-# of this package is imported before it): the package's jaxtyping hook goes off in this process only, which
-# keeps JAX out of it (the hook's first checked function imports JAX), then the worker loop starts.
+# of this package is imported by unpickling it). The worker's name (`DATA_WORKER_NAME`-k) keeps the package's
+# jaxtyping hook off in it, even when the parent's main script, which spawn runs again first, imports
+# `cait_eqx`: the hook's first checked function would import JAX. Then the worker loop starts.
 _BOOT = """
-import os
-os.environ["CAIT_EQX_TYPECHECK"] = "0"
 from cait_eqx.data._workers import serve
 serve(*arguments)
 """
@@ -273,7 +269,7 @@ class WorkerPool:
                 process = context.Process(
                     target=exec,
                     args=(_BOOT, {"arguments": arguments}),
-                    name=f"{WORKER_NAME}-{k}",
+                    name=f"{DATA_WORKER_NAME}-{k}",
                     daemon=True,  # stopped by multiprocessing when the trainer exits
                 )
                 process.start()
