@@ -476,21 +476,29 @@ def eqx_inference_fn():
     return infer
 
 
-def eqx_train_step(optim, forward: Callable[[Any, Any], Any] | None = None):
+def eqx_train_step(optim, forward: Callable[[Any, Any], Any] | None = None, chunk: int | str | None = None):
     """The canonical Equinox step: value_and_grad over the model, optax on its array leaves. `forward(model,
-    images)` gives the batch's logits (default `jax.vmap(model)(images)`)."""
+    images)` gives the batch's logits (default `jax.vmap(model)(images)`). `chunk`: `None`, the gradient
+    by `eqx.filter_value_and_grad` over the whole batch; else by `cait_eqx.chunked_value_and_grad(...,
+    chunk=chunk)` (`"auto"`: the model's `auto_train_chunk` on one CPU device), in parts of that many."""
     import equinox as eqx
     import jax
     import optax
 
+    def loss_fn(m, x, y):
+        logits = jax.vmap(m)(x) if forward is None else forward(m, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    if chunk is None:
+        value_and_grad = eqx.filter_value_and_grad(loss_fn)
+    else:
+        import cait_eqx
+
+        value_and_grad = cait_eqx.chunked_value_and_grad(loss_fn, chunk=chunk)
+
     def step(batch, model, opt_state):
         x, y = batch
-
-        def loss_fn(m):
-            logits = jax.vmap(m)(x) if forward is None else forward(m, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+        loss, grads = value_and_grad(model, x, y)
         updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), opt_state, loss
 
@@ -506,13 +514,13 @@ def make_optax():
 class EqxRunner:
     """cait_eqx: jitted `cait_eqx.batched` inference, and a donated train step holding its state."""
 
-    def __init__(self, model):
+    def __init__(self, model, train_chunk: int | str | None = "auto"):
         import equinox as eqx
 
         self.model = eqx.nn.inference_mode(model)
         self.infer = eqx_inference_fn()
         self.optim = make_optax()
-        self.step = eqx.filter_jit(eqx_train_step(self.optim), donate="all-except-first")
+        self.step = eqx.filter_jit(eqx_train_step(self.optim, chunk=train_chunk), donate="all-except-first")
         self.train_state: list[Any] | None = None
 
     def inference(self, x) -> Callable[[], Any]:
@@ -639,7 +647,10 @@ def run_throughput(bench: Bench, args, ceiling_gflops: float) -> tuple[list[dict
             f"[{bench.key}] cait_eqx and timm disagree (max rel diff {rel:.2e}); not benchmarking."
         )
 
-    runners = {"cait_eqx": EqxRunner(emodel), "timm": TorchRunner(tmodel, compiled=False)}
+    runners = {
+        "cait_eqx": EqxRunner(emodel, train_chunk=args.train_chunk),
+        "timm": TorchRunner(tmodel, compiled=False),
+    }
     if args.compile:
         runners["timm_compile"] = TorchRunner(tmodel, compiled=True)
 
@@ -897,6 +908,9 @@ def markdown(results: dict) -> str:
             + (f", each opening with {meta['round_warmup_calls']} untimed call(s) per contender"
                if meta.get("round_warmup_calls") else "")
             + "."
+            + (f" cait_eqx's training step takes its gradient in parts (--train-chunk "
+               f"{meta['train_chunk'] if meta['train_chunk'] is not None else 'none'})."
+               if "train_chunk" in meta else "")
             + (f" GLIBC_TUNABLES={meta['glibc_tunables']} (both contenders), transparent huge pages "
                f"`{meta.get('transparent_huge_pages')}`." if meta.get("glibc_tunables") else "")
         )
@@ -991,6 +1005,14 @@ def _log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------------- main
 
 
+def _train_chunk(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -1018,6 +1040,11 @@ def parse_args(argv=None):
                         "transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1); off (the default): "
                         "glibc's default, as a plain process has it. Where the environment says otherwise, "
                         "the measurement runs in a child process started with the setting")
+    p.add_argument("--train-chunk", type=_train_chunk, default="auto",
+                   help="cait_eqx's training step: its gradient in parts of at most N images "
+                        "(cait_eqx.chunked_value_and_grad); auto (the default): the model's "
+                        "cait_eqx.auto_train_chunk on one CPU device; none: the whole batch at once "
+                        "(eqx.filter_value_and_grad)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier --json files")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -1068,6 +1095,7 @@ def main(argv=None) -> int:
             isa=isa,
             machine=platform.machine(),
             threads=args.threads,
+            train_chunk=args.train_chunk,
             cpus=cpus,
             torch_threads=torch.get_num_threads(),
             jax_devices=[str(d) for d in jax.devices()],

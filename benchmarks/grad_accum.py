@@ -60,7 +60,10 @@ def worker(spec: dict) -> dict:
         calls, rows = accum, batch // accum
     elif variant == "micro":
         rows = batch // accum
-    config = training.StepConfig(num_classes=conf.num_classes, grad_accum_steps=step_accum)
+    # Each variant runs its (micro-)batches whole: no automatic parts (`step_chunk`) on top of them.
+    config = training.StepConfig(
+        num_classes=conf.num_classes, grad_accum_steps=step_accum, step_chunk=rows // step_accum
+    )
     pure = training.make_train_step(optim, config, jit=False)
     images = jr.randint(jr.key(1), (rows, 3, conf.image_size, conf.image_size), 0, 256).astype(jnp.uint8)
     labels = jnp.arange(rows, dtype=jnp.int32) % conf.num_classes

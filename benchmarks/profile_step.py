@@ -219,7 +219,9 @@ def profile(fn, args_fn, calls: int, warmup: int) -> tuple[float, list[dict[str,
     return sorted(times)[len(times) // 2], events
 
 
-def run_config(b: bench.Bench, calls: int, warmup: int, infer_batch: int, ceiling: float) -> list[dict]:
+def run_config(
+    b: bench.Bench, calls: int, warmup: int, infer_batch: int, ceiling: float, train_chunk: int | str | None
+) -> list[dict]:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -233,7 +235,7 @@ def run_config(b: bench.Bench, calls: int, warmup: int, infer_batch: int, ceilin
 
     # Training step, state carried from call to call as a training loop carries it.
     optim = bench.make_optax()
-    step = eqx.filter_jit(bench.eqx_train_step(optim), donate="all-except-first")
+    step = eqx.filter_jit(bench.eqx_train_step(optim, chunk=train_chunk), donate="all-except-first")
     x = jnp.asarray(rng.standard_normal((b.train_batch, 3, b.image_size, b.image_size), dtype=np.float32))
     y = jnp.asarray(rng.integers(0, b.num_classes, b.train_batch), dtype=jnp.int32)
     train_model = jax.tree_util.tree_map(lambda a: a.copy() if eqx.is_array(a) else a, model)
@@ -265,7 +267,9 @@ def markdown(results: dict[str, Any], top: int) -> str:
     lines = [
         f"Machine: {meta['cpu']} ({meta['isa']}), {meta['threads']} threads; jax {meta['jax']}; "
         f"XLA_FLAGS={meta['xla_flags']!r}; medians of {meta['calls']} traced calls after {meta['warmup']} "
-        f"warm-up calls.",
+        f"warm-up calls; the training step's gradient "
+        + (f"in parts (--train-chunk {meta['train_chunk']})." if meta.get("train_chunk") is not None
+           else "over the whole batch at once."),
         "",
         f"Matmul ceiling (2048² fp32, JAX, same threads): {results['ceiling']['jax']:.1f} GFLOP/s.",
         "",
@@ -316,6 +320,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=12, help="also list the N most expensive ops (0: none)")
     p.add_argument("--quick", action="store_true", help="CI mode: a tiny model, one traced call")
+    p.add_argument("--train-chunk", type=bench._train_chunk, default="auto",
+                   help="as bench.py's: the training step's gradient in parts of at most N images (auto: "
+                        "cait_eqx.auto_train_chunk), or none (the whole batch at once)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--table", metavar="JSON", help="only print the tables of an earlier --json file")
     return p.parse_args(argv)
@@ -347,7 +354,7 @@ def main(argv=None) -> int:
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             cpu=cpu, isa=isa, machine=platform.machine(), threads=args.threads, cpus=cpus,
             jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
-            calls=args.calls, warmup=args.warmup, **bench.source_meta(),
+            calls=args.calls, warmup=args.warmup, train_chunk=args.train_chunk, **bench.source_meta(),
         ),
         ceiling=ceiling,
         profiles=[],
@@ -355,7 +362,7 @@ def main(argv=None) -> int:
     for key in keys:
         print(f"profiling {key} ...", file=sys.stderr, flush=True)
         results["profiles"] += run_config(bench.BENCHES[key], args.calls, args.warmup, args.infer_batch,
-                                          ceiling["jax"])
+                                          ceiling["jax"], args.train_chunk)
     print(markdown(results, args.top), end="")
     if args.json:
         bench.write_json_atomic(args.json, results)

@@ -11,6 +11,9 @@ on an equal footing (own process, own compilation, own allocator history). A set
 - `devices:N`: N XLA host devices (`--xla_force_host_platform_device_count=N`) sharing the same CPUs, the
   batch split over them by `cait_eqx.parallel` (`make_mesh(data=N)`, `shard_state`, `shard_batch`) as
   `cait-eqx train --mesh data=N` does: N data-parallel copies of the step that run side by side;
+- `chunk:N`: the step's gradient taken in parts of at most N images (`cait_eqx.chunked_value_and_grad`;
+  `chunk:auto` for the model's `auto_train_chunk`); without it the whole batch at once
+  (`eqx.filter_value_and_grad`), as a plain Equinox step does;
 - `timm`: timm's `Cait` (eager PyTorch), the same configuration, as the reference row.
 
 Every round starts one process per setting, in an order reversed every round; each process compiles the step,
@@ -54,7 +57,7 @@ DEFAULT_SETTINGS = (
 
 
 def parse_spec(spec: str) -> dict[str, Any]:
-    out: dict[str, Any] = dict(flags="", unroll=None, remat=None, timm=False, devices=1)
+    out: dict[str, Any] = dict(flags="", unroll=None, remat=None, timm=False, devices=1, chunk=None)
     for part in [p.strip() for p in spec.split(";") if p.strip()]:
         key, _, value = part.partition(":")
         if key == "flags":
@@ -65,6 +68,8 @@ def parse_spec(spec: str) -> dict[str, Any]:
             out["remat"] = value
         elif key == "timm":
             out["timm"] = True
+        elif key == "chunk":
+            out["chunk"] = value if value == "auto" else int(value)
         elif key == "devices":
             out["devices"] = int(value)
             if out["devices"] < 1:
@@ -73,7 +78,8 @@ def parse_spec(spec: str) -> dict[str, Any]:
             out["flags"] = (out["flags"] + " " + count).strip()
         else:
             raise SystemExit(
-                f"unknown setting part {part!r}: use flags:..., unroll:K, remat:POLICY, devices:N or timm"
+                f"unknown setting part {part!r}: use flags:..., unroll:K, remat:POLICY, devices:N, chunk:N "
+                "or timm"
             )
     return out
 
@@ -116,7 +122,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             kwargs["remat"] = setting["remat"]
         model = cait_eqx.CaiT(**kwargs, key=jax.random.key(0))
         optim = bench.make_optax()
-        jitted = eqx.filter_jit(bench.eqx_train_step(optim), donate="all-except-first")
+        train_step = bench.eqx_train_step(optim, chunk=setting["chunk"])
+        jitted = eqx.filter_jit(train_step, donate="all-except-first")
         x, y = jnp.asarray(x_np), jnp.asarray(y_np, dtype=jnp.int32)
         state = [model, optim.init(eqx.filter(model, eqx.is_array))]
         if setting["devices"] > 1:

@@ -6,12 +6,16 @@ What would be wrong, and which test sees it:
   batch draws them, a teacher that sees other images, EMA / layer decay / clipping applied per micro-batch:
   `test_an_accumulated_step_equals_one_big_batch`, which compares the gradient the optimiser receives, the
   metrics and the new parameters and optimiser state with one step on the whole batch;
+- `step_chunk`'s parts (the step's gradient taken in parts for speed) changing the step, or not happening:
+  `test_a_step_taken_in_parts_equals_one_big_batch` (the same comparison, and the traced step's one scan
+  over the parts), `test_the_trainers_step_takes_automatic_parts_on_one_cpu_device`;
 - micro-batches cut across devices wrongly, or a mesh whose result depends on K:
   `test_accumulation_on_a_mesh_equals_one_big_batch_on_one_device`;
 - activations of the whole batch kept alive (the memory K is for): `test_peak_memory_is_one_micro_batchs`;
 - the schedule, logging, checkpoints or `max_steps` counting micro-batches, or a resume that is not exact:
   `test_fit_counts_optimiser_steps_and_resumes_exactly`;
-- bad values found late or with a traceback: `test_bad_accumulation_is_refused_before_anything_runs`,
+- bad values found late or with a traceback (parts that a mesh cannot share too):
+  `test_bad_accumulation_is_refused_before_anything_runs`,
   `test_bad_accumulation_flags_are_usage_errors`.
 """
 
@@ -72,10 +76,10 @@ RECIPES = {
 }
 
 
-def _step_result(step_config, optim_kwargs, accum, *, mesh=None):
+def _step_result(step_config, optim_kwargs, accum, *, mesh=None, step_chunk=None):
     model = _model(jr.key(0), layer_dropout=0.2, dropout=0.1)
     teacher = _model(jr.key(7)) if step_config.get("distillation", "none") != "none" else None
-    config = training.StepConfig(num_classes=10, grad_accum_steps=accum, **step_config)
+    config = training.StepConfig(num_classes=10, grad_accum_steps=accum, step_chunk=step_chunk, **step_config)
     optim = optax.chain(_capture_gradient(), training.make_optimizer(1e-2, **optim_kwargs))
     opt_state = optim.init(training.trainable_params(model, config.freeze))
     images = jr.randint(jr.key(1), (BATCH, 1, 8, 8), 0, 256).astype(jnp.uint8)
@@ -118,6 +122,49 @@ def test_an_accumulated_step_equals_one_big_batch(recipe):
     step_config, optim_kwargs = RECIPES[recipe]
     want = _step_result(step_config, optim_kwargs, 1)
     _assert_same_step(_step_result(step_config, optim_kwargs, 4), want)
+
+
+@pytest.mark.parametrize(("recipe", "accum", "step_chunk", "parts"), [
+    ("hard-distillation-probe", 1, 4, 4),
+    pytest.param("mixing-ema-layer-decay", 2, 3, 8, marks=pytest.mark.slow),
+])
+def test_a_step_taken_in_parts_equals_one_big_batch(recipe, accum, step_chunk, parts):
+    # `step_chunk` cuts the batch (or each accumulated micro-batch) into parts for speed only: the step is the
+    # whole batch's. 16 images at most 4 a part: 4 parts; 2 micro-batches of 8 at most 3 a part: 8 parts of 2.
+    # (This process has 8 devices, so the automatic chunk is off and `step_chunk=None` runs the batch whole.)
+    step_config, optim_kwargs = RECIPES[recipe]
+    config = training.StepConfig(num_classes=10, grad_accum_steps=accum, step_chunk=step_chunk, **step_config)
+    pure = training.make_train_step(training.make_optimizer(1e-2), config, jit=False)
+    model = _model(jr.key(0))
+    opt_state = training.make_optimizer(1e-2).init(training.trainable_params(model, config.freeze))
+    batch = (jnp.zeros((BATCH, 1, 8, 8), jnp.uint8), jnp.arange(BATCH) % 10)
+    teacher = (_model(jr.key(7)),) if config.distillation != "none" else ()
+    # The models closed over: their static fields (dropout rates) stay Python numbers.
+    traced = jax.make_jaxpr(lambda state, b, k: pure(model, state, b, k, *teacher))
+    jaxpr = traced(opt_state, batch, jr.key(2))
+    lengths = [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert lengths == [parts], f"expected one scan over {parts} parts at the top of the step, got {lengths}"
+    want = _step_result(step_config, optim_kwargs, 1)
+    _assert_same_step(_step_result(step_config, optim_kwargs, accum, step_chunk=step_chunk), want)
+
+
+def test_the_trainers_step_takes_automatic_parts_on_one_cpu_device(monkeypatch):
+    # 32×32 images in 2×2 patches: 257 tokens an image, so `auto_train_chunk` is 4 and a batch of 16 runs
+    # as 4 parts, when JAX has one CPU device (as a plain process has); on this process's 8 devices, whole.
+    model = _model(jr.key(0), image_size=32, patch_size=2)
+    assert cait_eqx.auto_train_chunk(model.config) == 4
+    optim = training.make_optimizer(1e-2)
+    pure = training.make_train_step(optim, training.StepConfig(num_classes=10), jit=False)
+    opt_state = optim.init(training.trainable_params(model))
+    batch = (jnp.zeros((BATCH, 1, 32, 32), jnp.uint8), jnp.arange(BATCH) % 10)
+
+    def top_scans():
+        jaxpr = jax.make_jaxpr(lambda state, b, k: pure(model, state, b, k))(opt_state, batch, jr.key(2))
+        return [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+
+    assert 4 not in top_scans()  # the model's own scans over its 3 SA blocks, forward and backward
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    assert top_scans() == [4]
 
 
 @pytest.mark.parametrize("recipe", [
@@ -219,6 +266,13 @@ def test_bad_accumulation_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(parallel.MeshError, match=r"micro-batch .* of 4 does not split evenly.*8 devices"):
         training.fit(_model(jr.key(0)), train, test, config, key=jr.key(0), run_dir=tmp_path / "run",
                      mesh=parallel.make_mesh(data=8), progress=False)
+    assert not (tmp_path / "run").exists()
+    # So must each part of `step_chunk`: 16 images, at most 2 a part, are 8 parts of 2: not for 4 devices.
+    config = training.TrainConfig(epochs=1, batch_size=16, step_chunk=2, check_data=False)
+    with pytest.raises(parallel.MeshError, match=r"part of a step \(batch_size / 8, from step_chunk 2\) of 2 "
+                       r"does not split evenly.*4 devices"):
+        training.fit(_model(jr.key(0)), train, test, config, key=jr.key(0), run_dir=tmp_path / "run",
+                     mesh=parallel.make_mesh(data=4), progress=False)
     assert not (tmp_path / "run").exists()
     # A step given a batch that does not split says so at trace time.
     step = training.make_train_step(

@@ -730,7 +730,8 @@ def test_run_names_its_files_once_and_reads_everything_back(tmp_path, digits):
     assert run.config().train == config.train and run.config().model["dim"] == 16
     # What the speed depended on: the CPU's vector extension and the XLA flags this process started with.
     runtime = {"isa": cait_eqx.cpu_isa(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    assert json.loads(run.config_path.read_text())["runtime"] == runtime
+    # And how many parts a step's batch ran as: whole here (this process has 8 devices: no automatic parts).
+    assert json.loads(run.config_path.read_text())["runtime"] == dict(runtime, step_parts=1)
     lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     assert run.metrics() == lines and [r["step"] for r in lines] == [1, 2, 3]
     with pytest.raises(FileNotFoundError, match=f"model file not found: {run.model_path}"):
@@ -773,7 +774,7 @@ def test_a_default_step_config_smooths_mixes_and_augments_nothing():
         num_classes=10, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0,
         switch_prob=0.5, crop_padding=0, flip=False, reprob=0.0, remode="pixel", recount=1,
         normalize="none", distillation="none", distillation_alpha=0.5, distillation_tau=1.0,
-        freeze="none", grad_accum_steps=1,
+        freeze="none", grad_accum_steps=1, step_chunk=None,
     )
     assert tuple(defaults)[1:] == training.TrainConfig.step_fields()  # declared there, in its order
     # The recipe's own step keeps the recipe's values.

@@ -73,7 +73,14 @@ if TYPE_CHECKING:
         StorageError as StorageError,
         check_writable_dir as check_writable_dir,
     )
-    from ._batch import CHUNK_BUDGET_BYTES as CHUNK_BUDGET_BYTES, auto_chunk as auto_chunk, batched as batched
+    from ._batch import (
+        CHUNK_BUDGET_BYTES as CHUNK_BUDGET_BYTES,
+        TRAIN_CHUNK_TOKENS as TRAIN_CHUNK_TOKENS,
+        auto_chunk as auto_chunk,
+        auto_train_chunk as auto_train_chunk,
+        batched as batched,
+        chunked_value_and_grad as chunked_value_and_grad,
+    )
     from ._blocks import ClassAttentionBlock as ClassAttentionBlock, LayerScaleBlock as LayerScaleBlock
     from ._config import (
         REMAT_POLICIES as REMAT_POLICIES,

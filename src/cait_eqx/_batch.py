@@ -6,6 +6,10 @@ CPU's caches every product and every elementwise pass reads it back from memory.
 function on chunks of `auto_chunk(config)` images in a `lax.scan`: each chunk's intermediates stay in cache
 from one block to the next. Same function, same numbers to float32 rounding; the measurements that chose the
 budget are in benchmarks/README.md ("Chunked batches").
+
+`chunked_value_and_grad` does the same for a training step: the loss and gradient of a batch, taken over
+micro-batches of `auto_train_chunk(config)` images in turn inside one `lax.scan`, so the activations a
+backward pass reads are one micro-batch's ("Chunked training steps" in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -13,17 +17,29 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from ._config import CaiTConfig
 from ._model import CaiT
 
-__all__ = ["CHUNK_BUDGET_BYTES", "auto_chunk", "batched"]
+__all__ = [
+    "CHUNK_BUDGET_BYTES",
+    "TRAIN_CHUNK_TOKENS",
+    "auto_chunk",
+    "auto_train_chunk",
+    "batched",
+    "chunked_value_and_grad",
+]
 
 # The widest intermediate of one chunk's block, in bytes, that `auto_chunk` keeps under: 8 MiB, half the L3
 # slice of the machines measured (benchmarks/README.md, "Chunked batches").
 CHUNK_BUDGET_BYTES = 8 * 2**20
+# The fewest tokens (images × tokens an image) that one part of a training step's batch holds under
+# `auto_train_chunk`: 768, where the measured steps were fastest (benchmarks/README.md, "Chunked training
+# steps").
+TRAIN_CHUNK_TOKENS = 768
 
 
 def auto_chunk(config: CaiTConfig, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
@@ -43,6 +59,165 @@ def auto_chunk(config: CaiTConfig, budget_bytes: int = CHUNK_BUDGET_BYTES) -> in
     while 2 * chunk * widest <= budget_bytes:
         chunk *= 2
     return chunk
+
+
+def auto_train_chunk(config: CaiTConfig, min_tokens: int = TRAIN_CHUNK_TOKENS) -> int:
+    """Images per forward and backward pass of a training step (`chunked_value_and_grad`, and
+    `cait_eqx.training.make_train_step` on the CPU): the smallest power of two whose images hold at least
+    `min_tokens` tokens together.
+
+    A part that small keeps what its backward pass reads to a fraction of the whole batch's (the step's
+    scratch memory, a fresh buffer every step: 758 MB for `cait_xxs24_224` at batch 16, 271 MB in parts of
+    4); a smaller part would make every matrix product too thin to run at speed. `cait_xxs24_224` and
+    `cait_s24_224` (197 tokens): 4; `cait_m36_384` (577): 2; a 32×32 model
+    with patch 4 (65): 16.
+    """
+    if min_tokens < 1:
+        raise ValueError(f"`min_tokens` must be a positive number of tokens, got {min_tokens}.")
+    height, width = config.image_size
+    tokens = (height // config.patch_size) * (width // config.patch_size) + 1
+    chunk = 1
+    while chunk * tokens < min_tokens:
+        chunk *= 2
+    return chunk
+
+
+def micro_batch_count(size: int, chunk: int | None, multiple_of: int = 1) -> int:
+    """How many equal micro-batches a batch of `size` runs as: the fewest, a multiple of `multiple_of`
+    (which must divide `size`), of at most `chunk` images each. `None` → `multiple_of`. Where the only such
+    split leaves micro-batches under half of `chunk` (a batch of 97 and a chunk of 32 would run one image at
+    a time), the batch runs as `multiple_of` micro-batches instead: slower passes of many tiny ones would
+    lose more than the chunks win."""
+    if chunk is None or size // multiple_of <= chunk:
+        return multiple_of
+    for count in range(multiple_of, size + 1, multiple_of):
+        if size % count == 0 and size // count <= chunk:
+            return count if 2 * (size // count) >= chunk else multiple_of
+    return multiple_of
+
+
+def value_and_grad_in_parts(
+    grad_fn: Callable[..., Any], diff: Any, batch: tuple[Any, ...], count: int, has_aux: bool
+) -> Any:
+    """`grad_fn(diff, *batch)` (an `eqx.filter_value_and_grad` of a batch-mean loss) over `count` equal
+    micro-batches in one `lax.scan`: the mean of their losses and gradients, which is the whole batch's.
+    Micro-batch `k` holds the examples `k, k + count, …`, so a batch split over devices along its first axis
+    stays where it is. With `has_aux` the micro-batches' aux arrays (one row per example) come back joined,
+    in the batch's order."""
+    if count == 1:
+        return grad_fn(diff, *batch)
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    micro = size // count
+
+    def split(x: Any) -> Any:
+        return jnp.swapaxes(x.reshape(micro, count, *x.shape[1:]), 0, 1)
+
+    def join(y: Any) -> Any:
+        if y.ndim < 2 or y.shape[1] != micro:
+            raise ValueError(
+                f"`chunked_value_and_grad(..., has_aux=True)` joins the micro-batches' aux arrays along "
+                f"their leading axis, one row per example; one came back with shape {y.shape[1:]} for a "
+                f"micro-batch of {micro}. Return per-example arrays as aux (logits, per-example losses) "
+                f"and compute batch totals from them."
+            )
+        return jnp.swapaxes(y, 0, 1).reshape(size, *y.shape[2:])
+
+    def step(carry: Any, part: Any) -> Any:
+        total, grad_sum = carry
+        out, grads = grad_fn(diff, *part)
+        value, aux = out if has_aux else (out, None)
+        return (total + value.astype(total.dtype), jax.tree_util.tree_map(jnp.add, grad_sum, grads)), aux
+
+    parts = jax.tree_util.tree_map(split, batch)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, eqx.filter(diff, eqx.is_inexact_array))
+    # The loss is a scalar (a gradient needs one); summed in JAX's default float (float32 unless x64 is on).
+    start = (jnp.zeros((), jnp.result_type(float)), zeros)
+    (total, grad_sum), aux = jax.lax.scan(step, start, parts)
+    value = total / jnp.asarray(count, total.dtype)
+    grads = jax.tree_util.tree_map(lambda g: g / jnp.asarray(count, g.dtype), grad_sum)
+    return ((value, jax.tree_util.tree_map(join, aux)) if has_aux else value), grads
+
+
+def chunked_value_and_grad(
+    loss_fn: Callable[..., Any], *, chunk: int | float | str | None = "auto", has_aux: bool = False
+) -> Callable[..., Any]:
+    """`eqx.filter_value_and_grad(loss_fn)` for a loss that is a mean over a batch, run `chunk` examples at a
+    time: the batch is cut into equal micro-batches whose losses and gradients are taken one after the other
+    in a `lax.scan` and averaged, which is the whole batch's loss and gradient to float32 rounding.
+
+    ```python
+    def loss_fn(model, images, labels):
+        logits = jax.vmap(model)(images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @eqx.filter_jit
+    def step(model, opt_state, images, labels):
+        loss, grads = cait_eqx.chunked_value_and_grad(loss_fn)(model, images, labels)
+        updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+    ```
+
+    On the CPU this is faster than one pass over the whole batch (1.06–1.25× for the benchmark models on a
+    Zen 4 CPU, benchmarks/README.md "Chunked training steps"), and it keeps one micro-batch's activations.
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, *batch)`, a scalar that is the **mean** over the batch of a per-example
+      loss (each example's term must not depend on the other examples: no batch statistics, no mixing
+      inside it). Differentiated with respect to its first argument, as `eqx.filter_value_and_grad` does.
+    - `chunk`: examples per micro-batch, at most. `"auto"` (the default): `auto_train_chunk(model.config)`
+      when the first argument is a `CaiT`, JAX's default backend is the CPU and it has one device, else the
+      whole batch at once (an accelerator's kernels want the whole batch); `None`: the whole batch at once.
+      The batch runs as the fewest equal micro-batches of at most `chunk` examples; where the only such
+      split leaves micro-batches under half of `chunk` (a batch of 97), it runs whole.
+    - `has_aux`: `loss_fn` returns `(loss, aux)`; `aux` must hold per-example arrays (one row per example),
+      which come back for the whole batch in its order.
+
+    **Returns:** `run(model, *batch) -> (loss, grads)` (`((loss, aux), grads)` with `has_aux`), to call inside
+    `jax.jit`/`eqx.filter_jit`; every array leaf of `batch` is cut along its leading axis.
+
+    **Raises:** `ValueError` for a `chunk` that is not a whole number ≥ 1, `"auto"` or `None`, for a batch
+    without arrays or whose arrays' leading axes differ, and for aux that is not per-example.
+    """
+    whole = isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1
+    if chunk != "auto" and chunk is not None and not whole:
+        raise ValueError(
+            f"`chunk` must be a whole number of examples ≥ 1, 'auto' (a CaiT's own, "
+            f"`auto_train_chunk(model.config)`, on one CPU device) or None (the whole batch at once), got "
+            f"{chunk!r}."
+        )
+    grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=has_aux)
+
+    def run(model: Any, *batch: Any) -> Any:
+        size = _batch_size(batch, "chunked_value_and_grad(loss_fn)", "cuts every batch argument")
+        part = auto_train_chunk_of(model) if chunk == "auto" else chunk
+        return value_and_grad_in_parts(grad_fn, model, batch, micro_batch_count(size, part), has_aux)
+
+    return run
+
+
+def auto_train_chunk_of(model: Any) -> int | None:
+    """`auto_train_chunk(model.config)` for a `CaiT` on a CPU backend of one device; else `None` (whole
+    batches: an accelerator, a mesh of host devices, or a model whose configuration is not known)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, CaiTConfig) or jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return None
+    return auto_train_chunk(config)
+
+
+def _batch_size(inputs: Any, who: str, does: str) -> int:
+    """The common leading size of every array leaf of `inputs`, or a `ValueError` saying what differs."""
+    leaves = jax.tree_util.tree_leaves(inputs)
+    if not leaves:
+        raise ValueError(f"`{who}` needs at least one array argument to map over; it was called with none.")
+    sizes = sorted({jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}, key=str)
+    if len(sizes) != 1 or sizes[0] is None:
+        raise ValueError(
+            f"`{who}` {does} along its leading axis, so each needs the same batch size; the leading sizes "
+            f"given are {sizes} (None: a scalar). Pass one example per row of each array, and bind fixed "
+            f"arguments with `functools.partial`."
+        )
+    return sizes[0]
 
 
 # `chunk` is annotated wider than it may be, so a wrong one meets the sentence below, not a type-check error.
@@ -96,19 +271,7 @@ def batched(fn: Callable[..., Any], *, chunk: int | float | str | None = "auto")
 
     def run(*args: Any, **kwargs: Any) -> Any:
         inputs = (args, kwargs)
-        leaves = jax.tree_util.tree_leaves(inputs)
-        if not leaves:
-            raise ValueError(
-                "`batched(fn)` needs at least one array argument to map over; it was called with none."
-            )
-        sizes = sorted({jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}, key=str)
-        if len(sizes) != 1 or sizes[0] is None:
-            raise ValueError(
-                f"`batched(fn)` maps every argument along its leading axis, so each needs the same batch "
-                f"size; the leading sizes given are {sizes} (None: a scalar). Pass one example per row of "
-                f"each array, and bind fixed arguments with `functools.partial`."
-            )
-        batch = sizes[0]
+        batch = _batch_size(inputs, "batched(fn)", "maps every argument")
 
         def one_chunk(chunk_inputs: Any) -> Any:
             chunk_args, chunk_kwargs = chunk_inputs

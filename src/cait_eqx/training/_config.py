@@ -182,7 +182,9 @@ class TrainConfig:
     fixed; frozen parameters get neither gradients nor optimiser state); LoRA (`lora_rank` R > 0: `fit` puts
     adapters of rank R and scale `lora_alpha` / R on the `lora_targets` layers, `cait_eqx.lora`, and trains
     them and the head alone; `freeze` must then be `"none"`). `grad_accum_steps` (K): each step
-    runs its batch as K micro-batches in turn and takes the whole batch's mean gradient. Distillation as
+    runs its batch as K micro-batches in turn and takes the whole batch's mean gradient. `step_chunk`: at most
+    this many images per forward and backward pass (`None`: `cait_eqx.auto_train_chunk` on one CPU device),
+    for speed only. Distillation as
     DeiT's (`distillation` = `"hard"` or `"soft"`, weight `distillation_alpha`, temperature
     `distillation_tau`), from the teacher `fit(..., teacher=...)` takes.
 
@@ -241,6 +243,14 @@ class TrainConfig:
         "batch_size / K images, one after the other (the memory of one micro-batch), and takes the mean "
         "gradient over the whole batch, the same as one big batch", check=_POSITIVE, metavar="K",
         group="step",
+    )
+    step_chunk: int | None = hyper(
+        None, help="images per forward and backward pass inside a step, at most: the batch (or each "
+        "grad_accum_steps micro-batch) runs as equal parts of at most N images, one after the other, and "
+        "their mean gradient is the batch's (the same step to float32 rounding, faster on the CPU and "
+        "smaller; benchmarks/README.md). Default: cait_eqx.auto_train_chunk(model.config) on a CPU backend "
+        "of one device, the whole batch on an accelerator or a mesh", check=Whole(1, optional=True),
+        metavar="N", group="step",
     )
     lora_rank: int = hyper(
         0, help="LoRA: train low-rank adapters of rank R on the lora_targets layers (and the classifier "

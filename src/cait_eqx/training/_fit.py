@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
 from .._atomic import DiskFullError, check_writable_dir
+from .._batch import micro_batch_count
 from .._lora import has_lora, lora
 from .._model import CaiT
 from .._primitives import LoRAError
@@ -847,6 +848,12 @@ def fit(
         check_batch_size(
             config.batch_size // config.grad_accum_steps, mesh,
             what=f"micro-batch (batch_size / grad_accum_steps {config.grad_accum_steps})",
+        )
+    parts = micro_batch_count(config.batch_size, config.step_chunk, multiple_of=config.grad_accum_steps)
+    if parts > config.grad_accum_steps:
+        check_batch_size(
+            config.batch_size // parts, mesh,
+            what=f"part of a step (batch_size / {parts}, from step_chunk {config.step_chunk})",
         )
     model = with_adapters(model, config, key)  # before anything is read or compiled: bad targets fail here
     check_freeze(model, config.freeze)

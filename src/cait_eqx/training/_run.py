@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from .._atomic import DiskFullError, atomic_write_bytes, check_writable_dir
+from .._batch import auto_train_chunk_of, micro_batch_count
 from .._config import image_size_pair
 from .._io import load, save
 from .._lora import has_lora, lora, merge_lora, save_lora
@@ -301,7 +302,7 @@ class RunSummary:
         return out
 
 
-def _runtime() -> dict[str, str]:
+def _runtime() -> dict[str, Any]:
     """What the speed of this process depends on besides the versions: the CPU's vector extension and the
     XLA flags in force (`cait_eqx.xla_flags_in_force`)."""
     return {"isa": cpu_isa(), "xla_flags": xla_flags_in_force()}
@@ -425,6 +426,11 @@ def train_run(
     record["num_params"] = model.num_params
     record["versions"] = _versions()
     record["runtime"] = _runtime()
+    # How many parts each step's batch runs as (`step_chunk`, or the automatic one of this model and backend).
+    chunk = auto_train_chunk_of(model) if config.train.step_chunk is None else config.train.step_chunk
+    record["runtime"]["step_parts"] = micro_batch_count(
+        config.train.batch_size, chunk, multiple_of=config.train.grad_accum_steps
+    )
     primary = jax.process_index() == 0
     if primary:
         run.path.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Shaped
 
 from .._atomic import atomic_write_bytes
-from .._batch import batched
+from .._batch import auto_train_chunk_of, batched, micro_batch_count, value_and_grad_in_parts
 from ..data import DataSource, eval_batches, normalize_images, to_unit_float
 from ._config import StepConfig
 from ._freeze import merge_trainable, trainable_model, trainable_params
@@ -71,7 +71,10 @@ def make_train_step(
     optimiser state must be `optim.init(params)`. With `config.grad_accum_steps` K > 1 the gradient is taken
     over K micro-batches of `batch / K` images in turn, in one `lax.scan` inside the step (micro-batch `k`:
     images `k, k + K, ...`), and averaged: the whole batch's mean gradient, with one micro-batch's
-    activations in memory. Everything before the model (augmentation, mixing, the per-example keys) is the
+    activations in memory. On the CPU the step also takes its gradient in parts for speed: micro-batches of at
+    most `config.step_chunk` images (`None`: `cait_eqx.auto_train_chunk(model.config)` on a CPU backend of
+    one device, else whole), their count a multiple of K (`cait_eqx.chunked_value_and_grad`'s rule).
+    Everything before the model (augmentation, mixing, the per-example keys) is the
     whole batch's, so the step computes the same function as with K = 1, up to float32 rounding. With
     `config.distillation` `"hard"` or `"soft"` the step takes a `teacher` (any image → logits callable
     that `jax.vmap` can map: a `CaiT`, an Equinox module, a pure function), runs it in inference mode on
@@ -147,11 +150,12 @@ def make_train_step(
             return training_loss(logits, targets, config, teacher_logits), logits
 
         grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
-        if accum == 1:
-            (loss, logits), grads = grad_fn(params, x, targets, example_keys)
-            correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
-        else:
-            loss, grads, correct = _accumulate(grad_fn, params, (x, targets, example_keys, labels), accum)
+        chunk = auto_train_chunk_of(model) if config.step_chunk is None else config.step_chunk
+        count = micro_batch_count(size, chunk, multiple_of=accum)
+        (loss, logits), grads = value_and_grad_in_parts(
+            grad_fn, params, (x, targets, example_keys), count, has_aux=True
+        )
+        correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
         updates, new_opt_state = optim.update(grads, opt_state, params)
         new_model = merge_trainable(model, eqx.apply_updates(params, updates))
         grad_norm = optax.tree.norm(grads)
@@ -163,40 +167,6 @@ def make_train_step(
         return new_model, new_opt_state, metrics
 
     return jit_train_step(train_step) if jit else train_step
-
-
-def _micro_batches(x: Array, count: int) -> Array:
-    """`(batch, ...)` → `(count, batch / count, ...)`, micro-batch `k` the rows `k, k + count, ...`.
-
-    Strided, so that on a mesh (the batch split into contiguous slices, one per device, each a multiple of
-    `count` rows) every micro-batch holds `batch / (count · devices)` rows of each device's own slice: no
-    image moves between devices.
-    """
-    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
-
-
-def _accumulate(
-    grad_fn: Callable[..., Any], params: PyTree, batch: tuple[Array, ...], count: int
-) -> tuple[Array, PyTree, Array]:
-    """The mean loss and gradient of `batch` as `count` micro-batches in one `lax.scan`, and the number of
-    correct predictions. Each micro-batch's loss is a mean over its images, so the mean of the `count`
-    equal micro-batches' is the whole batch's; only one micro-batch's activations are alive at a time.
-    """
-    x, targets, example_keys, labels = (_micro_batches(a, count) for a in batch)
-
-    def micro_step(carry, micro):
-        loss_sum, grad_sum, correct = carry
-        x, targets, example_keys, labels = micro
-        (loss, logits), grads = grad_fn(params, x, targets, example_keys)
-        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        correct = correct + jnp.sum(jnp.argmax(logits, axis=-1) == labels)
-        return (loss_sum + loss, grad_sum, correct), None
-
-    zeros = jax.tree.map(jnp.zeros_like, eqx.filter(params, eqx.is_inexact_array))
-    start = (jnp.zeros((), jnp.float32), zeros, jnp.zeros((), jnp.int32))
-    (loss_sum, grad_sum, correct), _ = jax.lax.scan(micro_step, start, (x, targets, example_keys, labels))
-    grads = jax.tree.map(lambda g: g / jnp.asarray(count, g.dtype), grad_sum)
-    return loss_sum / jnp.float32(count), grads, correct
 
 
 def jit_train_step(step: Callable[..., tuple[Any, Any, Any]]) -> Callable[..., tuple[Any, Any, Any]]:
