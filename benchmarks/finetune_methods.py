@@ -82,7 +82,11 @@ def worker(spec: dict) -> dict:
     elif kind == "lora":
         model = cait_eqx.lora(model, rank=int(value), key=jr.key(2))
     optim = training.make_optimizer(1e-4)
-    config = training.StepConfig(num_classes=model.config.num_classes, freeze=freeze, grad_accum_steps=accum)
+    # Each (micro-)batch whole, as the results in docs/guides/finetune.md were measured (no automatic parts).
+    config = training.StepConfig(
+        num_classes=model.config.num_classes, freeze=freeze, grad_accum_steps=accum,
+        step_chunk=spec["batch"] // accum,
+    )
     pure = training.make_train_step(optim, config, jit=False)
     params = training.trainable_params(model, freeze)
     opt_state = optim.init(params)

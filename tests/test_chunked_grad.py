@@ -3,7 +3,10 @@
 What would be wrong, and what catches it:
 - a loss or gradient that is not the whole batch's (a sum of the parts instead of their mean, a part
   dropped, keys or labels paired with the wrong image): `test_parts_give_the_whole_batchs_loss_and_gradient`
-  compares with `eqx.filter_value_and_grad` on the same batch, with dropout keys and a shuffled batch;
+  compares with `eqx.filter_value_and_grad` on the same batch, with dropout keys and a shuffled batch, and
+  `test_without_aux_the_parts_give_the_same_loss_and_gradient` without aux;
+- results in other dtypes than one pass gives, or sums in low precision:
+  `test_parts_give_back_the_dtypes_of_one_pass_and_sum_in_float32`;
 - per-example aux (logits) returned in another order than the batch's: the same test;
 - "chunked" that still runs the whole batch at once, or a chunk that ignores the model: the traced program
   must hold one `scan` over the parts (`test_auto_cuts_a_cait_batch_on_one_cpu_device_only`), and
@@ -48,7 +51,9 @@ def _assert_close_trees(got, want):
 
 
 def test_parts_give_the_whole_batchs_loss_and_gradient(tiny_config, getkey):
-    model = cait_eqx.CaiT(**dict(tiny_config, dropout=0.1, layer_dropout=0.2), key=getkey())
+    # One SA and one CA block keep the compilations short; dropout and stochastic depth make keys matter.
+    config = dict(tiny_config, depth=1, cls_depth=1, dropout=0.1, layer_dropout=0.2)
+    model = cait_eqx.CaiT(**config, key=getkey())
     images = jr.normal(getkey(), (6, 3, 16, 16))
     labels = jnp.arange(6) % 10
     keys = jr.split(getkey(), 6)
@@ -66,11 +71,21 @@ def test_parts_give_the_whole_batchs_loss_and_gradient(tiny_config, getkey):
     (loss2, logits2), _ = eqx.filter_jit(run)(model, images[order], labels[order], keys[order])
     np.testing.assert_allclose(logits2, want_logits[order], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loss2, want_loss, rtol=2e-6)
-    # Without aux: the same loss and gradient.
-    plain = cait_eqx.chunked_value_and_grad(lambda *a: _loss(*a)[0], chunk=3)
-    loss3, grads3 = eqx.filter_jit(plain)(model, images, labels, keys)
-    np.testing.assert_allclose(loss3, want_loss, rtol=2e-6)
-    _assert_close_trees(eqx.filter(grads3, eqx.is_array), eqx.filter(want_grads, eqx.is_array))
+
+
+def test_without_aux_the_parts_give_the_same_loss_and_gradient():
+    def loss(w, x, y):
+        return jnp.mean((jnp.tanh(x @ w) - y) ** 2)
+
+    w = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    x = jnp.linspace(-2.0, 2.0, 36 * 4).reshape(36, 4)
+    y = jnp.cos(jnp.arange(36.0 * 3)).reshape(36, 3)
+    want_loss, want_grad = eqx.filter_value_and_grad(loss)(w, x, y)
+    run = cait_eqx.chunked_value_and_grad(loss, chunk=8)  # 36 rows: 6 parts of 6
+    assert _top_scans(lambda *a: run(*a)[0], w, x, y) == [6]
+    got_loss, got_grad = jax.jit(run)(w, x, y)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_auto_cuts_a_cait_batch_on_one_cpu_device_only(tiny_config, getkey, monkeypatch):
@@ -83,7 +98,11 @@ def test_auto_cuts_a_cait_batch_on_one_cpu_device_only(tiny_config, getkey, monk
     # tests/conftest.py gives this process 8 CPU devices: "auto" leaves the batch whole (a mesh's step).
     assert 4 not in _top_scans(lambda *b: run(model, *b)[0], images, labels, keys)
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # as on a CPU-only host, wherever this runs
     assert _top_scans(lambda *b: run(model, *b)[0], images, labels, keys) == [4]
+    # An accelerator's kernels want the whole batch: no automatic parts there.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert 4 not in _top_scans(lambda *b: run(model, *b)[0], images, labels, keys)
     # Something that is not a CaiT has no chunk of its own.
     other = cait_eqx.chunked_value_and_grad(lambda w, x: jnp.mean((x @ w) ** 2))
     assert _top_scans(lambda *a: other(*a)[0], jnp.ones(3), jnp.ones((64, 3))) == []
@@ -124,6 +143,26 @@ def test_auto_train_chunk_of_the_small_benchmark_model_and_of_other_sizes(tiny_c
 )
 def test_how_many_parts(size, chunk, multiple_of, parts):
     assert micro_batch_count(size, chunk, multiple_of=multiple_of) == parts
+
+
+def test_parts_of_a_batch_that_k_does_not_divide_are_refused():
+    with pytest.raises(ValueError, match="A batch of 10 does not split into 4 equal micro-batches"):
+        micro_batch_count(10, 2, multiple_of=4)
+
+
+def test_parts_give_back_the_dtypes_of_one_pass_and_sum_in_float32():
+    # bfloat16 weights and loss: the parts' sums are float32, the results the dtypes the whole batch gives.
+    def loss(w, x):
+        return jnp.mean((x @ w) ** 2)
+
+    w = jnp.linspace(-1, 1, 8, dtype=jnp.bfloat16)
+    x = jnp.linspace(-2, 2, 64 * 8, dtype=jnp.float32).reshape(64, 8).astype(jnp.bfloat16)
+    want_loss, want_grad = eqx.filter_value_and_grad(loss)(w, x)
+    loss_parts, grad_parts = jax.jit(cait_eqx.chunked_value_and_grad(loss, chunk=4))(w, x)
+    assert (loss_parts.dtype, grad_parts.dtype) == (want_loss.dtype, want_grad.dtype) == (jnp.bfloat16,) * 2
+    # The values: the whole batch's, to bfloat16 rounding.
+    np.testing.assert_allclose(np.float32(loss_parts), np.float32(want_loss), rtol=1e-2)
+    np.testing.assert_allclose(np.float32(grad_parts), np.float32(want_grad), rtol=1e-2, atol=1e-2)
 
 
 def test_bad_arguments_are_refused(tiny_model):

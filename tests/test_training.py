@@ -730,7 +730,8 @@ def test_run_names_its_files_once_and_reads_everything_back(tmp_path, digits):
     assert run.config().train == config.train and run.config().model["dim"] == 16
     # What the speed depended on: the CPU's vector extension and the XLA flags this process started with.
     runtime = {"isa": cait_eqx.cpu_isa(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    # And how many parts a step's batch ran as: whole here (this process has 8 devices: no automatic parts).
+    # And how many parts a step's batch ran as: whole here (tests/conftest.py gives this process 8 CPU
+    # devices, and automatic parts are for one device).
     assert json.loads(run.config_path.read_text())["runtime"] == dict(runtime, step_parts=1)
     lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     assert run.metrics() == lines and [r["step"] for r in lines] == [1, 2, 3]

@@ -84,10 +84,15 @@ def auto_train_chunk(config: CaiTConfig, min_tokens: int = TRAIN_CHUNK_TOKENS) -
 
 def micro_batch_count(size: int, chunk: int | None, multiple_of: int = 1) -> int:
     """How many equal micro-batches a batch of `size` runs as: the fewest, a multiple of `multiple_of`
-    (which must divide `size`), of at most `chunk` images each. `None` → `multiple_of`. Where the only such
-    split leaves micro-batches under half of `chunk` (a batch of 97 and a chunk of 32 would run one image at
-    a time), the batch runs as `multiple_of` micro-batches instead: slower passes of many tiny ones would
-    lose more than the chunks win."""
+    (which must divide `size`), of at most `chunk` images each. `None` → `multiple_of`. Where even the
+    fewest-parts split leaves micro-batches under half of `chunk` (a batch of 97 and a chunk of 32 would run
+    one image at a time), the batch runs as `multiple_of` micro-batches instead: slower passes of many tiny
+    ones would lose more than the chunks win."""
+    if multiple_of < 1 or size % multiple_of:
+        raise ValueError(
+            f"A batch of {size} does not split into {multiple_of} equal micro-batches: give a batch size "
+            f"that is a multiple of {multiple_of}."
+        )
     if chunk is None or size // multiple_of <= chunk:
         return multiple_of
     for count in range(multiple_of, size + 1, multiple_of):
@@ -122,19 +127,28 @@ def value_and_grad_in_parts(
             )
         return jnp.swapaxes(y, 0, 1).reshape(size, *y.shape[2:])
 
+    def wide(dtype: Any) -> Any:  # sums in at least float32, whatever the loss's or a parameter's dtype
+        return jnp.promote_types(dtype, jnp.float32)
+
+    loss_dtype: list[Any] = []  # the loss's own dtype, seen when the scan's body is traced
+
     def step(carry: Any, part: Any) -> Any:
         total, grad_sum = carry
         out, grads = grad_fn(diff, *part)
         value, aux = out if has_aux else (out, None)
-        return (total + value.astype(total.dtype), jax.tree_util.tree_map(jnp.add, grad_sum, grads)), aux
+        loss_dtype.append(value.dtype)
+        grad_sum = jax.tree_util.tree_map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads)
+        return (total + value.astype(total.dtype), grad_sum), aux
 
     parts = jax.tree_util.tree_map(split, batch)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, eqx.filter(diff, eqx.is_inexact_array))
-    # The loss is a scalar (a gradient needs one); summed in JAX's default float (float32 unless x64 is on).
-    start = (jnp.zeros((), jnp.result_type(float)), zeros)
+    params = eqx.filter(diff, eqx.is_inexact_array)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, wide(p.dtype)), params)
+    # The loss is a scalar (a gradient needs one): summed in JAX's widest default float (float64 under x64).
+    start = (jnp.zeros((), wide(jnp.result_type(float))), zeros)
     (total, grad_sum), aux = jax.lax.scan(step, start, parts)
-    value = total / jnp.asarray(count, total.dtype)
-    grads = jax.tree_util.tree_map(lambda g: g / jnp.asarray(count, g.dtype), grad_sum)
+    # Means over equal parts, back in the dtypes one pass over the whole batch gives.
+    value = (total / count).astype(loss_dtype[0])
+    grads = jax.tree_util.tree_map(lambda g, p: (g / count).astype(p.dtype), grad_sum, params)
     return ((value, jax.tree_util.tree_map(join, aux)) if has_aux else value), grads
 
 
