@@ -1005,7 +1005,7 @@ def _log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def _train_chunk(text: str) -> int | str | None:
+def train_chunk_arg(text: str) -> int | str | None:
     if text in ("auto", "none"):
         return None if text == "none" else text
     if not text.isdigit() or int(text) < 1:
@@ -1040,7 +1040,7 @@ def parse_args(argv=None):
                         "transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1); off (the default): "
                         "glibc's default, as a plain process has it. Where the environment says otherwise, "
                         "the measurement runs in a child process started with the setting")
-    p.add_argument("--train-chunk", type=_train_chunk, default="auto",
+    p.add_argument("--train-chunk", type=train_chunk_arg, default="auto",
                    help="cait_eqx's training step: its gradient in parts of at most N images "
                         "(cait_eqx.chunked_value_and_grad); auto (the default): the model's "
                         "cait_eqx.auto_train_chunk on one CPU device; none: the whole batch at once "

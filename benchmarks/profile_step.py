@@ -320,7 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=12, help="also list the N most expensive ops (0: none)")
     p.add_argument("--quick", action="store_true", help="CI mode: a tiny model, one traced call")
-    p.add_argument("--train-chunk", type=bench._train_chunk, default="auto",
+    p.add_argument("--train-chunk", type=bench.train_chunk_arg, default="auto",
                    help="as bench.py's: the training step's gradient in parts of at most N images (auto: "
                         "cait_eqx.auto_train_chunk), or none (the whole batch at once)")
     p.add_argument("--json", metavar="PATH")

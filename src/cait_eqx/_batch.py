@@ -51,8 +51,7 @@ def auto_chunk(config: CaiTConfig, budget_bytes: int = CHUNK_BUDGET_BYTES) -> in
     """
     if budget_bytes < 1:
         raise ValueError(f"`budget_bytes` must be a positive number of bytes, got {budget_bytes}.")
-    height, width = config.image_size
-    tokens = (height // config.patch_size) * (width // config.patch_size) + 1
+    tokens = config.num_patches + 1
     itemsize = jnp.dtype(config.dtype or jnp.float32).itemsize
     widest = tokens * max(config.mlp_dim, config.heads * tokens) * itemsize
     chunk = 1
@@ -74,8 +73,7 @@ def auto_train_chunk(config: CaiTConfig, min_tokens: int = TRAIN_CHUNK_TOKENS) -
     """
     if min_tokens < 1:
         raise ValueError(f"`min_tokens` must be a positive number of tokens, got {min_tokens}.")
-    height, width = config.image_size
-    tokens = (height // config.patch_size) * (width // config.patch_size) + 1
+    tokens = config.num_patches + 1
     chunk = 1
     while chunk * tokens < min_tokens:
         chunk *= 2
@@ -114,9 +112,6 @@ def value_and_grad_in_parts(
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
     micro = size // count
 
-    def split(x: Any) -> Any:
-        return jnp.swapaxes(x.reshape(micro, count, *x.shape[1:]), 0, 1)
-
     def join(y: Any) -> Any:
         if y.ndim < 2 or y.shape[1] != micro:
             raise ValueError(
@@ -125,7 +120,7 @@ def value_and_grad_in_parts(
                 f"micro-batch of {micro}. Return per-example arrays as aux (logits, per-example losses) "
                 f"and compute batch totals from them."
             )
-        return jnp.swapaxes(y, 0, 1).reshape(size, *y.shape[2:])
+        return _deinterleave(y)
 
     def wide(dtype: Any) -> Any:  # sums in at least float32, whatever the loss's or a parameter's dtype
         return jnp.promote_types(dtype, jnp.float32)
@@ -140,7 +135,7 @@ def value_and_grad_in_parts(
         grad_sum = jax.tree_util.tree_map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads)
         return (total + value.astype(total.dtype), grad_sum), aux
 
-    parts = jax.tree_util.tree_map(split, batch)
+    parts = jax.tree_util.tree_map(lambda x: _interleave(x, count), batch)
     params = eqx.filter(diff, eqx.is_inexact_array)
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, wide(p.dtype)), params)
     # The loss is a scalar (a gradient needs one): summed in JAX's widest default float (float64 under x64).
@@ -171,8 +166,9 @@ def chunked_value_and_grad(
         return eqx.apply_updates(model, updates), opt_state, loss
     ```
 
-    On the CPU this is faster than one pass over the whole batch (1.06–1.25× for the benchmark models on a
-    Zen 4 CPU, benchmarks/README.md "Chunked training steps"), and it keeps one micro-batch's activations.
+    On the one CPU measured (an AMD EPYC Zen 4, AVX-512) this was 1.06–1.25× faster than one pass over the
+    whole batch for the benchmark models (benchmarks/README.md, "Chunked training steps"; AVX2 CPUs are not
+    measured), and it keeps one micro-batch's activations.
 
     **Arguments:**
 
@@ -193,13 +189,10 @@ def chunked_value_and_grad(
     **Raises:** `ValueError` for a `chunk` that is not a whole number ≥ 1, `"auto"` or `None`, for a batch
     without arrays or whose arrays' leading axes differ, and for aux that is not per-example.
     """
-    whole = isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1
-    if chunk != "auto" and chunk is not None and not whole:
-        raise ValueError(
-            f"`chunk` must be a whole number of examples ≥ 1, 'auto' (a CaiT's own, "
-            f"`auto_train_chunk(model.config)`, on one CPU device) or None (the whole batch at once), got "
-            f"{chunk!r}."
-        )
+    _check_chunk(
+        chunk, "examples", "a CaiT's own, `auto_train_chunk(model.config)`, on one CPU device",
+        "the whole batch at once",
+    )
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=has_aux)
 
     def run(model: Any, *batch: Any) -> Any:
@@ -219,6 +212,26 @@ def auto_train_chunk_of(model: Any) -> int | None:
     return auto_train_chunk(config)
 
 
+def _interleave(x: Any, count: int) -> Any:
+    """`(count · per, ...)` → `(count, per, ...)`, part `i` the rows `i, i + count, …`: a batch split over
+    devices along its first axis stays where it is, every part taking its share from every device."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+
+def _deinterleave(y: Any) -> Any:
+    """The inverse of `_interleave`: `(count, per, ...)` → `(count · per, ...)` in the batch's order."""
+    return jnp.swapaxes(y, 0, 1).reshape(y.shape[0] * y.shape[1], *y.shape[2:])
+
+
+def _check_chunk(chunk: Any, unit: str, auto: str, none: str) -> None:
+    """A `ValueError` unless `chunk` is a whole number ≥ 1, `"auto"` or `None`."""
+    whole = isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1
+    if chunk != "auto" and chunk is not None and not whole:
+        raise ValueError(
+            f"`chunk` must be a whole number of {unit} ≥ 1, 'auto' ({auto}) or None ({none}), got {chunk!r}."
+        )
+
+
 def _batch_size(inputs: Any, who: str, does: str) -> int:
     """The common leading size of every array leaf of `inputs`, or a `ValueError` saying what differs."""
     leaves = jax.tree_util.tree_leaves(inputs)
@@ -236,6 +249,9 @@ def _batch_size(inputs: Any, who: str, does: str) -> int:
 
 # `chunk` is annotated wider than it may be, so a wrong one meets the sentence below, not a type-check error.
 def _chunk_of(fn: Callable[..., Any], chunk: int | float | str | None) -> int | None:
+    _check_chunk(
+        chunk, "images", "a CaiT's own, `auto_chunk(model.config)`", "the whole batch at once, as `jax.vmap`"
+    )
     if chunk is None:
         return None
     if chunk == "auto":
@@ -243,11 +259,6 @@ def _chunk_of(fn: Callable[..., Any], chunk: int | float | str | None) -> int | 
         owner = fn if isinstance(fn, CaiT) else getattr(fn, "__self__", None)
         on_cpu = jax.default_backend() == "cpu"
         return auto_chunk(owner.config) if isinstance(owner, CaiT) and on_cpu else None
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(
-            f"`chunk` must be a whole number of images ≥ 1, 'auto' (a CaiT's own, "
-            f"`auto_chunk(model.config)`) or None (the whole batch at once, as `jax.vmap`), got {chunk!r}."
-        )
     return chunk
 
 
@@ -300,10 +311,10 @@ def batched(fn: Callable[..., Any], *, chunk: int | float | str | None = "auto")
         def split(x: Any) -> Any:
             if fill:
                 x = jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)])
-            return jnp.swapaxes(x.reshape(per, count, *x.shape[1:]), 0, 1)
+            return _interleave(x, count)
 
         def join(y: Any) -> Any:
-            return jnp.swapaxes(y, 0, 1).reshape(count * per, *y.shape[2:])[:batch]
+            return _deinterleave(y)[:batch]
 
         out = jax.lax.map(one_chunk, jax.tree_util.tree_map(split, inputs))
         return jax.tree_util.tree_map(join, out)

@@ -247,9 +247,10 @@ class TrainConfig:
     step_chunk: int | None = hyper(
         None, help="images per forward and backward pass inside a step, at most: the batch (or each "
         "grad_accum_steps micro-batch) runs as equal parts of at most N images, one after the other, and "
-        "their mean gradient is the batch's (the same step to float32 rounding, faster on the CPU and "
-        "smaller; benchmarks/README.md). Default: cait_eqx.auto_train_chunk(model.config) on a CPU backend "
-        "of one device, the whole batch on an accelerator or a mesh", check=Whole(1, optional=True),
+        "their mean gradient is the batch's (the same step to float32 rounding, smaller, and faster on the "
+        "AVX-512 CPU measured; benchmarks/README.md). Default: cait_eqx.auto_train_chunk(model.config) on a "
+        "CPU backend of one device, the whole batch on an accelerator or when JAX has several devices",
+        check=Whole(1, optional=True),
         metavar="N", group="step",
     )
     lora_rank: int = hyper(

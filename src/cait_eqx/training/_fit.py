@@ -35,7 +35,6 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
 from .._atomic import DiskFullError, check_writable_dir
-from .._batch import micro_batch_count
 from .._lora import has_lora, lora
 from .._model import CaiT
 from .._primitives import LoRAError
@@ -68,7 +67,7 @@ from ._freeze import check_freeze, trainable_params
 from ._metrics import MetricsLog, TrainWindow
 from ._optim import build_optimizer, ema_model
 from ._signals import StopSignals
-from ._steps import EvalResult, NonFiniteLossError, evaluate, make_train_step
+from ._steps import EvalResult, NonFiniteLossError, evaluate, make_train_step, step_parts
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -849,7 +848,7 @@ def fit(
             config.batch_size // config.grad_accum_steps, mesh,
             what=f"micro-batch (batch_size / grad_accum_steps {config.grad_accum_steps})",
         )
-    parts = micro_batch_count(config.batch_size, config.step_chunk, multiple_of=config.grad_accum_steps)
+    parts = step_parts(model, config.batch_size, config.step_chunk, config.grad_accum_steps)
     if parts > config.grad_accum_steps:
         check_batch_size(
             config.batch_size // parts, mesh,

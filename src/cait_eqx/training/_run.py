@@ -31,7 +31,6 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from .._atomic import DiskFullError, atomic_write_bytes, check_writable_dir
-from .._batch import auto_train_chunk_of, micro_batch_count
 from .._config import image_size_pair
 from .._io import load, save
 from .._lora import has_lora, lora, merge_lora, save_lora
@@ -46,6 +45,7 @@ from ._freeze import trainable_params
 from ._metrics import METRICS_FILE, read_metrics
 from ._optim import build_optimizer
 from ._signals import StopSignals
+from ._steps import step_parts
 from ._weight_sources import LoadedSource, initial_model, load_source
 
 __all__ = ["Run", "RunSummary", "build_model", "load_run_config", "load_run_data", "resume_run", "train_run"]
@@ -427,10 +427,9 @@ def train_run(
     record["versions"] = _versions()
     record["runtime"] = _runtime()
     # How many parts each step's batch runs as (`step_chunk`, or the automatic one of this model and backend).
-    chunk = auto_train_chunk_of(model) if config.train.step_chunk is None else config.train.step_chunk
-    record["runtime"]["step_parts"] = micro_batch_count(
-        config.train.batch_size, chunk, multiple_of=config.train.grad_accum_steps
-    )
+    recipe = config.train
+    parts = step_parts(model, recipe.batch_size, recipe.step_chunk, recipe.grad_accum_steps)
+    record["runtime"]["step_parts"] = parts
     primary = jax.process_index() == 0
     if primary:
         run.path.mkdir(parents=True, exist_ok=True)

@@ -150,8 +150,7 @@ def make_train_step(
             return training_loss(logits, targets, config, teacher_logits), logits
 
         grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
-        chunk = auto_train_chunk_of(model) if config.step_chunk is None else config.step_chunk
-        count = micro_batch_count(size, chunk, multiple_of=accum)
+        count = step_parts(model, size, config.step_chunk, accum)
         (loss, logits), grads = value_and_grad_in_parts(
             grad_fn, params, (x, targets, example_keys), count, has_aux=True
         )
@@ -167,6 +166,15 @@ def make_train_step(
         return new_model, new_opt_state, metrics
 
     return jit_train_step(train_step) if jit else train_step
+
+
+def step_parts(model: PyTree, batch_size: int, step_chunk: int | None, grad_accum_steps: int) -> int:
+    """How many parts the training step runs a batch of `batch_size` as: `grad_accum_steps` micro-batches,
+    each cut into parts of at most `step_chunk` images (`None`: `cait_eqx.auto_train_chunk(model.config)`
+    on a CPU backend of one device, else whole). The one rule the step, `fit`'s mesh check and a run's
+    `config.json` (`runtime.step_parts`) share."""
+    chunk = auto_train_chunk_of(model) if step_chunk is None else step_chunk
+    return micro_batch_count(batch_size, chunk, multiple_of=grad_accum_steps)
 
 
 def jit_train_step(step: Callable[..., tuple[Any, Any, Any]]) -> Callable[..., tuple[Any, Any, Any]]:
