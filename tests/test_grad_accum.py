@@ -169,7 +169,9 @@ def test_the_trainers_step_takes_automatic_parts_on_one_cpu_device(monkeypatch):
 
 
 @pytest.mark.parametrize("recipe", [
-    pytest.param("mixing-ema-layer-decay", marks=pytest.mark.slow), "soft-distillation-frozen-blocks",
+    pytest.param("mixing-ema-layer-decay", marks=pytest.mark.slow),
+    pytest.param("soft-distillation-frozen-blocks", marks=pytest.mark.slow),
+    "hard-distillation-probe",
 ])
 def test_accumulation_on_a_mesh_equals_one_big_batch_on_one_device(recipe):
     step_config, optim_kwargs = RECIPES[recipe]
