@@ -5,7 +5,8 @@ What would be wrong, and what catches it:
   uneven last chunk leaking into the results, keys paired with the wrong image): every test compares with
   `jax.vmap(model)` on the same inputs, with a batch that does not divide and with dropout keys;
 - "chunked" that still runs the whole batch at once: the traced program must hold one `scan` over the chunks,
-  each `chunk` images wide;
+  each `chunk` images wide; under `jax.export` with a batch of any size, one loop more than `jax.vmap`'s
+  program, and the numbers of `jax.vmap` for batches that fill a chunk, do not, or are one image;
 - a chunk size that ignores the model (`auto_chunk`'s documented values for the measured models);
 - chunks that move images between devices: on a 4-device mesh the result equals one device's;
 - bad arguments: a clear `ValueError` before anything is traced.
@@ -47,6 +48,23 @@ def test_an_uneven_batch_in_chunks_equals_vmap(tiny_model, getkey):
     # Each row is its own image's: a permuted batch permutes the rows.
     order = jnp.array([6, 0, 5, 1, 4, 2, 3])
     np.testing.assert_allclose(compiled(images[order]), expected[order], rtol=1e-6, atol=1e-6)
+
+
+def test_a_batch_of_any_size_exports_in_chunks(tiny_model, getkey):
+    # Under `jax.export` with a symbolic batch the size is unknown until the program runs: the batch is cut
+    # into the fewest equal chunks of at most 3 images, whatever it turns out to be (one of one for one).
+    model = eqx.nn.inference_mode(tiny_model)
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 3, 16, 16"), jnp.float32)
+    chunked = jax.export.export(jax.jit(cait_eqx.batched(model, chunk=3)))(spec)
+    whole = jax.export.export(jax.jit(jax.vmap(model)))(spec)
+    loops = [e.mlir_module().count("stablehlo.while") for e in (chunked, whole)]
+    assert loops[0] == loops[1] + 1, loops  # the loop over the chunks, around the model's own
+    images = jr.normal(getkey(), (7, 3, 16, 16))
+    expected = jax.jit(jax.vmap(model))(images)
+    for n in (1, 2, 3, 4, 7):
+        got = chunked.call(images[:n])
+        assert got.shape == (n, tiny_model.config.num_classes)
+        np.testing.assert_allclose(got, expected[:n], rtol=1e-6, atol=1e-6)
 
 
 def test_keys_and_keyword_arguments_are_mapped_like_vmap(tiny_config, getkey):

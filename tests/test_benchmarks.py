@@ -804,3 +804,21 @@ def test_finetune_methods_rejects_an_unknown_method():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune_methods.py"), "--quick",
                            "--methods", "full,lora"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode != 0 and "unknown method 'lora'" in proc.stderr and "lora:R" in proc.stderr
+
+
+@pytest.mark.slow
+def test_export_speed_quick_mode_times_both_artifacts(tmp_path):
+    """`export_speed.py --quick` (the figures of the exported artifact in chunks) runs end to end: both
+    artifacts timed, the chunked one really in chunks (8 images in chunks of 3), the same logits."""
+    script = ROOT / "benchmarks" / "export_speed.py"
+    path = tmp_path / "export.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(path)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(path.read_text())
+    assert results["meta"]["cpu"] == bench.cpu_kind()[0] and results["meta"]["isa"] == bench.cpu_kind()[1]
+    (row,) = results["rows"]
+    assert (row["key"], row["batch"], row["chunk"]) == ("tiny", 8, 3)
+    assert row["chunks_s"] > 0 and row["whole_s"] > 0
+    assert row["max_rel_logit_diff"] < 1e-5
+    assert "| 8 | 3 × ≤3 |" in proc.stdout

@@ -82,6 +82,24 @@ def test_fixed_batch_dtype_and_several_platforms(tmp_path, trained_like_model):
         exported.call(jnp.zeros((3, 3, 16, 16), jnp.bfloat16))
 
 
+def test_a_cpu_artifact_runs_the_batch_in_the_models_chunks(tmp_path, trained_like_model, monkeypatch):
+    # A CPU artifact takes `cait_eqx.batched`'s chunks (as `cait-eqx predict` runs a batch there); one that
+    # may run on an accelerator takes the whole batch. The tiny model's own chunk (128) would hold any batch
+    # here, so a chunk of 2 stands in for a large model's.
+    monkeypatch.setattr(cait_eqx._export, "auto_chunk", lambda config: 2)
+    model = eqx.nn.inference_mode(trained_like_model)
+    loops = {}
+    for platforms in (("cpu",), ("cpu", "cuda")):
+        path = cait_eqx.export(model, tmp_path / f"{len(platforms)}.jax", platforms=platforms)
+        exported = jax.export.deserialize(path.read_bytes())
+        loops[platforms] = exported.mlir_module().count("stablehlo.while")
+        images = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (5, 3, 16, 16)), jnp.float32)
+        for n in (1, 5):
+            expected = jax.vmap(model)(images[:n])
+            np.testing.assert_allclose(np.asarray(exported.call(images[:n])), np.asarray(expected), atol=1e-6)
+    assert loops[("cpu",)] == loops[("cpu", "cuda")] + 1, loops  # the loop over the chunks
+
+
 def test_a_dynamic_img_size_model_exports_at_a_chosen_fixed_size(tmp_path, trained_like_model):
     model = eqx.nn.inference_mode(cait_eqx.with_dynamic_img_size(trained_like_model))
     path = cait_eqx.export(model, tmp_path / "wide.jax", image_size=(12, 20))

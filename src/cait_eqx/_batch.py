@@ -212,10 +212,13 @@ def auto_train_chunk_of(model: Any) -> int | None:
     return auto_train_chunk(config)
 
 
-def _interleave(x: Any, count: int) -> Any:
+# `count` and `per` are ints, or symbolic dimensions when `jax.export` traces a batch of any size (hence not
+# annotated `int`: the run-time type checks would refuse those).
+def _interleave(x: Any, count, per=None) -> Any:
     """`(count · per, ...)` → `(count, per, ...)`, part `i` the rows `i, i + count, …`: a batch split over
     devices along its first axis stays where it is, every part taking its share from every device."""
-    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+    per = x.shape[0] // count if per is None else per
+    return jnp.swapaxes(x.reshape(per, count, *x.shape[1:]), 0, 1)
 
 
 def _deinterleave(y: Any) -> Any:
@@ -232,8 +235,9 @@ def _check_chunk(chunk: Any, unit: str, auto: str, none: str) -> None:
         )
 
 
-def _batch_size(inputs: Any, who: str, does: str) -> int:
-    """The common leading size of every array leaf of `inputs`, or a `ValueError` saying what differs."""
+def _batch_size(inputs: Any, who: str, does: str) -> Any:
+    """The common leading size of every array leaf of `inputs` (an int; a symbolic dimension when
+    `jax.export` traces a batch of any size), or a `ValueError` saying what differs."""
     leaves = jax.tree_util.tree_leaves(inputs)
     if not leaves:
         raise ValueError(f"`{who}` needs at least one array argument to map over; it was called with none.")
@@ -283,7 +287,9 @@ def batched(fn: Callable[..., Any], *, chunk: int | float | str | None = "auto")
     at most `chunk` images, of equal size (a batch that does not divide repeats its last example to fill the
     last chunk; those results are dropped). Chunk `i` holds the examples `i, i + n, i + 2n, …` of the `n`
     chunks, so a batch split over devices along its first axis stays where it is: every chunk takes its
-    share from every device. Keyed calls map their keys like any other argument
+    share from every device. A batch of symbolic size (`jax.export` of any batch size, as `cait_eqx.export`
+    writes) is always cut this way, since its size is known only when the program runs. Keyed calls map their
+    keys like any other argument
     (`batched(model)(images, key=jr.split(key, len(images)))`), so each example sees the same randomness
     as under `jax.vmap`.
 
@@ -302,16 +308,19 @@ def batched(fn: Callable[..., Any], *, chunk: int | float | str | None = "auto")
             chunk_args, chunk_kwargs = chunk_inputs
             return jax.vmap(lambda a, k: fn(*a, **k))(chunk_args, chunk_kwargs)
 
-        if size is None or batch <= size:
+        # A symbolic batch (`jax.export` with any batch size) is always cut: whether it fits one chunk is
+        # known only when the artifact runs. The formulas hold for both: a batch of one is one chunk of one.
+        symbolic = not isinstance(batch, int)
+        if size is None or (not symbolic and batch <= size):
             return one_chunk(inputs)
-        count = -(-batch // size)
-        per = -(-batch // count)
+        count = (batch + size - 1) // size
+        per = (batch + count - 1) // count
         fill = count * per - batch
 
         def split(x: Any) -> Any:
-            if fill:
-                x = jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)])
-            return _interleave(x, count)
+            if symbolic or fill:
+                x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (fill, *x.shape[1:]))])
+            return _interleave(x, count, per)
 
         def join(y: Any) -> Any:
             return _deinterleave(y)[:batch]

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ._atomic import atomic_write_bytes
+from ._batch import auto_chunk, batched
 from ._config import image_size_pair
 from ._config_check import check_config
 from ._model import CaiT
@@ -127,6 +128,11 @@ def export(
     The spatial size is fixed (the model's `image_size`, or `image_size` here for a `dynamic_img_size`
     model): the positional grid's bicubic resampling needs concrete sizes. One artifact per size.
 
+    An artifact for the CPU alone runs a batch in the model's cache-sized chunks (`cait_eqx.batched` with
+    `cait_eqx.auto_chunk(model.config)` images, as `cait-eqx predict` runs it; a batch of any size is cut
+    into the fewest equal chunks when it runs); one that may run on an accelerator runs the whole batch at
+    once. The logits are the same to float32 rounding.
+
     **Arguments:**
 
     - `model`: the `CaiT` (its dropout is switched off for the export).
@@ -155,8 +161,12 @@ def export(
     model = eqx.nn.inference_mode(model)
     params, static = eqx.partition(model, eqx.is_array)
 
+    # On a CPU the batch runs in cache-sized chunks, as `cait-eqx predict` runs it (`cait_eqx.batched`,
+    # `auto_chunk`); an artifact that may also run on an accelerator takes the whole batch at once.
+    chunk = auto_chunk(model.config) if set(platforms) == {"cpu"} else None
+
     def forward(images):
-        return jax.vmap(eqx.combine(params, static))(images)
+        return batched(eqx.combine(params, static), chunk=chunk)(images)
 
     channels = model.config.channels
     if batch_size is None:
