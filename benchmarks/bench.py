@@ -551,9 +551,20 @@ class TorchRunner:
         self.torch = torch
         self.base = model
         self.compiled = compiled
+        if compiled:
+            # torch.compile falls back to eager, with only a warning, once one function has been compiled
+            # `recompile_limit` (8) times, and timm's `Cait.forward` is one function for every shape and for
+            # both grad modes: the ninth shape of a run would be timed eager under the compiled label. Make
+            # that an error, and give each shape a fresh compiler (`_compile`).
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+    def _compile(self, model):
+        """`model` under torch.compile from a clean compiler cache: one shape's compile, never eager."""
+        self.torch._dynamo.reset()
+        return self.torch.compile(model, dynamic=False)
 
     def _module(self):
-        return self.torch.compile(self.base, dynamic=False) if self.compiled else self.base
+        return self._compile(self.base) if self.compiled else self.base
 
     def inference(self, x) -> Callable[[], Any]:
         torch = self.torch
@@ -571,7 +582,7 @@ class TorchRunner:
 
         torch = self.torch
         model = copy.deepcopy(self.base).train()
-        module = torch.compile(model, dynamic=False) if self.compiled else model
+        module = self._compile(model) if self.compiled else model
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
         def call():

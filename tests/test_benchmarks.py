@@ -822,3 +822,36 @@ def test_export_speed_quick_mode_times_both_artifacts(tmp_path):
     assert row["chunks_s"] > 0 and row["whole_s"] > 0
     assert row["max_rel_logit_diff"] < 1e-5
     assert "| 8 | 3 × ≤3 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_timm_under_torch_compile_is_compiled_for_every_shape():
+    """`--compile` times timm under torch.compile for many shapes of one model in one process. torch.compile
+    stops compiling a function after `recompile_limit` shapes and runs it eagerly with only a warning, so
+    without care every later row of the "timm torch.compile" column would be eager timm. Here the limit is
+    2 and the runner compiles 4 shapes (3 inference batches and a training step): each must compile afresh,
+    and a fallback to eager must be an error, not a silent row."""
+    import timm
+    import torch
+
+    model = timm.create_model(
+        "cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+        num_classes=10,
+    ).eval()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=False):
+        runner = bench.TorchRunner(model, compiled=True)
+        for batch in (1, 2, 3):
+            x = torch.randn(batch, 3, 32, 32)
+            call = runner.inference(x)
+            with torch.inference_mode():
+                expected = model(x)
+            torch.testing.assert_close(call(), expected, rtol=1e-4, atol=1e-5)
+        step = runner.train(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
+        assert torch.isfinite(step()) and torch.isfinite(step())
+        # The runner's own guard: the same model compiled once for several shapes hits the limit loudly.
+        torch._dynamo.reset()
+        plain = torch.compile(model, dynamic=False)
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit), torch.inference_mode():
+            for batch in (1, 2, 3):
+                plain(torch.randn(batch, 3, 32, 32))
+    torch._dynamo.reset()
